@@ -1,0 +1,257 @@
+"""Reader for the Stanford AIMI thyroid cine-clip layout (the data set STACT-Time used).
+
+On disk: ``dataset.hdf5`` with flat datasets ``annot_id`` (N,) bytes (``b'129_'``), ``frame_num`` (N,) bytes
+(``b'1'``), ``image`` (N, H, W) uint8 and ``mask`` (N, H, W) uint8 in {0, 255}; and ``metadata.csv`` with one
+row per nodule.  The real file is 36 GB (17,412 frames of 802 x 1054), so only the two small id columns are
+read at start; frames and masks are read on demand, row by row, through an h5py handle opened lazily in each
+process (a handle inherited through ``fork`` is not safe to share between DataLoader workers).
+
+Facts about the real file this reader survives (see DESIGN.md): rows are grouped by nodule but not sorted by
+id, one nodule's rows can be split and interleaved with another's, ``frame_num`` has gaps and need not start
+at 1, metadata can have blanks, there is no patient id (a ``patient_id`` column is used when present, else
+the nodule is its own group).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from datamodules.errors import DataError
+
+TIRADS_FEATURES = ("composition", "echogenicity", "shape", "margin", "echogenicfoci")
+METADATA_COLUMNS = (
+    "annot_id", "age", "sex", "location", "size_x", "size_y", "size_z",
+    *(f"ti-rads_{f}" for f in TIRADS_FEATURES), "ti-rads_level", "histopath_diagnosis",
+)  # fmt: skip
+REQUIRED_COLUMNS = ("annot_id", "histopath_diagnosis")
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Nodule:
+    """One nodule: its HDF5 rows in frame order, its label and its TI-RADS descriptors (ACR points)."""
+
+    annot_id: str
+    patient_id: str
+    label: int
+    rows: np.ndarray = field(repr=False)
+    frame_nums: np.ndarray = field(repr=False)
+    tirads: dict[str, float] = field(default_factory=dict)
+    tirads_level: float = float("nan")
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.rows)
+
+
+def parse_level(value) -> float:
+    """``'TR3'``, ``'tr3'``, ``3`` or ``'3'`` -> 3.0; blank -> nan."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return float("nan")
+    text = str(value).strip().upper().removeprefix("TR")
+    if not text:
+        return float("nan")
+    return float(text)
+
+
+def bbox_from_mask(mask: np.ndarray) -> Box | None:
+    """Tight box ``(y0, x0, y1, x1)`` (end-exclusive) around the non-zero pixels of one mask, None if empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+class StanfordCine:
+    """Nodules of a Stanford-layout cine-clip set, with cheap access to frames, masks and ROI boxes.
+
+    ``frames``/``masks`` take positions in a nodule's *ordered* frames (0 = lowest ``frame_num``), never raw
+    HDF5 rows, so callers cannot mix nodules or depend on the file's row order.
+    """
+
+    def __init__(self, h5_path: str | os.PathLike, metadata_csv: str | os.PathLike | None = None,
+                 *, require_mask: bool = True):
+        self.h5_path = Path(h5_path)
+        self.metadata_path = Path(metadata_csv) if metadata_csv else self.h5_path.with_name("metadata.csv")
+        self.require_mask = require_mask
+        self._handle: h5py.File | None = None
+        self._pid: int | None = None
+
+        ids, frame_nums, self.image_shape, self.has_mask = self._read_index()
+        self.metadata = self._read_metadata()
+        self.nodules = self._group(ids, frame_nums)
+        self.by_id = {n.annot_id: n for n in self.nodules}
+
+    # ------------------------------------------------------------------ validation at start
+    def _read_index(self) -> tuple[np.ndarray, np.ndarray, tuple[int, int], bool]:
+        path = self.h5_path
+        if not path.is_file():
+            raise DataError(path, "file does not exist")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise DataError(path, f"not a readable HDF5 file ({e})") from None
+        with f:
+            for key in ("annot_id", "frame_num", "image") + (("mask",) if self.require_mask else ()):
+                if key not in f:
+                    raise DataError(path, f"missing dataset '{key}' (have: {', '.join(sorted(f.keys()))})")
+            image = f["image"]
+            if image.ndim != 3:
+                raise DataError(path, f"'image' must be (N, H, W), got shape {image.shape}")
+            if image.dtype != np.uint8:
+                raise DataError(path, f"'image' must be uint8, got {image.dtype}")
+            n = image.shape[0]
+            if n == 0:
+                raise DataError(path, "'image' holds no frames")
+            has_mask = "mask" in f
+            if has_mask:
+                mask = f["mask"]
+                if mask.shape != image.shape:
+                    raise DataError(path, f"'mask' shape {mask.shape} differs from 'image' shape {image.shape}")
+                if mask.dtype != np.uint8:
+                    raise DataError(path, f"'mask' must be uint8, got {mask.dtype}")
+            ids = np.asarray(f["annot_id"][()])
+            frame_nums = np.asarray(f["frame_num"][()])
+            for key, arr in (("annot_id", ids), ("frame_num", frame_nums)):
+                if arr.shape != (n,):
+                    raise DataError(path, f"'{key}' shape {arr.shape} does not match {n} image rows")
+            shape = (int(image.shape[1]), int(image.shape[2]))
+        ids = np.array([_text(v) for v in ids], dtype=object)
+        try:
+            nums = np.array([int(_text(v)) for v in frame_nums], dtype=np.int64)
+        except ValueError:
+            bad = next(v for v in frame_nums if not _text(v).lstrip("-").isdigit())
+            raise DataError(path, f"'frame_num' value {bad!r} is not an integer") from None
+        return ids, nums, shape, has_mask
+
+    def _read_metadata(self) -> pd.DataFrame:
+        path = self.metadata_path
+        if not path.is_file():
+            raise DataError(path, "metadata file does not exist")
+        try:
+            meta = pd.read_csv(path, dtype={"annot_id": str, "patient_id": str}, skipinitialspace=True)
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+            raise DataError(path, f"not a readable CSV ({e})") from None
+        meta.columns = [c.strip().lower() for c in meta.columns]
+        missing = [c for c in REQUIRED_COLUMNS if c not in meta.columns]
+        if missing:
+            raise DataError(path, f"missing column(s) {', '.join(missing)}")
+        meta["annot_id"] = meta["annot_id"].astype(str).str.strip()
+        if meta["annot_id"].duplicated().any():
+            dup = meta.loc[meta["annot_id"].duplicated(), "annot_id"].iloc[0]
+            raise DataError(path, f"annot_id {dup!r} appears in more than one row")
+        labels = pd.to_numeric(meta["histopath_diagnosis"], errors="coerce")
+        bad = ~labels.isin([0, 1])
+        if bad.any():
+            row = meta.loc[bad].iloc[0]
+            raise DataError(path, f"histopath_diagnosis must be 0 or 1, got {str(row['histopath_diagnosis'])!r} "
+                                  f"for annot_id {row['annot_id']!r}")
+        meta["histopath_diagnosis"] = labels.astype(int)
+        for col in (f"ti-rads_{f}" for f in TIRADS_FEATURES):
+            if col in meta.columns:
+                meta[col] = pd.to_numeric(meta[col], errors="coerce")
+        return meta.set_index("annot_id", drop=False)
+
+    def _group(self, ids: np.ndarray, frame_nums: np.ndarray) -> list[Nodule]:
+        in_h5 = set(ids.tolist())
+        in_meta = set(self.metadata.index)
+        if in_h5 - in_meta:
+            some = sorted(in_h5 - in_meta)[:3]
+            raise DataError(self.metadata_path, f"{len(in_h5 - in_meta)} annot_id(s) of {self.h5_path.name} "
+                                                f"have no metadata row, e.g. {some}")
+        if in_meta - in_h5:
+            some = sorted(in_meta - in_h5)[:3]
+            raise DataError(self.h5_path, f"{len(in_meta - in_h5)} annot_id(s) of {self.metadata_path.name} "
+                                          f"have no frames, e.g. {some}")
+        # One stable sort by (nodule, frame_num, row) groups interleaved rows and orders frames.
+        uniq, inverse = np.unique(ids.astype(str), return_inverse=True)
+        order = np.lexsort((np.arange(len(ids)), frame_nums, inverse))
+        bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+        has_patient = "patient_id" in self.metadata.columns
+        nodules = []
+        for j, annot_id in enumerate(uniq):
+            rows = order[bounds[j]:bounds[j + 1]].astype(np.int64)
+            meta = self.metadata.loc[annot_id]
+            patient = meta["patient_id"] if has_patient else None
+            patient = annot_id if patient is None or pd.isna(patient) or not str(patient).strip() else str(patient)
+            tirads = {f: float(meta.get(f"ti-rads_{f}", np.nan)) for f in TIRADS_FEATURES}
+            nodules.append(Nodule(
+                annot_id=str(annot_id), patient_id=patient, label=int(meta["histopath_diagnosis"]),
+                rows=rows, frame_nums=frame_nums[rows], tirads=tirads,
+                tirads_level=parse_level(meta.get("ti-rads_level")),
+            ))
+        return nodules
+
+    # ------------------------------------------------------------------ lazy access
+    def _file(self) -> h5py.File:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = h5py.File(self.h5_path, "r")
+            self._pid = os.getpid()
+        return self._handle
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+
+    def __len__(self) -> int:
+        return len(self.nodules)
+
+    def _read(self, key: str, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None) -> np.ndarray:
+        nodule = self.by_id[annot_id]
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -nodule.n_frames or idx.max() >= nodule.n_frames):
+            raise IndexError(f"frame index out of range for nodule {annot_id!r} with {nodule.n_frames} frames")
+        rows = nodule.rows[idx]
+        # h5py fancy indexing needs increasing unique rows; a contiguous run is read as one slice (much faster).
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        ys = slice(None) if box is None else slice(box[0], box[2])
+        xs = slice(None) if box is None else slice(box[1], box[3])
+        ds = self._file()[key]
+        if uniq.size and uniq[-1] - uniq[0] + 1 == uniq.size:
+            data = ds[int(uniq[0]):int(uniq[-1]) + 1, ys, xs]
+        else:
+            data = ds[uniq.tolist(), ys, xs]
+        return data[inverse]
+
+    def frames(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
+        """(k, H, W) uint8 frames at positions ``idx`` of the nodule's ordered frames (optionally a box only)."""
+        return self._read("image", annot_id, idx, box)
+
+    def masks(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
+        """(k, H, W) uint8 masks in {0, 1}; values other than 0, 1 and 255 raise :class:`DataError`."""
+        if not self.has_mask:
+            raise DataError(self.h5_path, "no 'mask' dataset in this file")
+        m = self._read("mask", annot_id, idx, box)
+        if ((m != 0) & (m != 255) & (m != 1)).any():
+            raise DataError(self.h5_path, f"mask values of nodule {annot_id!r} lie outside {{0, 1}} / {{0, 255}}")
+        return (m > 0).view(np.uint8)
+
+    def bbox(self, annot_id: str, i: int) -> Box | None:
+        """ROI box of the annotated mask at position ``i`` (end-exclusive), None when the nodule is out of view."""
+        return bbox_from_mask(self.masks(annot_id, [i])[0])
+
+    def labels(self) -> np.ndarray:
+        return np.array([n.label for n in self.nodules], dtype=np.int64)
+
+    def groups(self) -> list[str]:
+        return [n.patient_id for n in self.nodules]
+
+
+def _text(value) -> str:
+    return (value.decode() if isinstance(value, bytes | np.bytes_) else str(value)).strip()

@@ -1,0 +1,198 @@
+"""Shared step and metric code of the classification stages (ViT, mask CNN, attention head).
+
+``ClassifierStage`` subclasses implement ``logits(batch) -> (B, 2)`` (and usually ``predict_step``); this base
+gives the focal loss (STACT-Time sec. 2.5), stack-level metrics (Table 3 "Frame" columns) and nodule-level
+metrics (Tables 2-4): a nodule's probability is the mean of its stack probabilities (CineCNN-AvePool style);
+for the attention head every sample is already one nodule, so the mean is over one value.
+
+Optimizers and schedulers come from the LightningCLI ``optimizer:`` / ``lr_scheduler:`` keys of the YAML, so no
+stage defines ``configure_optimizers``. Frozen parameters (``requires_grad=False``) never get a gradient, and
+torch optimizers skip parameters whose ``grad`` is None, so handing them ``model.parameters()`` is safe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+    BinarySpecificity,
+)
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
+    binary_specificity,
+)
+from torchmetrics.utilities import dim_zero_cat
+
+from lightning_modules.losses import FocalLoss
+
+# Batch keys copied unchanged into predict_step outputs when present (what a prediction writer needs).
+PASSTHROUGH_KEYS = ("nodule", "stack", "label", "index")
+
+
+def stack_metrics(prefix: str) -> MetricCollection:
+    """Stack-level (per-sample) binary metrics on the malignant probability, threshold 0.5."""
+    return MetricCollection(
+        {
+            "acc": BinaryAccuracy(),
+            "precision": BinaryPrecision(),
+            "recall": BinaryRecall(),
+            "specificity": BinarySpecificity(),
+            "f1": BinaryF1Score(),
+            "auroc": BinaryAUROC(),
+        },
+        prefix=prefix,
+    )
+
+
+def nodule_scores(nodule: Tensor, prob: Tensor, label: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Group per-stack rows by nodule: (unique nodule ids, mean probability, label) sorted by id."""
+    ids, inverse = torch.unique(nodule, return_inverse=True)
+    count = torch.zeros(len(ids), dtype=prob.dtype, device=prob.device).index_add_(
+        0, inverse, torch.ones_like(prob)
+    )
+    mean = torch.zeros(len(ids), dtype=prob.dtype, device=prob.device).index_add_(0, inverse, prob) / count
+    lab = torch.zeros(len(ids), dtype=label.dtype, device=label.device).scatter_(0, inverse, label)
+    return ids, mean, lab
+
+
+class NoduleMetrics(Metric):
+    """Nodule-level binary metrics from per-stack (nodule id, probability, label) rows.
+
+    A nodule's probability is the mean of its stack probabilities. States are concatenated across DDP ranks by
+    torchmetrics before ``compute``, so a nodule whose stacks went to different ranks is still averaged whole.
+    AUROC is NaN when the epoch holds only one class (undefined; ModelCheckpoint treats NaN as worst).
+    """
+
+    full_state_update = False
+
+    def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.threshold = threshold
+        self.add_state("nodule", default=[], dist_reduce_fx="cat")
+        self.add_state("prob", default=[], dist_reduce_fx="cat")
+        self.add_state("label", default=[], dist_reduce_fx="cat")
+
+    def update(self, nodule: Tensor, prob: Tensor, label: Tensor) -> None:
+        self.nodule.append(nodule.detach().long().flatten())
+        self.prob.append(prob.detach().float().flatten())
+        self.label.append(label.detach().long().flatten())
+
+    def compute(self) -> dict[str, Tensor]:
+        _, p, y = nodule_scores(dim_zero_cat(self.nodule), dim_zero_cat(self.prob), dim_zero_cat(self.label))
+        t = self.threshold
+        auroc = binary_auroc(p, y) if y.min() != y.max() else torch.tensor(float("nan"), device=p.device)
+        return {
+            "acc": binary_accuracy(p, y, threshold=t),
+            "precision": binary_precision(p, y, threshold=t),
+            "recall": binary_recall(p, y, threshold=t),
+            "specificity": binary_specificity(p, y, threshold=t),
+            "f1": binary_f1_score(p, y, threshold=t),
+            "auroc": auroc,
+        }
+
+
+class ClassifierStage(L.LightningModule):
+    """Base of the 2-class stages: focal loss, stack- and nodule-level metrics, shared steps.
+
+    ``stack_level=False`` (attention head) skips the stack-level metrics because each sample is a nodule.
+    Logged keys: ``{train,val,test}/loss``, ``train/acc``, ``{val,test}/stack_{acc,...,auroc}``,
+    ``{val,test}/nodule_{acc,precision,recall,specificity,f1,auroc}``.
+    """
+
+    def __init__(self, *, focal_alpha: float | None, focal_gamma: float, stack_level: bool = True) -> None:
+        super().__init__()
+        self.loss_fn = FocalLoss(focal_alpha, focal_gamma)
+        self.stack_level = stack_level
+        self.train_acc = BinaryAccuracy()
+        if stack_level:
+            self.val_stack = stack_metrics("val/stack_")
+            self.test_stack = stack_metrics("test/stack_")
+        self.val_nodule = NoduleMetrics()
+        self.test_nodule = NoduleMetrics()
+
+    # -- to implement ------------------------------------------------------------------------------------------
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    # -- shared steps --------------------------------------------------------------------------------------------
+    @staticmethod
+    def malignant_prob(logits: Tensor) -> Tensor:
+        """Softmax probability of class 1 (malignant)."""
+        return logits.float().softmax(dim=-1)[:, 1]
+
+    def _shared(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        logits = self.logits(batch)
+        label = batch["label"].long()
+        return self.loss_fn(logits, label), self.malignant_prob(logits), label
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, prob, label = self._shared(batch)
+        self.train_acc(prob, label)
+        bs = len(label)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        loss, prob, label = self._shared(batch)
+        bs = len(label)
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs,
+                 sync_dist=True)
+        if self.stack_level:
+            metrics = self.val_stack if stage == "val" else self.test_stack
+            metrics.update(prob, label)
+            # Logging the collection lets Lightning compute and reset it at epoch end.
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=bs)
+        nodule = self.val_nodule if stage == "val" else self.test_nodule
+        nodule.update(batch["nodule"], prob, label)
+        return loss
+
+    def _log_nodule(self, stage: str) -> None:
+        metric = self.val_nodule if stage == "val" else self.test_nodule
+        if not metric.update_called:  # e.g. sanity check disabled and no batches
+            return
+        values = metric.compute()
+        self.log_dict({f"{stage}/nodule_{k}": v for k, v in values.items()}, prog_bar=False)
+        metric.reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_nodule("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_nodule("test")
+
+    def passthrough(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch's bookkeeping keys (nodule, stack, label, index) for predict outputs."""
+        return {k: batch[k] for k in PASSTHROUGH_KEYS if k in batch}
+
+
+def load_for_inference(cls: type[L.LightningModule], path: str, **overrides: Any) -> L.LightningModule:
+    """``cls.load_from_checkpoint`` without fetching initial weights again (no network, no missing file).
+
+    The trained weights come from the checkpoint, so ``pretrained``/``checkpoint_path`` init args that built the
+    starting point are switched off when the stage has them.
+    """
+    hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    off = {k: v for k, v in (("pretrained", False), ("checkpoint_path", None)) if k in hparams}
+    model = cls.load_from_checkpoint(path, map_location="cpu", **{**off, **overrides})
+    model.eval()
+    return model

@@ -1,0 +1,59 @@
+"""Stage 5 of STACT-Time: the cross-attention head over per-nodule embedding sequences (sec. 2.4-2.5, Tables 2, 4).
+
+Paper config (``conf/head.yaml``): focal loss, AdamW lr 1e-4, CosineAnnealingLR, 100 epochs. ``variant`` picks
+the Table 3/4 ablations ("stact", "vit_self", "seg_self", "joint") or the CineCNN-Trans baseline
+("cine_trans": 2-layer transformer encoder on the image embeddings, Table 2).
+Batch: {"image_emb": (B,S,256), "seg_emb": (B,S,256), "valid": (B,S) bool, "label": (B,), "nodule": (B,)}.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_modules.classifier import ClassifierStage
+from lightning_modules.nets.attention_head import VARIANTS, AttentionHead, CineTransformer
+
+HEAD_VARIANTS = (*VARIANTS, "cine_trans")
+
+
+class HeadStage(ClassifierStage):
+    """LightningModule around :class:`AttentionHead` (or :class:`CineTransformer`); nodule-level metrics only."""
+
+    def __init__(
+        self,
+        variant: str = "stact",
+        dim: int = 256,
+        num_heads: int = 4,
+        dropout: float = 0.1,
+        positional: bool = True,
+        num_layers: int = 2,
+        ff_dim: int = 512,
+        focal_alpha: float | None = 0.9,
+        focal_gamma: float = 2.4,
+    ) -> None:
+        super().__init__(focal_alpha=focal_alpha, focal_gamma=focal_gamma, stack_level=False)
+        if variant not in HEAD_VARIANTS:
+            raise ValueError(f"variant must be one of {HEAD_VARIANTS}, got {variant!r}")
+        self.save_hyperparameters()
+        self.variant = variant
+        if variant == "cine_trans":
+            self.net = CineTransformer(
+                dim=dim, num_heads=num_heads, num_layers=num_layers, ff_dim=ff_dim, dropout=dropout,
+                positional=positional,
+            )
+        else:
+            self.net = AttentionHead(
+                variant=variant, dim=dim, num_heads=num_heads, dropout=dropout, positional=positional
+            )
+
+    def forward(self, image_emb: Tensor, seg_emb: Tensor, valid: Tensor) -> Tensor:
+        if self.variant == "cine_trans":
+            return self.net(image_emb, valid)
+        return self.net(image_emb, seg_emb, valid)
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self(batch["image_emb"], batch["seg_emb"], batch["valid"])
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """{"prob": (B,) malignant probability per nodule, + nodule/label/index from the batch}."""
+        return {**self.passthrough(batch), "prob": self.malignant_prob(self.logits(batch))}

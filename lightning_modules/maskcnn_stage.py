@@ -1,0 +1,44 @@
+"""Stage 3 of STACT-Time: the 2-layer mask CNN on 3-stacks of predicted masks (sec. 2.3, Table 3 "Segmentation
+Backbone"). Focal loss like stage 1 (the paper gives no separate values). Batch as the ViT stage, with
+"image" holding the three masks.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_modules.classifier import ClassifierStage
+from lightning_modules.nets.mask_cnn import MaskCNN
+
+
+class MaskCNNStage(ClassifierStage):
+    """LightningModule around :class:`MaskCNN`; ``predict_step`` gives 256-d segmentation embeddings."""
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        channels: tuple[int, int] = (16, 32),
+        pool_size: int = 4,
+        hidden_dim: int = 256,
+        dropout: float = 0.0,
+        focal_alpha: float | None = 0.9,
+        focal_gamma: float = 2.4,
+    ) -> None:
+        super().__init__(focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+        self.save_hyperparameters()
+        self.net = MaskCNN(
+            in_channels=in_channels, channels=tuple(channels), pool_size=pool_size, hidden_dim=hidden_dim,
+            dropout=dropout,
+        )
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image)
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.net(batch["image"])
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """{"embedding": (B,256), "prob": (B,), + nodule/stack/label/index from the batch}."""
+        emb = self.net.embed(batch["image"])
+        prob = self.malignant_prob(self.net.fc2(emb))
+        return {**self.passthrough(batch), "embedding": emb, "prob": prob}

@@ -1,0 +1,170 @@
+"""AsyCMST network (Han et al., Med. Image Anal. 2026, Fig. 2): plain ``nn.Module``, no Lightning.
+
+Two streams, named after the paper's branches: ``c`` (upper branch, CEUS in the paper) and ``b`` (lower branch,
+BUS).  Which modality enters which branch is the caller's choice (Fig. 9 swaps them).
+
+1. Frame encoders (Sec. 3.1): two ResNet-18s (separate weights; ``share_encoders`` ties them), each frame
+   encoded on its own, ``(B, T, 3, H, W) -> (B, T, N, D)``.
+2. Multi-task enhancement (Sec. 3.2): frame self-sorting scores on the c-stream features (Eq. 1-4, ``fss``),
+   mask logits from a light decoder on the b-stream features (Eq. 5, ``ns``).
+3. Learnable absolute positional encodings ``(T, N, D)`` per stream, then ``depth`` stages: a ViViT-style
+   factorised STSA block per stream, then (in the layers listed by ``acmst_layers``) the ACMST block of
+   Algorithm 2 with the chosen cross-attention ``strategy`` (Table 5).
+4. Head (Eq. 15): GAP over space-time of ``X_C + X_B``, LayerNorm (as ViT/ViViT heads do), FC to
+   ``num_classes`` logits.  Softmax + cross-entropy over the two classes is Eq. 15-16's BCE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from lightning_modules.nets.asycmst_attention import STRATEGIES, ACMSTBlock, STSABlock
+from lightning_modules.nets.asycmst_encoder import FrameEncoder, FrameSorter, MaskDecoder
+
+
+class AsyCMSTNet(nn.Module):
+    """The whole AsyCMST model.
+
+    Args:
+        num_classes: classifier outputs (2: benign / malignant).
+        dim: token width D (384 in the paper).
+        depth: number of stages L (6).
+        heads: attention heads M (6).
+        num_frames: T, fixed because the positional encodings are absolute (16).
+        img_size: input side in pixels (224); the token grid is ``img_size // 32`` square (7 x 7).
+        mlp_ratio: hidden width of every feed-forward, as a multiple of D.
+        dropout: dropout inside the feed-forwards.
+        strategy: cross-attention strategy, one of ``none | global | symmetric | asymmetric | spatial |
+            temporal`` (Table 5; see :class:`CrossModalAttention`).
+        acmst_layers: 0-based stage indices that carry an ACMST block (Fig. 13); ``None`` = every stage.
+        fss: build the frame self-sorting head (Table 4 "FSS").
+        ns: build the nodule segmentation decoder (Table 4 "NS").
+        backbone: timm name of the frame encoder (``resnet18``; ``test_resnet`` for CPU tests).
+        pretrained: ImageNet weights for the ResNet-18s (downloads; off by default, tests run offline).
+        share_encoders: one ResNet-18 for both streams instead of two.
+        decoder_width: channels of the first transposed conv of the mask decoder.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 2,
+        dim: int = 384,
+        depth: int = 6,
+        heads: int = 6,
+        num_frames: int = 16,
+        img_size: int = 224,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        strategy: str = "asymmetric",
+        acmst_layers: Sequence[int] | None = None,
+        fss: bool = True,
+        ns: bool = True,
+        backbone: str = "resnet18",
+        pretrained: bool = False,
+        share_encoders: bool = False,
+        decoder_width: int = 128,
+    ):
+        super().__init__()
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        layers = list(range(depth)) if acmst_layers is None else sorted(set(acmst_layers))
+        if any(i < 0 or i >= depth for i in layers):
+            raise ValueError(f"acmst_layers must lie in [0, {depth}), got {list(acmst_layers or [])}")
+        self.num_frames, self.img_size, self.strategy = num_frames, img_size, strategy
+
+        self.encoder_c = FrameEncoder(dim=dim, backbone=backbone, pretrained=pretrained)
+        self.encoder_b = (
+            self.encoder_c if share_encoders else FrameEncoder(dim=dim, backbone=backbone, pretrained=pretrained)
+        )
+        stride = self.encoder_c.stride
+        if img_size % stride:
+            raise ValueError(f"img_size must be a multiple of the encoder stride {stride}, got {img_size}")
+        self.grid = img_size // stride
+        n_tokens = self.grid * self.grid
+        self.sorter = FrameSorter(dim=dim) if fss else None
+        self.decoder = MaskDecoder(dim=dim, stride=stride, width=decoder_width) if ns else None
+
+        self.pos_c = nn.Parameter(torch.zeros(1, num_frames, n_tokens, dim))
+        self.pos_b = nn.Parameter(torch.zeros(1, num_frames, n_tokens, dim))
+        nn.init.trunc_normal_(self.pos_c, std=0.02)
+        nn.init.trunc_normal_(self.pos_b, std=0.02)
+
+        def stsa() -> STSABlock:
+            return STSABlock(dim=dim, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout)
+
+        self.stsa_c = nn.ModuleList(stsa() for _ in range(depth))
+        self.stsa_b = nn.ModuleList(stsa() for _ in range(depth))
+        self.acmst_layers = [] if strategy == "none" else layers
+        # ModuleDict keys must be strings; absent key = no cross-modal block in that stage
+        self.acmst = nn.ModuleDict(
+            {
+                str(i): ACMSTBlock(dim=dim, heads=heads, strategy=strategy, mlp_ratio=mlp_ratio, dropout=dropout)
+                for i in self.acmst_layers
+            }
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.apply(_init_linear)
+
+    def encode(self, c: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame features ``F_C, F_B``: ``(B, T, N, D)`` each."""
+        if c.shape != b.shape:
+            raise ValueError(f"both streams need the same shape, got {tuple(c.shape)} and {tuple(b.shape)}")
+        if c.ndim != 5 or c.shape[1] != self.num_frames or c.shape[-1] != self.img_size:
+            raise ValueError(
+                f"expected (B, {self.num_frames}, C, {self.img_size}, {self.img_size}), got {tuple(c.shape)}"
+            )
+        return self.encoder_c(c), self.encoder_b(b)
+
+    def fuse(self, f_c: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
+        """Positional encodings, L stages of STSA (+ ACMST), GAP of ``X_C + X_B`` -> ``(B, D)`` pre-logits."""
+        x_c, x_b = f_c + self.pos_c, f_b + self.pos_b
+        for i, (blk_c, blk_b) in enumerate(zip(self.stsa_c, self.stsa_b, strict=True)):
+            x_c, x_b = blk_c(x_c), blk_b(x_b)
+            if str(i) in self.acmst:
+                x_c, x_b = self.acmst[str(i)](x_c, x_b)  # both from the same layer-l inputs
+        return self.norm((x_c + x_b).mean(dim=(1, 2)))
+
+    def decode_masks(self, f_b: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask logits ``(K, 1, H, W)`` for the b-stream frames selected by the ``(B, T)`` bool ``frames``
+        (all frames, in ``(b t)`` order, when ``None``)."""
+        if self.decoder is None:
+            raise RuntimeError("this AsyCMSTNet was built with ns=False")
+        maps = rearrange(f_b, "b t (h w) d -> (b t) d h w", h=self.grid)
+        if frames is not None:
+            maps = maps[frames.reshape(-1)]
+        return self.decoder(maps)
+
+    def forward(
+        self, c: torch.Tensor, b: torch.Tensor, *, mask_frames: torch.Tensor | None = None, masks: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Run the model.
+
+        Args:
+            c, b: ``(B, T, 3, H, W)`` clips for the upper (CEUS) and lower (BUS) branch.
+            mask_frames: ``(B, T)`` bool; decode masks for these b frames (the annotated ones in training).
+            masks: decode masks for every frame (prediction); ignored when ``mask_frames`` is given.
+
+        Returns a dict with ``logits (B, num_classes)``, and when built with the heads: ``sort_scores (B, T)``
+        (FSS), ``mask_logits (K, 1, H, W)`` (NS, only when frames were asked for).
+        """
+        f_c, f_b = self.encode(c, b)
+        out = {"logits": self.head(self.fuse(f_c, f_b))}
+        if self.sorter is not None:
+            out["sort_scores"] = self.sorter(f_c)
+        if self.decoder is not None and (mask_frames is not None or masks):
+            out["mask_logits"] = self.decode_masks(f_b, mask_frames)
+        return out
+
+
+def _init_linear(m: nn.Module) -> None:
+    # ViT-style init for the transformer part; the ResNet keeps torchvision's own init
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,107 @@
+"""Stage-1 image encoder of STACT-Time (sec. 2.3, "Image Encoder"): a timm backbone on 3-stack frame instances.
+
+Three adjacent frames in the RGB channels -> backbone pooled features -> Linear(256) -> activation -> Linear(2).
+The paper fine-tunes only "the last two fully connected layers" of an ImageNet ViT and takes the 256-d "last
+hidden layer" as the stack embedding (``embed``). The paper does not name the activation between the two
+layers; we use GELU (the ViT's own MLP activation), configurable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import Tensor, nn
+
+from datamodules.errors import DataError
+
+_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "identity": nn.Identity}
+
+
+def make_activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {name!r}")
+    return _ACTIVATIONS[name]()
+
+
+def create_backbone(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint_path: str | Path | None = None,
+    img_size: int | None = None,
+    in_chans: int = 3,
+    **kwargs: Any,
+) -> nn.Module:
+    """timm backbone without classifier (``num_classes=0``).
+
+    ``pretrained=True`` downloads timm's weights (needs a network); ``checkpoint_path`` instead loads a local
+    weights file (timm/ImageNet state dict, .pth/.bin/.safetensors) through timm's own loader, which drops the
+    ImageNet classifier and resamples ViT position embeddings when ``img_size`` differs. Neither: random init.
+    """
+    if img_size is not None:
+        kwargs["img_size"] = img_size  # only ViT-like models take img_size; CNNs do not need it
+    if checkpoint_path is not None:
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            raise DataError(path, "backbone checkpoint not found")
+        return timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=0,
+            in_chans=in_chans, **kwargs,
+        )
+    return timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs)
+
+
+class StackClassifier(nn.Module):
+    """timm backbone + two-layer head on (B, 3, h, w) 3-stacks -> (B, num_classes) logits.
+
+    ``freeze_backbone=True`` (paper): backbone parameters get ``requires_grad=False`` and the backbone stays in
+    eval mode even when the module is put in train mode, so dropout/BN statistics of the frozen part do not
+    move either. ``embed`` returns the ``hidden_dim`` (256) hidden layer after its activation.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "vit_base_patch16_224",
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        img_size: int | None = None,
+        hidden_dim: int = 256,
+        num_classes: int = 2,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        freeze_backbone: bool = True,
+        backbone_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = create_backbone(
+            backbone, pretrained=pretrained, checkpoint_path=checkpoint_path, img_size=img_size,
+            **(backbone_kwargs or {}),
+        )
+        self.fc1 = nn.Linear(self.backbone.num_features, hidden_dim)
+        self.act = make_activation(activation)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden_dim, num_classes)
+        self.freeze_backbone = freeze_backbone
+        self.backbone.requires_grad_(not freeze_backbone)
+        if freeze_backbone:
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> StackClassifier:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def features(self, x: Tensor) -> Tensor:
+        """Backbone pooled features (B, num_features) via timm ``forward_features`` + ``forward_head``."""
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def embed(self, x: Tensor) -> Tensor:
+        """The 256-d "last hidden layer" stack embedding (paper sec. 2.3)."""
+        return self.act(self.fc1(self.features(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(self.embed(x)))

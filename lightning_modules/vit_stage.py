@@ -1,0 +1,53 @@
+"""Stage 1 of STACT-Time: fine-tune the image encoder on 3-stack frame instances (sec. 2.3, 2.5; Table 3).
+
+Paper config (``conf/vit.yaml``): ImageNet ViT, only the last two fully connected layers train, focal loss
+alpha 0.9 / gamma 2.4, SGD lr 1e-4 momentum 0.9, CosineAnnealingLR, 100 epochs.
+Batch: {"image": (B,3,h,w), "label": (B,), "nodule": (B,), "stack": (B,)}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from lightning_modules.classifier import ClassifierStage
+from lightning_modules.nets.vit_stack import StackClassifier
+
+
+class ViTStage(ClassifierStage):
+    """LightningModule around :class:`StackClassifier`; ``predict_step`` gives 256-d stack embeddings."""
+
+    def __init__(
+        self,
+        backbone: str = "vit_base_patch16_224",
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        img_size: int | None = None,
+        hidden_dim: int = 256,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        freeze_backbone: bool = True,
+        backbone_kwargs: dict[str, Any] | None = None,
+        focal_alpha: float | None = 0.9,
+        focal_gamma: float = 2.4,
+    ) -> None:
+        super().__init__(focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+        self.save_hyperparameters()
+        self.net = StackClassifier(
+            backbone=backbone, pretrained=pretrained, checkpoint_path=checkpoint_path, img_size=img_size,
+            hidden_dim=hidden_dim, activation=activation, dropout=dropout, freeze_backbone=freeze_backbone,
+            backbone_kwargs=backbone_kwargs,
+        )
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image)
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.net(batch["image"])
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """{"embedding": (B,256), "prob": (B,) malignant probability, + nodule/stack/label/index from the batch}."""
+        emb = self.net.embed(batch["image"])
+        prob = self.malignant_prob(self.net.fc2(emb))
+        return {**self.passthrough(batch), "embedding": emb, "prob": prob}

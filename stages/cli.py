@@ -1,0 +1,40 @@
+"""``usnodule``: the project's command line for every step that is not a Lightning fit.
+
+Each stage module registers one subcommand through ``add_parser(sub)`` and runs it with ``run(args)``.
+Bad input stops with one line (``error: <file>: <problem>``) and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from datamodules.errors import DataError
+
+# One line per subcommand module in stages/.
+COMMANDS = (
+    "synth",
+    "split",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="usnodule",
+        description="Ultrasound nodule malignancy pipeline: data, folds and the non-fit stages. "
+                    "Fits run through `lightning fit -c conf/<stage>.yaml`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"stages.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

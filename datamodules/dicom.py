@@ -14,7 +14,7 @@ Mapping to uint8 (the choice documented here, as the brief asks):
   Window Center/Width by the DICOM linear function (PS3.3 C.11.2.1.2.1) onto 0..255 if a window is present, else
   a VOI LUT Sequence if present, else the clip's own min..max.  Min/max is taken over the *whole clip*, not per
   frame, so intensity changes over time (CEUS wash-in / wash-out) are kept.
-* Deeper RGB / palette output is scaled by its full range (2**BitsStored - 1, or 65535 for 16-bit LUTs).
+* Deeper RGB / palette output is scaled by its full range (2**BitsStored - 1; 2**LUT bits - 1 for palettes).
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ def _mono_to_uint8(arr: np.ndarray, ds, path: Path) -> np.ndarray:
 def _scale_colour(arr: np.ndarray, full: float) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
+    if full == 255.0:
+        return np.clip(arr, 0, 255).astype(np.uint8)
     return np.rint(np.clip(arr.astype(np.float64), 0, full) * (255.0 / full)).astype(np.uint8)
 
 
@@ -157,10 +159,20 @@ def read_dicom_frames(path: str | os.PathLike) -> np.ndarray:
         return np.ascontiguousarray(255 - out if pi == "MONOCHROME1" else out)
     if pi == "PALETTE COLOR":
         try:
-            rgb = apply_color_lut(arr, ds)
+            rgb = apply_color_lut(arr, ds)[..., :3]  # drop an alpha LUT if present
         except Exception as e:
             raise DataError(path, f"cannot apply the palette colour LUT ({type(e).__name__}: {e})") from None
-        return rgb_to_gray(_scale_colour(rgb, 65535.0))
+        # LUT entries span 0..2**bits-1 (descriptor's 3rd value), stored in 8- or 16-bit words; a few writers put
+        # 8-bit entries in the high byte, which shows as values above the declared range.
+        bits = (
+            int(ds.RedPaletteColorLookupTableDescriptor[2])
+            if "RedPaletteColorLookupTableDescriptor" in ds
+            else 16
+        )
+        full = float(2**bits - 1)
+        if rgb.size and float(rgb.max()) > full:
+            full = 65535.0
+        return rgb_to_gray(_scale_colour(rgb, full))
     if samples != 3:
         raise DataError(path, f"photometric interpretation {pi!r} with SamplesPerPixel {samples}")
     full = float(2 ** int(ds.get("BitsStored", 8)) - 1)

@@ -272,7 +272,9 @@ def _frame_files(folder: Path) -> list[Path]:
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     ]
     if not files:
-        raise DataError(folder, f"empty clip: no frame images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder")
+        raise DataError(
+            folder, f"empty clip: no frame images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder"
+        )
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
@@ -287,7 +289,9 @@ def _read_image(file: Path) -> np.ndarray:
             elif im.mode in ("1", "P", "PA", "LA", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
                 arr = np.asarray(im.convert("L" if im.mode in ("1", "LA") else "RGB"))
             else:
-                raise DataError(file, f"image mode {im.mode!r} not supported; expected 8-bit gray or RGB frames")
+                raise DataError(
+                    file, f"image mode {im.mode!r} not supported; expected 8-bit gray or RGB frames"
+                )
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, ValueError) as e:
@@ -304,7 +308,9 @@ def _folder_frames(folder: Path, index: np.ndarray | None) -> np.ndarray:
         im = _read_image(f)
         frames.append(im if im.ndim == 2 else rgb_to_gray(im))
         if frames[-1].shape != frames[0].shape:
-            raise DataError(f, f"frame size {frames[-1].shape} differs from {chosen[0].name} {frames[0].shape}")
+            raise DataError(
+                f, f"frame size {frames[-1].shape} differs from {chosen[0].name} {frames[0].shape}"
+            )
     return np.stack(frames)
 
 
@@ -360,7 +366,9 @@ def _h5_dataset(f, path: Path, key: str | None, mask: bool):  # f: h5py.File
             datasets = [k for k, v in f.items() if isinstance(v, h5py.Dataset) and k != "annotated"]
             if len(datasets) != 1:
                 want = "'mask'" if mask else "'frames'"
-                raise DataError(path, f"no {want} dataset and not exactly one dataset (keys: {list(f.keys())})")
+                raise DataError(
+                    path, f"no {want} dataset and not exactly one dataset (keys: {list(f.keys())})"
+                )
             key = datasets[0]
     obj = f.get(key)
     if obj is None:
@@ -571,7 +579,9 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
             header = [h.strip() for h in (reader.fieldnames or [])]
             missing = [c for c in required if c not in header]
             if missing:
-                raise DataError(path, f"missing column(s) {', '.join(missing)} (found: {', '.join(header) or 'none'})")
+                raise DataError(
+                    path, f"missing column(s) {', '.join(missing)} (found: {', '.join(header) or 'none'})"
+                )
             reader.fieldnames = header
             rows = [{k: (v or "").strip() for k, v in r.items() if k is not None} for r in reader]
     except (UnicodeDecodeError, csv.Error) as e:
@@ -584,7 +594,7 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
 
 def _resolve(value: str, base: Path) -> Path:
     file, key = split_h5_spec(value)
-    file = file if file.is_absolute() else base / file
+    file = (file if file.is_absolute() else base / file).resolve()
     return Path(f"{file}:{key}") if key else file
 
 
@@ -652,7 +662,8 @@ def write_manifest(
     ``extra``: optional per-case dicts of additional columns (ignored by :func:`read_manifest`).
     """
     out_csv = Path(out_csv)
-    base = out_csv.parent.resolve() if out_csv.parent.exists() else out_csv.parent.absolute()
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    base = out_csv.parent.resolve()
     extra_cols = sorted({k for e in (extra or []) for k in e})
     with atomic_path(out_csv) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
@@ -661,7 +672,14 @@ def write_manifest(
             for i, c in enumerate(cases):
                 more = extra[i] if extra else {}
                 w.writerow(
-                    [c.case_id, c.patient_id, c.label, _rel(c.bus, base), _rel(c.ceus, base), _rel(c.bus_mask, base)]
+                    [
+                        c.case_id,
+                        c.patient_id,
+                        c.label,
+                        _rel(c.bus, base),
+                        _rel(c.ceus, base),
+                        _rel(c.bus_mask, base),
+                    ]
                     + [more.get(k, "") for k in extra_cols]
                 )
     return out_csv
@@ -713,7 +731,9 @@ def import_asycmst_layout(
     else:
         split_files = [Path(s) if Path(s).is_absolute() else root / s for s in splits]
     if not (root / source).is_dir():
-        raise DataError(root / source, "does not exist (expected the AsyCMST '{0.ben,1.mal}/{bus,ceus}' tree)")
+        raise DataError(
+            root / source, "does not exist (expected the AsyCMST '{0.ben,1.mal}/{bus,ceus}' tree)"
+        )
 
     cases: dict[str, PairedCase] = {}
     where: dict[str, list[str]] = {}
@@ -732,10 +752,14 @@ def import_asycmst_layout(
                 if not p.exists():
                     raise DataError(p, f"does not exist (split {split.name}, row {n}, column {col})")
                 clips[mod] = p.resolve()
-            case = PairedCase(case_id, r.get("patient_id") or case_id, label, clips["bus"], clips["ceus"], None)
+            case = PairedCase(
+                case_id, r.get("patient_id") or case_id, label, clips["bus"], clips["ceus"], None
+            )
             old = cases.get(case_id)
             if old is not None and old != case:
-                raise DataError(split, f"row {n}: case {case_id!r} disagrees with an earlier split file ({old})")
+                raise DataError(
+                    split, f"row {n}: case {case_id!r} disagrees with an earlier split file ({old})"
+                )
             cases[case_id] = case
             where.setdefault(case_id, [])
             if split.stem not in where[case_id]:

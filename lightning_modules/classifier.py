@@ -12,6 +12,8 @@ torch optimizers skip parameters whose ``grad`` is None, so handing them ``model
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -36,6 +38,7 @@ from torchmetrics.functional.classification import (
 )
 from torchmetrics.utilities import dim_zero_cat
 
+from datamodules.errors import DataError
 from lightning_modules.losses import FocalLoss
 
 # Batch keys copied unchanged into predict_step outputs when present (what a prediction writer needs).
@@ -185,14 +188,24 @@ class ClassifierStage(L.LightningModule):
         return {k: batch[k] for k in PASSTHROUGH_KEYS if k in batch}
 
 
-def load_for_inference(cls: type[L.LightningModule], path: str, **overrides: Any) -> L.LightningModule:
-    """``cls.load_from_checkpoint`` without fetching initial weights again (no network, no missing file).
+def load_for_inference(cls: type[L.LightningModule], path: str | Path, **overrides: Any) -> L.LightningModule:
+    """Rebuild a stage from its Lightning checkpoint for prediction, without fetching initial weights again.
 
-    The trained weights come from the checkpoint, so ``pretrained``/``checkpoint_path`` init args that built the
-    starting point are switched off when the stage has them.
+    The trained weights come from the checkpoint, so the ``pretrained``/``checkpoint_path`` init args that built
+    the starting point are switched off (``cls.load_from_checkpoint`` would re-download / re-read them, and its
+    own first parameter is also called ``checkpoint_path``). Returns the model on CPU in eval mode.
     """
-    hparams = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
-    off = {k: v for k, v in (("pretrained", False), ("checkpoint_path", None)) if k in hparams}
-    model = cls.load_from_checkpoint(path, map_location="cpu", **{**off, **overrides})
-    model.eval()
-    return model
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        hparams, state = dict(ckpt.get("hyper_parameters", {})), ckpt["state_dict"]
+    except Exception as e:  # not a Lightning checkpoint: one line, not a traceback
+        raise DataError(path, f"not a Lightning checkpoint ({e.__class__.__name__}: {e})") from None
+    params = inspect.signature(cls.__init__).parameters
+    args = {k: v for k, v in hparams.items() if k in params}  # drops LightningCLI's _class_path etc.
+    args.update({k: v for k, v in (("pretrained", False), ("checkpoint_path", None)) if k in params})
+    model = cls(**{**args, **overrides})
+    model.load_state_dict(state)
+    return model.eval()

@@ -3,34 +3,132 @@
 Model and data are given by ``class_path`` in the YAML (imitating torchgeo's ``main.py``).  ``args`` lets
 tests drive it in-process: ``main(["fit", "-c", "conf/demo/head.yaml", "--trainer.fast_dev_run=1"])``.
 
-One addition to the stock CLI: ``--ckpt_out PATH`` copies the fit's best checkpoint (the monitored
-``ModelCheckpoint``'s best, else its last, else the final weights) to ``PATH`` atomically, so a Makefile can
-name each stage's output (``runs/<exp>/fold<k>/vit.ckpt``) and later stages can depend on it.
+What this CLI adds to the stock one, all overridable from the command line:
+
+- ``--ckpt_out PATH``: when ``fit`` ends, copy its best checkpoint (the monitored ``ModelCheckpoint``'s best,
+  else its last, else the final weights) to ``PATH`` atomically, so the Makefile can name each stage's output
+  (``runs/<exp>/fold<k>/vit.ckpt``) and later stages can depend on it.
+- ``--resume true`` (default): checkpoints go to ``<default_root_dir>/checkpoints`` with ``last.ckpt``; a fit
+  that finds a ``last.ckpt`` written by the same experiment (same model, data, optimizer, scheduler and seed)
+  resumes from it, so killing a fit and rerunning the same make target picks up where it stopped.  A changed
+  config, or a rerun after a fit that finished (inputs changed upstream), starts afresh: old checkpoints
+  are removed, never mixed in.
+- Logging: when the config names no logger, every run logs to W&B (project ``usnodule``, group = ``--exp``,
+  job_type = the stage, name = stage + fold), offline unless ``WANDB_MODE``/credentials say otherwise.  Only
+  rank 0 logs (Lightning's rank-zero logger).
+- Reproducible resumption: the RNG states ride along in every checkpoint (:class:`RNGState`).
+- Progress: a Rich progress bar on a terminal, none when stdout is not a TTY (CI logs stay readable).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from datamodules.atomic import atomic_path
 from datamodules.errors import DataError
+from lightning_modules.callbacks import RNGState
+
+# The parts of a config that define "the same experiment" for resuming; trainer settings (epochs, devices,
+# precision) may change between a run and its resumption.
+_EXPERIMENT_KEYS = ("model", "data", "optimizer", "lr_scheduler", "seed_everything")
+
+
+def stage_name(model: LightningModule) -> str:
+    """``ViTStage`` -> ``vit``; a module may set ``stage`` itself."""
+    return getattr(model, "stage", None) or type(model).__name__.lower().removesuffix("stage")
 
 
 class UsnoduleCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_out", type=str | None, default=None,
                             help="copy the best checkpoint of `fit` here when it ends")
+        parser.add_argument("--exp", type=str, default="default", help="experiment name (W&B group)")
+        parser.add_argument("--resume", type=bool, default=True,
+                            help="resume from <default_root_dir>/checkpoints/last.ckpt of the same experiment")
+
+    def _sub(self) -> dict:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_cfg = cfg["trainer"]
+        if trainer_cfg.get("logger") in (None, True) and not trainer_cfg.get("fast_dev_run"):
+            kwargs["logger"] = self._wandb_logger(trainer_cfg)
+        callbacks = list(trainer_cfg.get("callbacks") or [])
+        if not any(isinstance(c, RNGState) for c in callbacks):
+            callbacks.append(RNGState())
+        if trainer_cfg.get("enable_progress_bar") is not False:
+            if sys.stdout.isatty():
+                if not any(isinstance(c, RichProgressBar) for c in callbacks):
+                    callbacks.append(RichProgressBar())
+            else:
+                kwargs["enable_progress_bar"] = False
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
+    def _wandb_logger(self, trainer_cfg: dict):
+        from lightning.pytorch.loggers import WandbLogger
+
+        fold = self._sub()["data"]["init_args"].get("fold")
+        stage = stage_name(self.model)
+        name = stage if fold is None else f"{stage}-fold{fold}"
+        root = Path(trainer_cfg.get("default_root_dir") or ".")
+        root.mkdir(parents=True, exist_ok=True)
+        online = os.environ.get("WANDB_MODE") == "online" or bool(os.environ.get("WANDB_API_KEY"))
+        return WandbLogger(project="usnodule", group=self._sub().get("exp"), job_type=stage, name=name,
+                           save_dir=str(root), offline=not online)
+
+    # ---------------------------------------------------------------------------------------- resume
+    def _experiment_hash(self) -> str:
+        cfg = self._sub()
+        doc = {k: cfg.get(k) for k in _EXPERIMENT_KEYS}
+        text = json.dumps(doc, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def before_fit(self) -> None:
+        trainer = self.trainer
+        ckpt_dir = Path(trainer.default_root_dir) / "checkpoints"
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                if cb.dirpath is None:
+                    cb.dirpath = str(ckpt_dir)
+                if cb.save_last is None:
+                    cb.save_last = True
+        cfg = self.config_init[self.subcommand]
+        if not self._sub().get("resume") or cfg.get("ckpt_path") is not None or trainer.fast_dev_run:
+            return
+        stamp = ckpt_dir / "experiment.sha"
+        current = self._experiment_hash()
+        last = ckpt_dir / "last.ckpt"
+        if last.is_file() and stamp.is_file() and stamp.read_text().strip() == current:
+            cfg["ckpt_path"] = str(last)
+            print(f"resuming from {last}", file=sys.stderr)
+            return
+        if trainer.is_global_zero:
+            if ckpt_dir.exists():  # another experiment's checkpoints: set aside, never resumed into
+                shutil.rmtree(ckpt_dir)
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(current)
+        trainer.strategy.barrier("usnodule-resume")
 
     def after_fit(self) -> None:
-        out = self.config[self.subcommand].get("ckpt_out")
         trainer = self.trainer
-        if not out or trainer.interrupted:
+        if trainer.interrupted:
+            return
+        stamp = Path(trainer.default_root_dir) / "checkpoints" / "experiment.sha"
+        if trainer.is_global_zero and stamp.is_file():  # finished: a rerun starts afresh, never resumes
+            stamp.unlink()
+        out = self._sub().get("ckpt_out")
+        if not out:
             return
         cb = trainer.checkpoint_callback
         best = (cb.best_model_path or cb.last_model_path) if cb is not None else ""

@@ -1,0 +1,153 @@
+"""Per-nodule embedding sequences from ``embeddings.h5`` (DESIGN.md format 4) for the attention head.
+
+Layout (written by ``usnodule embeddings``): one group per nodule (group name = annot_id, with ``/`` escaped as
+``%2F``), datasets ``image`` and ``seg`` (S x 256 float32, stack order) and optionally ``image_prob`` /
+``seg_prob`` (S,) stage-1/3 stack probabilities; group attrs ``annot_id``, ``label``, ``fold``, ``part``,
+``source``; file attrs name the checkpoints that produced it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import lightning.pytorch as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.errors import DataError
+from datamodules.folds import load_fold
+
+
+def group_name(annot_id: str) -> str:
+    return annot_id.replace("%", "%25").replace("/", "%2F")
+
+
+def read_index(path: str | os.PathLike) -> dict[str, dict]:
+    """``{annot_id: {"group", "label", "S"}}`` of an embeddings file, validated (one line on any problem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "embeddings file does not exist (run `usnodule embeddings` first)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(path, f"not a readable HDF5 file ({e})") from None
+    index = {}
+    with f:
+        for name, g in f.items():
+            if not isinstance(g, h5py.Group) or "image" not in g or "seg" not in g:
+                raise DataError(path, f"'{name}' is not a nodule group with 'image' and 'seg' datasets")
+            si, ss = g["image"].shape, g["seg"].shape
+            if len(si) != 2 or si != ss:
+                raise DataError(path, f"nodule '{name}': 'image' {si} and 'seg' {ss} must both be (S, D)")
+            if si[0] < 1:
+                raise DataError(path, f"nodule '{name}' has no stacks")
+            if "label" not in g.attrs:
+                raise DataError(path, f"nodule '{name}' has no 'label' attribute")
+            aid = str(g.attrs.get("annot_id", name))
+            index[aid] = {"group": name, "label": int(g.attrs["label"]), "S": si[0], "D": si[1]}
+    if not index:
+        raise DataError(path, "holds no nodule groups")
+    return index
+
+
+class EmbeddingDataset(Dataset):
+    """Embedding sequences of the given nodules (sorted ids). Item: ``{"image_emb": (S,D), "seg_emb": (S,D),
+    "label": long, "nodule": long}``; ``nodule`` indexes :attr:`nodule_ids`."""
+
+    def __init__(self, path: str | os.PathLike, nodule_ids: Sequence[str] | None = None,
+                 index: dict[str, dict] | None = None) -> None:
+        self.path = Path(path)
+        self.info = index if index is not None else read_index(self.path)
+        ids = sorted(self.info) if nodule_ids is None else sorted(str(i) for i in nodule_ids)
+        missing = [i for i in ids if i not in self.info]
+        if missing:
+            raise DataError(self.path, f"{len(missing)} nodule(s) of the split have no embeddings, e.g. {missing[:3]}")
+        self.nodule_ids = ids
+        self.labels = [self.info[i]["label"] for i in ids]
+        self._handle: h5py.File | None = None
+        self._pid: int | None = None
+
+    def _file(self) -> h5py.File:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._handle
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.nodule_ids)
+
+    def read(self, i: int, key: str) -> np.ndarray:
+        return self._file()[self.info[self.nodule_ids[i]]["group"]][key][()]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image_emb": torch.from_numpy(self.read(i, "image")).float(),
+                "seg_emb": torch.from_numpy(self.read(i, "seg")).float(),
+                "label": torch.tensor(self.labels[i], dtype=torch.long),
+                "nodule": torch.tensor(i, dtype=torch.long)}
+
+
+def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Pad variable-length sequences to the batch's longest S with zeros; ``valid`` is True on real stacks."""
+    lengths = [len(it["image_emb"]) for it in items]
+    s_max, d = max(lengths), items[0]["image_emb"].shape[1]
+    out = {k: torch.zeros(len(items), s_max, d) for k in ("image_emb", "seg_emb")}
+    valid = torch.zeros(len(items), s_max, dtype=torch.bool)
+    for b, (it, s) in enumerate(zip(items, lengths, strict=True)):
+        out["image_emb"][b, :s] = it["image_emb"]
+        out["seg_emb"][b, :s] = it["seg_emb"]
+        valid[b, :s] = True
+    out["valid"] = valid
+    for k in ("label", "nodule"):
+        out[k] = torch.stack([it[k] for it in items])
+    return out
+
+
+class EmbeddingDataModule(L.LightningDataModule):
+    """Head-stage batches (contract "Head") of one fold; predict = every nodule of the file (or a part)."""
+
+    def __init__(self, path: str, splits: str, fold: int | None = 0, batch_size: int = 16, num_workers: int = 0,
+                 predict_ids: str | list[str] = "all") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.datasets: dict[str, EmbeddingDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        hp = self.hparams
+        index = read_index(hp.path)
+        split = load_fold(hp.splits, hp.fold)
+        for part in ("train", "val", "test"):
+            self.datasets[part] = EmbeddingDataset(hp.path, split[part], index=index)
+        if isinstance(hp.predict_ids, str):
+            ids = None if hp.predict_ids == "all" else split[hp.predict_ids]
+        else:
+            ids = hp.predict_ids
+        self.datasets["predict"] = EmbeddingDataset(hp.path, ids, index=index)
+
+    def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(self.datasets[part], batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
+                          collate_fn=pad_collate, persistent_workers=hp.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")

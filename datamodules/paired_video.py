@@ -1,0 +1,236 @@
+"""Paired BUS + CEUS clips for AsyCMST: Dataset and LightningDataModule.
+
+Each item takes T frames spread uniformly over the clip's (already ordered) frames, the same positions in BUS,
+CEUS and the BUS mask, and augments them with one albumentations pipeline called once on all frames of both
+modalities and the mask, so every frame gets the same random rotation, crop, flips, brightness and contrast
+(paper Sec. 4.1.2).  Gray frames are repeated to 3 channels and normalised with ImageNet statistics.
+
+Batch (contract): ``bus``/``ceus`` ``(B, T, 3, H, W)`` float, ``mask`` ``(B, T, 1, H, W)`` float {0,1},
+``mask_valid`` ``(B, T)`` bool (frame has a drawn mask), ``label`` ``(B,)`` long, ``index`` ``(B,)`` long
+(position in the dataset's ``cases``).
+
+Splits: ``splits.json`` fold ``k`` (grouped by patient, see :mod:`datamodules.folds`), or, without a splits
+file, the paper's random 5:2:3 train/val/test split over patients (``split_ratio``, ``seed``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.errors import DataError
+from datamodules.folds import load_fold
+from datamodules.paired import PairedCase, check_case, read_clip, read_manifest, read_mask_clip
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PARTS = ("train", "val", "test")
+
+
+def sample_indices(n_frames: int, frames: int) -> np.ndarray:
+    """``frames`` positions spread uniformly over ``[0, n_frames)`` (first and last included; repeats when the
+    clip is shorter than ``frames``)."""
+    if n_frames < 1:
+        raise ValueError("empty clip")
+    return np.linspace(0, n_frames - 1, frames).round().astype(np.int64)
+
+
+def build_transform(size: int, augment: bool) -> A.Compose:
+    """The shared spatial + intensity pipeline (Sec. 4.1.2); called with ``images=`` / ``masks=`` so one draw
+    of random parameters applies to every frame."""
+    if not augment:
+        return A.Compose([A.Resize(size, size)])
+    return A.Compose(
+        [
+            A.Rotate(limit=15, border_mode=cv2.BORDER_CONSTANT, p=0.5),
+            A.RandomResizedCrop(size=(size, size), scale=(0.7, 1.0), ratio=(0.85, 1.15)),
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        ]
+    )
+
+
+def _normalise(frames: np.ndarray) -> torch.Tensor:
+    """``(T, H, W)`` uint8 gray -> ``(T, 3, H, W)`` float, ImageNet-normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)
+    x = x[:, None].expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class PairedVideoDataset(Dataset):
+    """T-frame BUS/CEUS/mask samples of validated cases.
+
+    Args:
+        cases: the cases, validated already (``n_frames`` from :func:`datamodules.paired.check_case`).
+        n_frames: frame count of each case.
+        frames: T frames per sample.
+        size: output side in pixels.
+        augment: random augmentation (training) or a plain resize.
+    """
+
+    def __init__(
+        self, cases: Sequence[PairedCase], n_frames: Sequence[int], *, frames: int, size: int, augment: bool
+    ):
+        if len(cases) != len(n_frames):
+            raise ValueError("cases and n_frames differ in length")
+        self.cases, self.n_frames = list(cases), list(n_frames)
+        self.frames, self.size, self.augment = frames, size, augment
+        self.transform = build_transform(size, augment)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        case = self.cases[i]
+        idx = sample_indices(self.n_frames[i], self.frames)
+        bus = read_clip(case.bus, idx)
+        ceus = read_clip(case.ceus, idx)
+        if ceus.shape != bus.shape:  # BUS and CEUS from different exports: bring CEUS onto the BUS grid
+            ceus = np.stack([cv2.resize(f, (bus.shape[2], bus.shape[1])) for f in ceus])
+        if case.bus_mask is not None:
+            mask, valid = read_mask_clip(case.bus_mask, idx)
+        else:
+            mask, valid = np.zeros_like(bus), np.zeros(self.frames, dtype=bool)
+        # one random draw for all 2T images and T masks; torch's RNG seeds it, so seed_everything and
+        # DataLoader worker seeding make it reproducible and different per worker and per epoch
+        self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+        out = self.transform(images=np.concatenate([bus, ceus]), masks=mask)
+        images, mask = out["images"], out["masks"]
+        t = self.frames
+        return {
+            "bus": _normalise(images[:t]),
+            "ceus": _normalise(images[t:]),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)).float()[:, None],
+            "mask_valid": torch.from_numpy(np.asarray(valid, dtype=bool)),
+            "label": torch.tensor(case.label, dtype=torch.long),
+            "index": torch.tensor(i, dtype=torch.long),
+        }
+
+
+def ratio_split(
+    cases: Sequence[PairedCase], ratio: Sequence[float], seed: int
+) -> dict[str, list[PairedCase]]:
+    """Random train/val/test split over patients in proportion ``ratio`` (paper: 5:2:3), reproducible by seed.
+    All cases of one patient land in the same part."""
+    if len(ratio) != 3 or min(ratio) < 0 or sum(ratio) <= 0:
+        raise ValueError(f"split_ratio must be three non-negative numbers, got {ratio}")
+    patients = sorted({c.patient_id for c in cases})
+    order = np.random.default_rng(seed).permutation(len(patients))
+    cum = np.cumsum(ratio) / sum(ratio)
+    cuts = np.round(cum * len(patients)).astype(int)
+    part_of = {}
+    for rank, p in enumerate(order):
+        part_of[patients[p]] = PARTS[int(np.searchsorted(cuts, rank, side="right"))]
+    return {part: [c for c in cases if part_of[c.patient_id] == part] for part in PARTS}
+
+
+class PairedVideoDataModule(LightningDataModule):
+    """BUS + CEUS clips from a manifest CSV (``case_id,patient_id,label,bus,ceus[,bus_mask]``).
+
+    Args:
+        manifest: the manifest CSV (:func:`datamodules.paired.read_manifest`).
+        splits: ``splits.json`` with case ids; ``None`` = random ``split_ratio`` split over patients.
+        fold: fold of ``splits`` (test = fold k, val = k+1, train = rest); ``None`` = every case in training.
+        frames: T frames per clip (must equal the model's ``num_frames``).
+        size: frame side in pixels (must equal the model's ``img_size``).
+        batch_size: clips per batch.
+        num_workers: DataLoader workers.
+        split_ratio: train:val:test proportions when there is no splits file (paper Sec. 4.1.2: 5:2:3).
+        seed: seed of the ratio split.
+        augment: augment training clips (validation/test/predict are only resized).
+
+    ``setup`` validates every case it uses (:func:`datamodules.paired.check_case`), so bad files raise
+    :class:`DataError` in the main process, never from a worker.
+    """
+
+    def __init__(
+        self,
+        manifest: str | os.PathLike = "data/synth/paired/manifest.csv",
+        splits: str | os.PathLike | None = None,
+        fold: int | None = None,
+        frames: int = 16,
+        size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        split_ratio: tuple[float, float, float] = (5, 2, 3),
+        seed: int = 0,
+        augment: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.datasets: dict[str, PairedVideoDataset] = {}
+
+    def _parts(self, cases: list[PairedCase]) -> dict[str, list[PairedCase]]:
+        hp = self.hparams
+        if hp.splits is None:
+            return ratio_split(cases, hp.split_ratio, hp.seed)
+        ids = load_fold(hp.splits, hp.fold)
+        by_id = {c.case_id: c for c in cases}
+        missing = sorted({i for part in ids.values() for i in part} - set(by_id))
+        if missing:
+            raise DataError(
+                hp.splits, f"{len(missing)} case id(s) not in manifest {hp.manifest}, e.g. {missing[:3]}"
+            )
+        return {part: [by_id[i] for i in ids[part]] for part in PARTS}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        hp = self.hparams
+        cases = read_manifest(hp.manifest)
+        if not cases:
+            raise DataError(hp.manifest, "manifest lists no cases")
+        parts = self._parts(cases)
+        # validate every used case here, in the main process, from clip headers where the format allows:
+        # a bad file stops the run with one DataError line before any DataLoader worker starts
+        n_frames = {c.case_id: check_case(c) for part in parts.values() for c in part}
+        for part, part_cases in parts.items():
+            self.datasets[part] = PairedVideoDataset(
+                part_cases,
+                [n_frames[c.case_id] for c in part_cases],
+                frames=hp.frames,
+                size=hp.size,
+                augment=hp.augment and part == "train",
+            )
+        # prediction: the held-out test cases, or every case when there is no test part (fold=None)
+        predict_cases = parts["test"] or cases
+        self.datasets["predict"] = PairedVideoDataset(
+            predict_cases,
+            [n_frames.get(c.case_id) or check_case(c) for c in predict_cases],
+            frames=hp.frames,
+            size=hp.size,
+            augment=False,
+        )
+
+    def _loader(self, part: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[part],
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=shuffle and len(self.datasets[part]) > self.hparams.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)

@@ -1,0 +1,497 @@
+"""3-stack frame instances and frame/mask pairs of the Stanford cine-clip set (STACT-Time sec. 2.3).
+
+**3-stacks** (ViT and mask CNN stages).  A nodule's frames, ordered by ``frame_num``, are cut into
+non-overlapping windows of three adjacent frames; stack ``s`` holds positions ``3s, 3s+1, 3s+2`` in the RGB
+channels.  Windows never cross nodules (positions are within one nodule's ordered frames).  A trailing
+remainder of 1-2 frames is dropped; a nodule with fewer than 3 frames in all gets one stack with its last frame
+repeated, so that every nodule has at least one stack (S >= 1) and is never lost from evaluation.
+
+**ROI crop** (image stacks).  The box is the union of the three frames' mask boxes (annotated masks by
+default; predicted masks from a ``masks.h5`` with ``use_predicted_boxes=True``), grown by ``buffer`` pixels
+(paper: 5) on every side and clipped at the image border.  When all three masks are empty (nodule out of view)
+the nodule's union box over all its frames is used instead; when every mask of the nodule is empty, the full
+frame.  Only the box is read from the HDF5 (the reader's ``box=``).  The crop is resized to ``img_size``
+(bilinear, antialiased), scaled to [0, 1] and optionally normalised by ``mean``/``std``.
+
+**Mask stacks** (mask CNN).  Predicted masks from ``masks.h5`` (written by ``usnodule masks``) are stacked the
+same way but *not* cropped: the full frame is resized (antialiased, so values lie in [0, 1]).  A binary mask
+carries only shape, size and position; cropping to the box and resizing would erase size and position, so the
+full frame keeps them (``mask_roi=True`` crops like the images instead).
+
+**Frames** (segmentation stage).  Every frame of the given nodules, including frames whose annotated mask is
+empty (the network must learn to predict "no nodule" too), 1 channel, resized to ``size``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import lightning.pytorch as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.errors import DataError
+from datamodules.folds import load_fold
+from datamodules.stanford import Box, StanfordCine, bbox_from_mask
+
+STACK = 3  # frames per instance (RGB channels)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def stack_positions(n_frames: int) -> list[np.ndarray]:
+    """Positions of each non-overlapping 3-window in a nodule of ``n_frames`` ordered frames.
+
+    The trailing 1-2 frames are dropped; a nodule with 1-2 frames gets one window padded with its last frame.
+    """
+    if n_frames <= 0:
+        return []
+    if n_frames < STACK:
+        return [np.minimum(np.arange(STACK), n_frames - 1)]
+    return [np.arange(s * STACK, s * STACK + STACK) for s in range(n_frames // STACK)]
+
+
+def union_box(boxes: Sequence[Box | None]) -> Box | None:
+    """Smallest box holding all non-None boxes, None if all are None."""
+    real = [b for b in boxes if b is not None]
+    if not real:
+        return None
+    return (min(b[0] for b in real), min(b[1] for b in real), max(b[2] for b in real), max(b[3] for b in real))
+
+
+def grow_box(box: Box, buffer: int, shape: tuple[int, int]) -> Box:
+    """``box`` grown by ``buffer`` pixels on each side and clipped at the image border (end-exclusive)."""
+    h, w = shape
+    y0, x0, y1, x1 = box
+    return max(0, y0 - buffer), max(0, x0 - buffer), min(h, y1 + buffer), min(w, x1 + buffer)
+
+
+def resize(x: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """(C, h, w) uint8/float array -> (C, *size) float tensor (values kept, not rescaled)."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).float()[None]
+    if tuple(t.shape[-2:]) != tuple(size):
+        if mode == "nearest":
+            t = F.interpolate(t, size=size, mode="nearest-exact")
+        else:  # antialias: real frames (802 x 1054) are shrunk ~4x; without it thin structures alias
+            t = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return t[0]
+
+
+def _size2(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return (size, size)
+    h, w = size
+    return (int(h), int(w))
+
+
+# ---------------------------------------------------------------------------------------------- masks.h5
+class PredictedMasks:
+    """Predicted masks of every frame (``usnodule masks`` output), in the cine file's row order.
+
+    Validated against the cine file at start (shape, dtype, ``annot_id``/``frame_num`` columns row by row);
+    read lazily through a handle opened per process, like :class:`StanfordCine`.
+    """
+
+    def __init__(self, path: str | os.PathLike, cine: StanfordCine):
+        self.path = Path(path)
+        self.cine = cine
+        self._handle: h5py.File | None = None
+        self._pid: int | None = None
+        self._validate()
+
+    def _validate(self) -> None:
+        path = self.path
+        if not path.is_file():
+            raise DataError(path, "masks file does not exist (run `usnodule masks` first)")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise DataError(path, f"not a readable HDF5 file ({e})") from None
+        with f:
+            for key in ("mask", "annot_id", "frame_num"):
+                if key not in f:
+                    raise DataError(path, f"missing dataset '{key}' (have: {', '.join(sorted(f.keys()))})")
+            n = sum(nod.n_frames for nod in self.cine.nodules)
+            want = (n, *self.cine.image_shape)
+            if f["mask"].shape != want:
+                raise DataError(path, f"'mask' shape {f['mask'].shape} does not match the cine file {want}")
+            if f["mask"].dtype != np.uint8:
+                raise DataError(path, f"'mask' must be uint8, got {f['mask'].dtype}")
+            ids = np.array([_text(v) for v in f["annot_id"][()]], dtype=object)
+            try:
+                nums = np.array([int(_text(v)) for v in f["frame_num"][()]], dtype=np.int64)
+            except ValueError:
+                raise DataError(path, "'frame_num' holds a value that is not an integer") from None
+        if ids.shape != (n,) or nums.shape != (n,):
+            raise DataError(path, f"'annot_id'/'frame_num' must have {n} rows")
+        want_ids, want_nums = row_columns(self.cine)
+        bad = np.flatnonzero((ids != want_ids) | (nums != want_nums))
+        if bad.size:
+            r = int(bad[0])
+            raise DataError(path, f"row {r} is ({ids[r]}, {nums[r]}) but the cine file has "
+                                  f"({want_ids[r]}, {want_nums[r]}); masks were made from another file")
+
+    def _file(self) -> h5py.File:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._handle
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    def masks(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
+        """(k, H, W) uint8 {0, 1} predicted masks at positions ``idx`` of the nodule's ordered frames."""
+        rows = self.cine.by_id[annot_id].rows[np.asarray(idx, dtype=np.int64)]
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        ys = slice(None) if box is None else slice(box[0], box[2])
+        xs = slice(None) if box is None else slice(box[1], box[3])
+        data = self._file()["mask"][uniq.tolist(), ys, xs]
+        return (data[inverse] > 0).view(np.uint8)
+
+
+def row_columns(cine: StanfordCine) -> tuple[np.ndarray, np.ndarray]:
+    """The cine file's ``annot_id`` and ``frame_num`` columns, row by row, rebuilt from its nodule index."""
+    n = sum(nod.n_frames for nod in cine.nodules)
+    ids = np.empty(n, dtype=object)
+    nums = np.empty(n, dtype=np.int64)
+    for nod in cine.nodules:
+        ids[nod.rows] = nod.annot_id
+        nums[nod.rows] = nod.frame_nums
+    return ids, nums
+
+
+def _text(value) -> str:
+    return (value.decode() if isinstance(value, bytes | np.bytes_) else str(value)).strip()
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+def _as_cine(cine: StanfordCine | str | os.PathLike, metadata: str | os.PathLike | None = None) -> StanfordCine:
+    return cine if isinstance(cine, StanfordCine) else StanfordCine(cine, metadata)
+
+
+def _check_ids(cine: StanfordCine, ids: Sequence[str]) -> list[str]:
+    ids = [str(i) for i in ids]
+    missing = [i for i in ids if i not in cine.by_id]
+    if missing:
+        raise DataError(cine.h5_path, f"{len(missing)} id(s) of the split are not in the file, e.g. {missing[:3]}")
+    return ids
+
+
+class StackDataset(Dataset):
+    """3-stack instances of the given nodules: the contract's ViT / Mask CNN batch items.
+
+    Item: ``{"image": (3, h, w) float, "label": long, "nodule": long, "stack": long}`` where ``nodule`` indexes
+    :attr:`nodule_ids` (sorted, so dataset order = (nodule id, stack), the export's deterministic order) and
+    ``stack`` is the stack position in the nodule. ``kind="image"``: ROI crops of the frames (module docstring);
+    ``kind="mask"``: predicted masks from ``masks_h5``.
+    """
+
+    def __init__(
+        self,
+        cine: StanfordCine | str | os.PathLike,
+        nodule_ids: Sequence[str] | None = None,
+        kind: str = "image",
+        masks_h5: str | os.PathLike | PredictedMasks | None = None,
+        img_size: int | Sequence[int] = 224,
+        buffer: int = 5,
+        use_predicted_boxes: bool = False,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        mask_roi: bool = False,
+        transform=None,
+    ) -> None:
+        if kind not in ("image", "mask"):
+            raise ValueError(f"kind must be 'image' or 'mask', got {kind!r}")
+        self.cine = _as_cine(cine)
+        ids = [n.annot_id for n in self.cine.nodules] if nodule_ids is None else nodule_ids
+        self.nodule_ids = sorted(_check_ids(self.cine, ids))
+        self.kind = kind
+        self.size = _size2(img_size)
+        self.buffer = int(buffer)
+        self.use_predicted_boxes = use_predicted_boxes
+        self.mask_roi = mask_roi
+        self.transform = transform  # albumentations-style callable on an (h, w, 3) array, training only
+        if (kind == "mask" or use_predicted_boxes) and masks_h5 is None:
+            raise DataError(None, f"kind={kind!r} / use_predicted_boxes needs masks_h5 (from `usnodule masks`)")
+        if isinstance(masks_h5, PredictedMasks) or masks_h5 is None:
+            self.pred = masks_h5
+        else:
+            self.pred = PredictedMasks(masks_h5, self.cine)
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32)[:, None, None]
+        # Flat index of (nodule index, stack position, frame positions): small ints only, no pixels.
+        self.index: list[tuple[int, int, np.ndarray]] = []
+        self.n_stacks: list[int] = []
+        for j, nid in enumerate(self.nodule_ids):
+            windows = stack_positions(self.cine.by_id[nid].n_frames)
+            self.n_stacks.append(len(windows))
+            self.index += [(j, s, pos) for s, pos in enumerate(windows)]
+        self.labels = [self.cine.by_id[n].label for n in self.nodule_ids]
+        self._fallback: dict[str, Box | None] = {}  # per-process cache of nodule union boxes
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    # -- boxes -------------------------------------------------------------------------------------------------
+    def _box_masks(self, nid: str, pos: np.ndarray) -> np.ndarray:
+        return self.pred.masks(nid, pos) if self.use_predicted_boxes else self.cine.masks(nid, pos)
+
+    def nodule_box(self, nid: str) -> Box | None:
+        """Union box over all frames of the nodule (fallback for stacks whose masks are empty)."""
+        if nid not in self._fallback:
+            n = self.cine.by_id[nid].n_frames
+            boxes = []
+            for start in range(0, n, 32):  # blocks of frames: bounded memory for long clips
+                m = self._box_masks(nid, np.arange(start, min(n, start + 32)))
+                boxes.append(bbox_from_mask(m.max(axis=0)))
+            self._fallback[nid] = union_box(boxes)
+        return self._fallback[nid]
+
+    def roi(self, nid: str, pos: np.ndarray) -> Box:
+        """The crop box of one stack: union of its mask boxes + buffer, clipped; see module docstring."""
+        box = bbox_from_mask(self._box_masks(nid, pos).max(axis=0))
+        if box is None:
+            box = self.nodule_box(nid)
+        h, w = self.cine.image_shape
+        if box is None:
+            return (0, 0, h, w)
+        return grow_box(box, self.buffer, (h, w))
+
+    # -- items -------------------------------------------------------------------------------------------------
+    def read(self, i: int) -> np.ndarray:
+        """(3, h, w) uint8 stack ``i`` before resizing (the ROI crop or the full mask frames)."""
+        j, _, pos = self.index[i]
+        nid = self.nodule_ids[j]
+        if self.kind == "image":
+            return self.cine.frames(nid, pos, box=self.roi(nid, pos))
+        box = self.roi(nid, pos) if self.mask_roi else None
+        return self.pred.masks(nid, pos, box=box)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j, s, _ = self.index[i]
+        x = self.read(i)
+        if self.transform is not None:
+            x = np.moveaxis(self.transform(image=np.moveaxis(x, 0, -1))["image"], -1, 0)
+        img = resize(x, self.size)
+        if self.kind == "image":
+            img = img / 255.0
+            if self.mean is not None:
+                img = (img - self.mean) / self.std
+        return {"image": img, "label": torch.tensor(self.labels[j], dtype=torch.long),
+                "nodule": torch.tensor(j, dtype=torch.long), "stack": torch.tensor(s, dtype=torch.long)}
+
+
+class PairedStackDataset(Dataset):
+    """Image and mask stacks of the same (nodule, stack) in one item, for the embedding export.
+
+    Item: ``{"image": (3,h,w), "mask": (3,h',w'), "label", "nodule", "stack"}``.
+    """
+
+    def __init__(self, image: StackDataset, mask: StackDataset) -> None:
+        if image.nodule_ids != mask.nodule_ids or len(image) != len(mask):
+            raise ValueError("image and mask stack datasets must cover the same nodules")
+        self.image, self.mask = image, mask
+        self.nodule_ids = image.nodule_ids
+        self.n_stacks = image.n_stacks
+        self.labels = image.labels
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.image[i]
+        item["mask"] = self.mask[i]["image"]
+        return item
+
+
+class FrameDataset(Dataset):
+    """Every frame of the given nodules with its annotated mask, for the segmentation stage.
+
+    All frames are used, including those whose mask is empty (the nodule is out of view); the network must
+    predict empty masks there too. Item: ``{"image": (1,H,W) float in [0,1], "mask": (1,H,W) float {0,1}}``
+    (plus ``nodule``/``frame`` indices). Frames: bilinear antialiased resize; masks: nearest.
+    """
+
+    def __init__(self, cine: StanfordCine | str | os.PathLike, nodule_ids: Sequence[str] | None = None,
+                 size: int | Sequence[int] = 256, transform=None) -> None:
+        self.cine = _as_cine(cine)
+        ids = [n.annot_id for n in self.cine.nodules] if nodule_ids is None else nodule_ids
+        self.nodule_ids = sorted(_check_ids(self.cine, ids))
+        self.size = _size2(size)
+        self.transform = transform  # albumentations-style: same parameters for image and mask
+        self.index = [(j, p) for j, nid in enumerate(self.nodule_ids) for p in range(self.cine.by_id[nid].n_frames)]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j, p = self.index[i]
+        nid = self.nodule_ids[j]
+        img, mask = self.cine.frames(nid, [p])[0], self.cine.masks(nid, [p])[0]
+        if self.transform is not None:
+            out = self.transform(image=img, mask=mask)
+            img, mask = out["image"], out["mask"]
+        return {"image": resize(img[None], self.size) / 255.0,
+                "mask": resize(mask[None], self.size, mode="nearest"),
+                "nodule": torch.tensor(j, dtype=torch.long), "frame": torch.tensor(p, dtype=torch.long)}
+
+
+# ---------------------------------------------------------------------------------------------- datamodules
+def _predict_ids(split: dict[str, list[str]], cine: StanfordCine, predict_ids: str | Sequence[str]) -> list[str]:
+    if isinstance(predict_ids, str):
+        if predict_ids == "all":
+            return [n.annot_id for n in cine.nodules]
+        if predict_ids not in split:
+            raise ValueError(f"predict_ids must be 'all', 'train', 'val', 'test' or a list of ids, got {predict_ids!r}")
+        return split[predict_ids]
+    return list(predict_ids)
+
+
+def _augment(kind: str):
+    """Light augmentation for training stacks: one set of random parameters for all three frames (channels)."""
+    import albumentations as A
+
+    ops = [A.HorizontalFlip(p=0.5)]
+    if kind == "image":
+        ops.append(A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5))
+    return A.Compose(ops)
+
+
+class StackDataModule(L.LightningDataModule):
+    """Train/val/test 3-stacks of one fold (from ``splits.json``) and a predict set.
+
+    ``fold=None`` trains on every nodule. ``kind="image"`` (ViT stage) or ``"mask"`` (mask CNN stage, needs
+    ``masks_h5``). ``predict_ids``: ``"all"`` (default), a part name, or a list of ids. ``normalize``:
+    ``"imagenet"`` (timm's default mean/std), ``"half"`` (mean = std = 0.5, e.g. augreg ViTs) or ``None``
+    ([0, 1]); image kind only. ``augment``: horizontal flip (+ brightness/contrast for images), train only.
+    """
+
+    def __init__(
+        self,
+        h5: str,
+        splits: str,
+        fold: int | None = 0,
+        kind: str = "image",
+        masks_h5: str | None = None,
+        img_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        buffer: int = 5,
+        use_predicted_boxes: bool = False,
+        metadata: str | None = None,
+        predict_ids: str | list[str] = "all",
+        normalize: str | None = "imagenet",
+        mask_roi: bool = False,
+        augment: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cine: StanfordCine | None = None
+        self.datasets: dict[str, StackDataset] = {}
+
+    def _dataset(self, ids: Sequence[str], train: bool = False) -> StackDataset:
+        hp = self.hparams
+        mean, std = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3),
+                     None: (None, None)}[hp.normalize if hp.kind == "image" else None]
+        if self.pred is None and hp.masks_h5 is not None:
+            self.pred = PredictedMasks(hp.masks_h5, self.cine)
+        return StackDataset(self.cine, ids, kind=hp.kind, masks_h5=self.pred, img_size=hp.img_size,
+                            buffer=hp.buffer, use_predicted_boxes=hp.use_predicted_boxes, mean=mean, std=std,
+                            mask_roi=hp.mask_roi, transform=_augment(hp.kind) if (train and hp.augment) else None)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.cine is None:
+            self.cine = StanfordCine(self.hparams.h5, self.hparams.metadata)
+            self.pred = None
+            self.split = load_fold(self.hparams.splits, self.hparams.fold)
+        if stage in ("fit", None) and "train" not in self.datasets:
+            self.datasets["train"] = self._dataset(self.split["train"], train=True)
+            self.datasets["val"] = self._dataset(self.split["val"])
+        if stage in ("validate",) and "val" not in self.datasets:
+            self.datasets["val"] = self._dataset(self.split["val"])
+        if stage in ("test", None) and "test" not in self.datasets:
+            self.datasets["test"] = self._dataset(self.split["test"])
+        if stage in ("predict", None) and "predict" not in self.datasets:
+            self.datasets["predict"] = self._dataset(_predict_ids(self.split, self.cine, self.hparams.predict_ids))
+
+    def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(self.datasets[part], batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
+                          persistent_workers=hp.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+
+class FrameDataModule(L.LightningDataModule):
+    """Frames + annotated masks of one fold for the segmentation stage (every frame, empty masks included)."""
+
+    def __init__(
+        self,
+        h5: str,
+        splits: str,
+        fold: int | None = 0,
+        size: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        metadata: str | None = None,
+        augment: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cine: StanfordCine | None = None
+        self.datasets: dict[str, FrameDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if self.cine is None:
+            self.cine = StanfordCine(hp.h5, hp.metadata)
+            self.split = load_fold(hp.splits, hp.fold)
+        transform = None
+        if hp.augment:
+            import albumentations as A
+
+            transform = A.Compose([A.HorizontalFlip(p=0.5)])
+        for part in ("train", "val", "test"):
+            if part not in self.datasets:
+                self.datasets[part] = FrameDataset(self.cine, self.split[part], hp.size,
+                                                   transform=transform if part == "train" else None)
+        if "predict" not in self.datasets:
+            self.datasets["predict"] = FrameDataset(self.cine, None, hp.size)
+
+    def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(self.datasets[part], batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
+                          persistent_workers=hp.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")

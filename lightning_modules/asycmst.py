@@ -1,0 +1,256 @@
+"""AsyCMST LightningModule: multi-task BUS + CEUS training (paper Sec. 3.4, Eq. 14-16).
+
+``L = L_Diag + w1 * L_FSS + w2 * L_Seg`` with ``w1 = w2 = 0.4`` (Eq. 14, Fig. 14):
+
+- ``L_Diag``: cross-entropy over the two softmax outputs, i.e. Eq. 15-16's binary cross-entropy;
+- ``L_FSS``: frame self-sorting on the upper (CEUS) branch, Eq. 3-4 (``fss=False`` removes head and term);
+- ``L_Seg``: Dice on the lower (BUS) branch, Eq. 5, only on frames whose mask was drawn (``mask_valid``);
+  ``ns=False`` removes decoder and term.
+
+Which modality feeds which branch is ``streams`` (Fig. 9): ``("ceus", "bus")`` is the paper's model; the branch
+roles stay fixed (FSS and the spatial C->B query on the upper branch, segmentation and the temporal B->C query
+on the lower one), and the BUS mask supervises the lower branch whatever it receives, since paired clips share
+one geometry.
+
+Optimizer and schedule come from the LightningCLI ``optimizer:`` / ``lr_scheduler:`` keys (see
+``conf/asycmst.yaml``: RMSprop lr 1e-3, weight decay 1e-4, momentum 0.9, ExponentialLR), as in the other stages.
+
+Logged: ``{train,val,test}/loss`` (the total), ``.../loss_diag``, ``.../loss_fss``, ``.../loss_seg``,
+``{val,test}/{acc,precision,recall,specificity,f1,auroc}`` (torchmetrics, binary, threshold 0.5 on the
+malignant probability).  ``validate`` and ``test`` runs also write ``roc_<stage>.png`` into the logger's (else
+the trainer's) directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
+    binary_roc,
+    binary_specificity,
+)
+from torchmetrics.utilities import dim_zero_cat
+
+from datamodules.atomic import atomic_path
+from lightning_modules.nets.asycmst import AsyCMSTNet
+from lightning_modules.nets.asycmst_losses import dice_loss, fss_loss
+
+MODALITIES = ("bus", "ceus")
+
+
+class Scores(Metric):
+    """Malignant probabilities and labels of an epoch (concatenated across DDP ranks at ``compute``)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("prob", default=[], dist_reduce_fx="cat")
+        self.add_state("label", default=[], dist_reduce_fx="cat")
+
+    def update(self, prob: Tensor, label: Tensor) -> None:
+        self.prob.append(prob.detach().float().flatten())
+        self.label.append(label.detach().long().flatten())
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return dim_zero_cat(self.prob), dim_zero_cat(self.label)
+
+
+def binary_metrics(prob: Tensor, label: Tensor) -> dict[str, Tensor]:
+    """Acc, precision, recall, specificity, F1 at 0.5 and AUROC (NaN when the epoch holds one class only)."""
+    auroc = binary_auroc(prob, label) if label.min() != label.max() else prob.new_tensor(float("nan"))
+    return {
+        "acc": binary_accuracy(prob, label),
+        "precision": binary_precision(prob, label),
+        "recall": binary_recall(prob, label),
+        "specificity": binary_specificity(prob, label),
+        "f1": binary_f1_score(prob, label),
+        "auroc": auroc,
+    }
+
+
+def save_roc_png(prob: Tensor, label: Tensor, path: Path, title: str) -> None:
+    """ROC curve with its AUC in the legend, written atomically (matplotlib Agg, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr, _ = binary_roc(prob.cpu(), label.cpu())
+    auc = binary_auroc(prob.cpu(), label.cpu()).item()
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.plot(fpr.numpy(), tpr.numpy(), label=f"AsyCMST (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+class AsyCMST(L.LightningModule):
+    """AsyCMST trained end to end (all args plain, so LightningCLI YAML can set every switch).
+
+    Args (the network's, see :class:`~lightning_modules.nets.asycmst.AsyCMSTNet`): ``dim, depth, heads,
+    num_frames, img_size, mlp_ratio, dropout, strategy, acmst_layers, fss, ns, backbone, pretrained,
+    share_encoders, decoder_width``.  Loss and data wiring:
+
+    Args:
+        w1: weight of L_FSS (Eq. 14), 0.4.
+        w2: weight of L_Seg (Eq. 14), 0.4.
+        phi: FSS clamp threshold (Eq. 4), 0.9.
+        streams: ``(upper, lower)`` batch keys: ``("ceus", "bus")`` in the paper, ``("bus", "ceus")``,
+            ``("ceus", "ceus")`` or ``("bus", "bus")`` for Fig. 9.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int = 384,
+        depth: int = 6,
+        heads: int = 6,
+        num_frames: int = 16,
+        img_size: int = 224,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        strategy: str = "asymmetric",
+        acmst_layers: list[int] | None = None,
+        fss: bool = True,
+        ns: bool = True,
+        backbone: str = "resnet18",
+        pretrained: bool = False,
+        share_encoders: bool = False,
+        decoder_width: int = 128,
+        w1: float = 0.4,
+        w2: float = 0.4,
+        phi: float = 0.9,
+        streams: Sequence[str] = ("ceus", "bus"),
+    ) -> None:
+        super().__init__()
+        streams = tuple(streams)
+        if len(streams) != 2 or any(s not in MODALITIES for s in streams):
+            raise ValueError(f"streams must be two of {MODALITIES}, got {streams}")
+        self.save_hyperparameters()
+        self.streams = streams
+        self.net = AsyCMSTNet(
+            num_classes=2,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            num_frames=num_frames,
+            img_size=img_size,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
+            strategy=strategy,
+            acmst_layers=acmst_layers,
+            fss=fss,
+            ns=ns,
+            backbone=backbone,
+            pretrained=pretrained,
+            share_encoders=share_encoders,
+            decoder_width=decoder_width,
+        )
+        self.w1, self.w2, self.phi = w1, w2, phi
+        self.val_scores, self.test_scores = Scores(), Scores()
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Tensor], *, with_masks: bool = False) -> dict[str, Tensor]:
+        upper, lower = (batch[s] for s in self.streams)
+        frames = batch.get("mask_valid") if with_masks else None
+        return self.net(upper, lower, mask_frames=frames)
+
+    def losses(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
+        """``({"loss", "loss_diag", "loss_fss", "loss_seg"}, logits)`` for one batch (Eq. 14)."""
+        out = self(batch, with_masks=self.net.decoder is not None)
+        logits = out["logits"]
+        parts = {"loss_diag": F.cross_entropy(logits.float(), batch["label"].long())}
+        total = parts["loss_diag"]
+        if "sort_scores" in out:
+            parts["loss_fss"] = fss_loss(out["sort_scores"].float(), phi=self.phi)
+            total = total + self.w1 * parts["loss_fss"]
+        if "mask_logits" in out:
+            target = batch["mask"][batch["mask_valid"]]
+            parts["loss_seg"] = dice_loss(out["mask_logits"], target)
+            total = total + self.w2 * parts["loss_seg"]
+        parts["loss"] = total
+        return parts, logits
+
+    @staticmethod
+    def malignant_prob(logits: Tensor) -> Tensor:
+        return logits.float().softmax(dim=-1)[:, 1]
+
+    # -- steps -----------------------------------------------------------------------------------------------------
+    def _log_losses(self, parts: dict[str, Tensor], stage: str, batch_size: int) -> None:
+        for name, value in parts.items():
+            self.log(
+                f"{stage}/{name}",
+                value,
+                prog_bar=name == "loss",
+                on_step=stage == "train" and name == "loss",
+                on_epoch=True,
+                batch_size=batch_size,
+                sync_dist=stage != "train",
+            )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        parts, _ = self.losses(batch)
+        self._log_losses(parts, "train", len(batch["label"]))
+        return parts["loss"]
+
+    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        parts, logits = self.losses(batch)
+        self._log_losses(parts, stage, len(batch["label"]))
+        (self.val_scores if stage == "val" else self.test_scores).update(self.malignant_prob(logits), batch["label"])
+        return parts["loss"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def _epoch_end(self, stage: str, roc: bool) -> None:
+        scores = self.val_scores if stage == "val" else self.test_scores
+        if not scores.update_called:
+            return
+        prob, label = scores.compute()
+        scores.reset()
+        self.log_dict({f"{stage}/{k}": v for k, v in binary_metrics(prob, label).items()})
+        if roc and self.trainer.is_global_zero and label.min() != label.max():
+            save_roc_png(prob, label, self.run_dir() / f"roc_{stage}.png", f"ROC ({stage}, n={len(label)})")
+
+    def on_validation_epoch_end(self) -> None:
+        # the ROC plot only for a `validate` run: during fit it would be redrawn every epoch
+        self._epoch_end("val", roc=self.trainer.state.fn == TrainerFn.VALIDATING)
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test", roc=True)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        logits = self(batch)["logits"]
+        prob = self.malignant_prob(logits)
+        return {
+            "index": batch["index"].cpu(),
+            "label": batch["label"].cpu(),
+            "prob": prob.cpu(),
+            "pred": (prob >= 0.5).long().cpu(),
+        }
+
+    def run_dir(self) -> Path:
+        """Where per-run files go: the logger's directory, else the trainer's root directory."""
+        trainer = self.trainer
+        return Path(trainer.log_dir or trainer.default_root_dir)

@@ -1,0 +1,325 @@
+"""``usnodule embeddings``: per-nodule image and segmentation embeddings -> ``embeddings.h5`` (STACT-Time sec. 2.3).
+
+For every nodule of the cine file (all parts: the head trains on the fold's training nodules and is tested on
+its test nodules), every 3-stack goes through the fine-tuned ViT (image embedding, 256-d "last hidden layer")
+and the mask CNN on the matching stack of predicted masks (segmentation embedding), in the same stack order.
+The stage-1/3 stack probabilities are kept too (``image_prob``/``seg_prob``): they are the CineCNN-AvePool
+baseline and the Table 3 stack-level rows, at no extra forward pass.
+
+Runs through ``Trainer.predict`` with :class:`EmbeddingWriter`, a ``BasePredictionWriter``: every batch carries
+its dataset index (``nodule``, ``stack``), each rank appends its rows to its own shard as batches arrive
+(memory does not grow with the number of nodules), and rank 0 merges the shards into one file whose contents are
+the same as a single-process run (groups in nodule-id order, rows in stack order; each row is written at its
+(nodule, stack) place, so shard order does not matter). The shards live beside the output (a multi-node run
+needs a shared filesystem there). The output is written through :func:`atomic_path`: an interrupted export
+leaves no ``embeddings.h5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import lightning.pytorch as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from datamodules.atomic import atomic_path
+from datamodules.embeddings import group_name
+from datamodules.errors import DataError
+from datamodules.folds import load_fold
+from datamodules.stacks import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PairedStackDataset,
+    PredictedMasks,
+    StackDataset,
+)
+from datamodules.stanford import StanfordCine
+
+SHARD_KEYS = ("nodule", "stack", "image", "seg", "image_prob", "seg_prob")
+NORMALIZE = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3), None: (None, None),
+             "none": (None, None)}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def load_stage(cls: type[L.LightningModule], path: str | os.PathLike) -> L.LightningModule:
+    """``cls`` from a checkpoint in eval mode; a missing or foreign file is a one-line :class:`DataError`."""
+    from lightning_modules.classifier import load_for_inference
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, f"checkpoint not found (train the {cls.__name__} first)")
+    try:
+        return load_for_inference(cls, str(path))
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001  (torch/pickle/Lightning raise many types for a bad file)
+        raise DataError(path, f"not a {cls.__name__} checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def data_hparams(path: str | os.PathLike) -> dict[str, Any]:
+    """The datamodule init args saved in a Lightning checkpoint (img_size, buffer, normalize, ...), or {}."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return dict(ckpt.get("datamodule_hyper_parameters", {}) or {})
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def vit_input_size(vit: L.LightningModule) -> int:
+    """Input side of the ViT backbone: the stage's ``img_size`` or timm's pretrained config."""
+    if vit.hparams.get("img_size"):
+        return int(vit.hparams["img_size"])
+    size = getattr(vit.net.backbone, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
+    return int(size[-1])
+
+
+# ---------------------------------------------------------------------------------------------- model
+class EmbeddingExport(L.LightningModule):
+    """Both encoders side by side; ``predict_step`` returns per-stack embeddings and probabilities."""
+
+    def __init__(self, vit: L.LightningModule, maskcnn: L.LightningModule) -> None:
+        super().__init__()
+        self.vit, self.maskcnn = vit, maskcnn
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        image = self.vit.net.embed(batch["image"])
+        seg = self.maskcnn.net.embed(batch["mask"])
+        return {
+            "nodule": batch["nodule"], "stack": batch["stack"], "image": image, "seg": seg,
+            "image_prob": self.vit.malignant_prob(self.vit.net.fc2(image)),
+            "seg_prob": self.maskcnn.malignant_prob(self.maskcnn.net.fc2(seg)),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- writer
+class EmbeddingWriter(BasePredictionWriter):
+    """Streams predictions to a per-rank shard, then rank 0 merges the shards into ``out`` (atomically).
+
+    ``nodule_ids``/``n_stacks``/``group_attrs`` describe the dataset (index -> id, S per nodule, attrs per
+    nodule); ``file_attrs`` go on the output file (checkpoints, inputs).
+    """
+
+    def __init__(self, out: str | os.PathLike, nodule_ids: Sequence[str], n_stacks: Sequence[int],
+                 group_attrs: Sequence[dict], file_attrs: dict[str, Any]) -> None:
+        super().__init__(write_interval="batch")
+        self.out = Path(out)
+        self.nodule_ids, self.n_stacks = list(nodule_ids), list(n_stacks)
+        self.group_attrs, self.file_attrs = list(group_attrs), dict(file_attrs)
+        self.shard_dir: Path | None = None
+        self._shard: h5py.File | None = None
+
+    # -- per rank --------------------------------------------------------------------------------------------
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # One token per run (from rank 0) names the shard folder, so stale shards of a killed run never mix in.
+        token = trainer.strategy.broadcast(uuid.uuid4().hex[:12], src=0)
+        self.shard_dir = self.out.with_name(f".{self.out.name}.shards") / token
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        self._shard = None
+
+    def _open_shard(self, rank: int, dim: int) -> h5py.File:
+        f = h5py.File(self.shard_dir / f"rank{rank}.h5", "w")
+        for key in SHARD_KEYS:
+            shape, dtype = ((0, dim), np.float32) if key in ("image", "seg") else ((0,), np.float32)
+            if key in ("nodule", "stack"):
+                dtype = np.int64
+            f.create_dataset(key, shape=shape, maxshape=(None, *shape[1:]), dtype=dtype,
+                             chunks=(256, *shape[1:]))
+        return f
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
+                           dataloader_idx) -> None:
+        if self._shard is None:
+            self._shard = self._open_shard(trainer.global_rank, int(prediction["image"].shape[1]))
+        n = len(prediction["nodule"])
+        for key in SHARD_KEYS:
+            ds = self._shard[key]
+            ds.resize(ds.shape[0] + n, axis=0)
+            ds[-n:] = prediction[key].detach().float().cpu().numpy() if key not in ("nodule", "stack") \
+                else prediction[key].cpu().numpy()
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._shard is not None:
+            self._shard.close()
+            self._shard = None
+        trainer.strategy.barrier("embeddings-shards-written")
+        if trainer.is_global_zero:
+            try:
+                merge_shards(sorted(self.shard_dir.glob("rank*.h5")), self.out, self.nodule_ids, self.n_stacks,
+                             self.group_attrs, self.file_attrs)
+            finally:
+                shutil.rmtree(self.shard_dir.parent, ignore_errors=True)
+        trainer.strategy.barrier("embeddings-merged")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._shard is not None:
+            self._shard.close()
+            self._shard = None
+        if self.shard_dir is not None:
+            shutil.rmtree(self.shard_dir, ignore_errors=True)
+
+
+def merge_shards(shards: Sequence[Path], out: Path, nodule_ids: Sequence[str], n_stacks: Sequence[int],
+                 group_attrs: Sequence[dict], file_attrs: dict[str, Any], block: int = 1024) -> Path:
+    """Write ``out``: one group per nodule (id order), rows placed by (nodule, stack); streams ``block`` rows.
+
+    Every (nodule, stack) must arrive exactly once or more (duplicates carry the same values); a hole is an
+    error, so a lost shard can never produce a silently short file.
+    """
+    offsets = np.concatenate([[0], np.cumsum(n_stacks)])
+    seen = np.zeros(int(offsets[-1]), dtype=bool)
+    dim = None
+    for s in shards:
+        with h5py.File(s, "r") as f:
+            dim = int(f["image"].shape[1])
+            break
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as h:
+        for k, v in file_attrs.items():
+            h.attrs[k] = v
+        groups = []
+        for nid, s, attrs in zip(nodule_ids, n_stacks, group_attrs, strict=True):
+            g = h.create_group(group_name(nid))
+            for k, v in {"annot_id": nid, **attrs}.items():
+                g.attrs[k] = v
+            for key in ("image", "seg"):
+                g.create_dataset(key, shape=(s, dim or 0), dtype=np.float32, chunks=(min(s, 64), dim or 1))
+            for key in ("image_prob", "seg_prob"):
+                g.create_dataset(key, shape=(s,), dtype=np.float32)
+            groups.append(g)
+        for path in shards:
+            with h5py.File(path, "r") as f:
+                total = f["nodule"].shape[0]
+                for start in range(0, total, block):
+                    sl = slice(start, min(total, start + block))
+                    rows = {k: f[k][sl] for k in SHARD_KEYS}
+                    seen[offsets[rows["nodule"]] + rows["stack"]] = True
+                    # Group the block's rows by nodule: one h5py write per (nodule, key), stacks increasing.
+                    order = np.lexsort((rows["stack"], rows["nodule"]))
+                    nod = rows["nodule"][order]
+                    for j in np.unique(nod):
+                        sel = order[nod == j]
+                        stacks = rows["stack"][sel]
+                        stacks, first = np.unique(stacks, return_index=True)
+                        sel = sel[first]
+                        for key in ("image", "seg", "image_prob", "seg_prob"):
+                            groups[j][key][stacks.tolist()] = rows[key][sel]
+        if not seen.all():
+            j = int(np.searchsorted(offsets, np.flatnonzero(~seen)[0], side="right") - 1)
+            raise DataError(out, f"export incomplete: nodule {nodule_ids[j]!r} is missing stacks")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- stage
+def build_dataset(cine: StanfordCine, masks: PredictedMasks, vit_data: dict, mask_data: dict, img_size: int,
+                  mask_size: int) -> PairedStackDataset:
+    """Image and mask stacks of every nodule, with the data settings the two stages were trained with."""
+    mean, std = NORMALIZE[vit_data.get("normalize", "imagenet")]
+    image = StackDataset(cine, None, "image", masks, img_size=img_size, buffer=vit_data.get("buffer", 5),
+                         use_predicted_boxes=vit_data.get("use_predicted_boxes", False), mean=mean, std=std)
+    mask = StackDataset(cine, None, "mask", masks, img_size=mask_size, buffer=mask_data.get("buffer", 5),
+                        mask_roi=mask_data.get("mask_roi", False))
+    return PairedStackDataset(image, mask)
+
+
+def export(*, cine: str | os.PathLike, masks: str | os.PathLike, vit: str | os.PathLike,
+           maskcnn: str | os.PathLike, out: str | os.PathLike, splits: str | os.PathLike | None = None,
+           fold: int | None = None, metadata: str | os.PathLike | None = None, batch_size: int = 32,
+           num_workers: int = 0, img_size: int | None = None, mask_size: int | None = None,
+           accelerator: str = "auto", devices: Any = 1, strategy: str = "auto", precision: Any = None,
+           progress: bool = True, callbacks: Sequence[L.Callback] = ()) -> Path:
+    """Export embeddings of every nodule to ``out``; see the module docstring. Returns ``out``."""
+    from lightning_modules.maskcnn_stage import MaskCNNStage
+    from lightning_modules.vit_stage import ViTStage
+
+    out = Path(out)
+    vit_model, mask_model = load_stage(ViTStage, vit), load_stage(MaskCNNStage, maskcnn)
+    vit_data, mask_data = data_hparams(vit), data_hparams(maskcnn)
+    img_size = img_size or vit_input_size(vit_model)
+    mask_size = mask_size or mask_data.get("img_size") or img_size
+    data = StanfordCine(cine, metadata)
+    pred = PredictedMasks(masks, data)
+    dataset = build_dataset(data, pred, vit_data, mask_data, img_size, mask_size)
+
+    part_of: dict[str, str] = {}
+    if splits is not None:
+        split = load_fold(splits, fold)
+        part_of = {i: p for p, ids in split.items() for i in ids}
+    group_attrs = [{"label": int(lab), "fold": -1 if fold is None else int(fold), "part": part_of.get(nid, ""),
+                    "source": str(Path(cine).resolve())}
+                   for nid, lab in zip(dataset.nodule_ids, dataset.labels, strict=True)]
+    file_attrs = {
+        "format": "usnodule-embeddings/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cine": str(Path(cine).resolve()), "masks": str(Path(masks).resolve()),
+        "vit_checkpoint": str(Path(vit).resolve()), "vit_sha256": file_digest(vit),
+        "maskcnn_checkpoint": str(Path(maskcnn).resolve()), "maskcnn_sha256": file_digest(maskcnn),
+        "splits": "" if splits is None else str(Path(splits).resolve()), "fold": -1 if fold is None else int(fold),
+        "img_size": int(img_size), "mask_size": int(mask_size),
+        "stack_order": "groups by annot_id; rows = non-overlapping 3-frame windows in frame_num order",
+    }
+    writer = EmbeddingWriter(out, dataset.nodule_ids, dataset.n_stacks, group_attrs, file_attrs)
+    bar = []
+    if progress:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        bar = [RichProgressBar()]
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
+                        logger=False, enable_checkpointing=False, enable_model_summary=False,
+                        enable_progress_bar=progress, callbacks=[writer, *bar, *callbacks])
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    trainer.predict(EmbeddingExport(vit_model, mask_model), dataloaders=loader, return_predictions=False)
+    return out
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embeddings", help="export per-nodule image + segmentation embeddings to embeddings.h5",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cine", type=Path, required=True, help="Stanford dataset.hdf5 (metadata.csv beside it)")
+    p.add_argument("--metadata", type=Path, default=None, help="metadata CSV (default: beside the HDF5)")
+    p.add_argument("--masks", type=Path, required=True, help="predicted masks (from `usnodule masks`)")
+    p.add_argument("--vit", type=Path, required=True, help="ViT stage checkpoint (stage 1)")
+    p.add_argument("--maskcnn", type=Path, required=True, help="mask CNN stage checkpoint (stage 3)")
+    p.add_argument("--splits", type=Path, default=None, help="splits.json (records each nodule's part)")
+    p.add_argument("--fold", type=int, default=None, help="fold the checkpoints were trained for")
+    p.add_argument("--out", type=Path, required=True, help="output embeddings.h5")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--img-size", type=int, default=None, help="ViT input size (default: from the checkpoint)")
+    p.add_argument("--mask-size", type=int, default=None, help="mask CNN input size (default: from the checkpoint)")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", default="1", help="Trainer devices (e.g. 1, 4, auto)")
+    p.add_argument("--strategy", default="auto", help="Trainer strategy (e.g. ddp)")
+    p.add_argument("--precision", default=None, help="Trainer precision (e.g. bf16-mixed)")
+    p.set_defaults(func=run)
+
+
+def _devices(text: str) -> Any:
+    return int(text) if text.isdigit() else text
+
+
+def run(args: argparse.Namespace) -> None:
+    out = export(cine=args.cine, masks=args.masks, vit=args.vit, maskcnn=args.maskcnn, out=args.out,
+                 splits=args.splits, fold=args.fold, metadata=args.metadata, batch_size=args.batch_size,
+                 num_workers=args.num_workers, img_size=args.img_size, mask_size=args.mask_size,
+                 accelerator=args.accelerator, devices=_devices(args.devices), strategy=args.strategy,
+                 precision=args.precision)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(f"wrote {out}")

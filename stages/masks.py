@@ -1,0 +1,135 @@
+"""``usnodule masks``: MSU-Net predicted masks for every frame -> ``masks.h5`` (STACT-Time sec. 2.3, stage 2).
+
+Output layout: dataset ``mask`` (N, H, W) uint8 in {0, 1}, in the cine file's row order (so row r of
+``masks.h5`` is the prediction for row r of ``dataset.hdf5``), plus copies of its ``annot_id`` and
+``frame_num`` columns (readers check them row by row); attrs name the checkpoint and settings.
+
+Streaming: contiguous blocks of rows are read (one HDF5 slice each, in DataLoader workers), resized to the
+segmentation input size, segmented, the logits resized back to full frame size (bilinear) and thresholded,
+and the block written straight into a chunked, compressed dataset; memory is one block. Written through
+:func:`atomic_path`, so an interrupted run leaves no ``masks.h5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.atomic import atomic_path
+from datamodules.errors import DataError
+from datamodules.stacks import resize
+from datamodules.stanford import StanfordCine
+
+
+class RowBlocks(Dataset):
+    """Item i = rows ``[i*block, (i+1)*block)`` of the cine file as ``(first_row, (b,1,s,s) float in [0,1])``."""
+
+    def __init__(self, h5_path: str | os.PathLike, n_rows: int, block: int, size: tuple[int, int]) -> None:
+        self.h5_path, self.n_rows, self.block, self.size = Path(h5_path), n_rows, block, size
+        self._handle: h5py.File | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return (self.n_rows + self.block - 1) // self.block
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None, "_pid": None}
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        if self._handle is None or self._pid != os.getpid():  # one handle per worker process
+            self._handle = h5py.File(self.h5_path, "r")
+            self._pid = os.getpid()
+        r0 = i * self.block
+        frames = self._handle["image"][r0:min(self.n_rows, r0 + self.block)]
+        return r0, resize(frames, self.size)[:, None] / 255.0
+
+
+def load_seg(path: str | os.PathLike):
+    """SegStage from a checkpoint, eval mode; a missing/foreign file is a one-line DataError."""
+    from lightning_modules.seg_stage import SegStage
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "segmentation checkpoint not found (train the SegStage first)")
+    try:
+        model = SegStage.load_from_checkpoint(str(path), map_location="cpu", checkpoint_path=None)
+    except Exception as e:  # noqa: BLE001  (torch/pickle/Lightning raise many types for a bad file)
+        raise DataError(path, f"not a SegStage checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    return model.eval()
+
+
+def seg_input_size(path: str | os.PathLike) -> int | None:
+    """``size`` the FrameDataModule was trained with, from the checkpoint's datamodule hyperparameters."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return (ckpt.get("datamodule_hyper_parameters") or {}).get("size")
+
+
+@torch.inference_mode()
+def predict_masks(*, cine: str | os.PathLike, seg: str | os.PathLike, out: str | os.PathLike,
+                  size: int | None = None, batch_size: int = 16, num_workers: int = 0, device: str = "auto",
+                  threshold: float | None = None, metadata: str | os.PathLike | None = None,
+                  progress: bool = True) -> Path:
+    """Write ``out`` (see module docstring); returns its path."""
+    data = StanfordCine(cine, metadata, require_mask=False)  # validates the file; masks not needed to predict
+    model = load_seg(seg)
+    size = size or seg_input_size(seg) or 256
+    threshold = model.hparams.get("threshold", 0.5) if threshold is None else threshold
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model.to(dev)
+    h, w = data.image_shape
+    n = sum(nod.n_frames for nod in data.nodules)
+    blocks = RowBlocks(cine, n, batch_size, (size, size))
+    loader = DataLoader(blocks, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda")
+    out = Path(out)
+    with h5py.File(cine, "r") as src:
+        ids, nums = src["annot_id"][()], src["frame_num"][()]
+    columns = Progress(TextColumn("masks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       disable=not progress)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f, columns as bar:
+        f["annot_id"], f["frame_num"] = ids, nums
+        ds = f.create_dataset("mask", shape=(n, h, w), dtype=np.uint8, chunks=(1, h, w), compression="gzip",
+                              compression_opts=1)
+        f.attrs.update({"seg_checkpoint": str(Path(seg).resolve()), "cine": str(Path(cine).resolve()),
+                        "size": int(size), "threshold": float(threshold),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        task = bar.add_task("masks", total=n)
+        for r0, x in loader:
+            logits = model(x.to(dev, non_blocking=True))
+            # Back to full frame size before thresholding: smoother edges than resizing a binary mask.
+            logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+            mask = (torch.sigmoid(logits) > threshold)[:, 0].to(torch.uint8).cpu().numpy()
+            ds[r0:r0 + len(mask)] = mask
+            bar.advance(task, len(mask))
+    return out
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("masks", help="predict a nodule mask for every frame (MSU-Net) -> masks.h5",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cine", type=Path, required=True, help="Stanford dataset.hdf5")
+    p.add_argument("--metadata", type=Path, default=None, help="metadata CSV (default: beside the HDF5)")
+    p.add_argument("--seg", type=Path, required=True, help="SegStage checkpoint (seg.ckpt)")
+    p.add_argument("--out", type=Path, required=True, help="output masks.h5")
+    p.add_argument("--size", type=int, default=None, help="network input size (default: from the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=16, help="frames per forward pass")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threshold", type=float, default=None, help="mask probability threshold (default: stage's)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    out = predict_masks(cine=args.cine, seg=args.seg, out=args.out, size=args.size, batch_size=args.batch_size,
+                        num_workers=args.num_workers, device=args.device, threshold=args.threshold,
+                        metadata=args.metadata)
+    print(f"wrote {out}")

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
-import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor

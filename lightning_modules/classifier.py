@@ -71,6 +71,24 @@ def nodule_scores(nodule: Tensor, prob: Tensor, label: Tensor) -> tuple[Tensor, 
     return ids, mean, lab
 
 
+def first_per_key(nodule: Tensor, stack: Tensor) -> Tensor:
+    """Row indices to keep: the first row of each (nodule, stack >= 0) pair, and every row with stack < 0.
+
+    Repeated (nodule, stack) rows (DistributedSampler padding) carry the same probability, so dropping them
+    makes the nodule mean exact; rows without a stack id (-1) are kept (repeats of a whole nodule do not move
+    its mean anyway).
+    """
+    rows = torch.arange(len(nodule), device=nodule.device)
+    has = stack >= 0
+    if not bool(has.any()):
+        return rows
+    pairs = torch.stack([nodule[has], stack[has]], 1)
+    _, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(nodule), dtype=torch.long, device=nodule.device)
+    first = first.scatter_reduce(0, inverse, rows[has], reduce="amin")
+    return torch.cat([first, rows[~has]]).sort().values
+
+
 class NoduleMetrics(Metric):
     """Nodule-level binary metrics from per-stack (nodule id, probability, label) rows.
 
@@ -87,14 +105,22 @@ class NoduleMetrics(Metric):
         self.add_state("nodule", default=[], dist_reduce_fx="cat")
         self.add_state("prob", default=[], dist_reduce_fx="cat")
         self.add_state("label", default=[], dist_reduce_fx="cat")
+        self.add_state("stack", default=[], dist_reduce_fx="cat")
 
-    def update(self, nodule: Tensor, prob: Tensor, label: Tensor) -> None:
-        self.nodule.append(nodule.detach().long().flatten())
+    def update(self, nodule: Tensor, prob: Tensor, label: Tensor, stack: Tensor | None = None) -> None:
+        """``stack`` (position of the stack in its nodule), when given, lets ``compute`` drop repeated
+        (nodule, stack) rows -- DistributedSampler pads the last batch of a rank with repeated samples."""
+        nodule = nodule.detach().long().flatten()
+        self.nodule.append(nodule)
         self.prob.append(prob.detach().float().flatten())
         self.label.append(label.detach().long().flatten())
+        self.stack.append(torch.full_like(nodule, -1) if stack is None else stack.detach().long().flatten())
 
     def compute(self) -> dict[str, Tensor]:
-        _, p, y = nodule_scores(dim_zero_cat(self.nodule), dim_zero_cat(self.prob), dim_zero_cat(self.label))
+        nodule, prob = dim_zero_cat(self.nodule), dim_zero_cat(self.prob)
+        label, stack = dim_zero_cat(self.label), dim_zero_cat(self.stack)
+        keep = first_per_key(nodule, stack)
+        _, p, y = nodule_scores(nodule[keep], prob[keep], label[keep])
         t = self.threshold
         auroc = binary_auroc(p, y) if y.min() != y.max() else torch.tensor(float("nan"), device=p.device)
         return {
@@ -160,7 +186,7 @@ class ClassifierStage(L.LightningModule):
             # Logging the collection lets Lightning compute and reset it at epoch end.
             self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=bs)
         nodule = self.val_nodule if stage == "val" else self.test_nodule
-        nodule.update(batch["nodule"], prob, label)
+        nodule.update(batch["nodule"], prob, label, batch.get("stack"))
         return loss
 
     def _log_nodule(self, stage: str) -> None:
@@ -191,9 +217,10 @@ class ClassifierStage(L.LightningModule):
 def load_for_inference(cls: type[L.LightningModule], path: str | Path, **overrides: Any) -> L.LightningModule:
     """Rebuild a stage from its Lightning checkpoint for prediction, without fetching initial weights again.
 
-    The trained weights come from the checkpoint, so the ``pretrained``/``checkpoint_path`` init args that built
-    the starting point are switched off (``cls.load_from_checkpoint`` would re-download / re-read them, and its
-    own first parameter is also called ``checkpoint_path``). Returns the model on CPU in eval mode.
+    The trained weights come from the checkpoint, so the init args that built the starting point
+    (``pretrained``, ``checkpoint_path``) are switched off: ``cls.load_from_checkpoint`` would download / re-read
+    them, and cannot take ``checkpoint_path=`` (its own first parameter). Works for every stage (SegStage too).
+    Returns the model on CPU in eval mode.
     """
     path = Path(path)
     if not path.is_file():
@@ -205,7 +232,8 @@ def load_for_inference(cls: type[L.LightningModule], path: str | Path, **overrid
         raise DataError(path, f"not a Lightning checkpoint ({e.__class__.__name__}: {e})") from None
     params = inspect.signature(cls.__init__).parameters
     args = {k: v for k, v in hparams.items() if k in params}  # drops LightningCLI's _class_path etc.
-    args.update({k: v for k, v in (("pretrained", False), ("checkpoint_path", None)) if k in params})
+    off = {"pretrained": False, "checkpoint_path": None}
+    args.update({k: v for k, v in off.items() if k in params})
     model = cls(**{**args, **overrides})
     model.load_state_dict(state)
     return model.eval()

@@ -17,7 +17,11 @@ HEAD_VARIANTS = (*VARIANTS, "cine_trans")
 
 
 class HeadStage(ClassifierStage):
-    """LightningModule around :class:`AttentionHead` (or :class:`CineTransformer`); nodule-level metrics only."""
+    """LightningModule around :class:`AttentionHead` (or :class:`CineTransformer`); nodule-level metrics only.
+
+    ``dim`` must equal the embedding width (256). ``num_layers``/``ff_dim`` apply to ``cine_trans`` only.
+    ``predict_step`` returns the malignant probability of each nodule.
+    """
 
     def __init__(
         self,

@@ -12,7 +12,10 @@ from lightning_modules.nets.mask_cnn import MaskCNN
 
 
 class MaskCNNStage(ClassifierStage):
-    """LightningModule around :class:`MaskCNN`; ``predict_step`` gives 256-d segmentation embeddings."""
+    """LightningModule around :class:`MaskCNN`; ``predict_step`` gives 256-d segmentation embeddings.
+
+    ``channels``: widths of the two conv layers; ``pool_size``: side of the pooled grid before Linear(256).
+    """
 
     def __init__(
         self,

@@ -42,7 +42,12 @@ def load_msunet_weights(net: MSUNet, path: str | Path) -> None:
 
 
 class SegStage(L.LightningModule):
-    """LightningModule around :class:`MSUNet`; ``predict_step`` returns mask probabilities."""
+    """LightningModule around :class:`MSUNet`; ``predict_step`` returns mask probabilities.
+
+    ``checkpoint_path``: MSU-Net weights to fine-tune from (plain state dict or a SegStage checkpoint). Reload a
+    trained stage with ``load_for_inference(SegStage, path)``, which switches ``checkpoint_path`` off
+    (``load_from_checkpoint`` cannot: its own first parameter has that name).
+    """
 
     def __init__(
         self,

@@ -16,7 +16,14 @@ from lightning_modules.nets.vit_stack import StackClassifier
 
 
 class ViTStage(ClassifierStage):
-    """LightningModule around :class:`StackClassifier`; ``predict_step`` gives 256-d stack embeddings."""
+    """LightningModule around :class:`StackClassifier`; ``predict_step`` gives 256-d stack embeddings.
+
+    ``checkpoint_path``: a local backbone weights file (offline alternative to ``pretrained``). To reload a
+    trained stage use :func:`lightning_modules.classifier.load_for_inference` (``load_from_checkpoint`` would
+    fetch the starting weights again, and cannot override ``checkpoint_path``: its own first parameter). ``backbone`` is any timm name (Table 3
+    also compares ``mobilenetv2_100``; leave ``img_size`` null for CNNs). With ``freeze_backbone`` the backbone
+    stays in eval mode, so Lightning's "modules in eval mode at the start of training" warning is expected.
+    """
 
     def __init__(
         self,

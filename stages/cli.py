@@ -16,6 +16,10 @@ from datamodules.errors import DataError
 COMMANDS = (
     "synth",
     "split",
+    "masks",
+    "embeddings",
+    "baselines",
+    "report",
 )
 
 

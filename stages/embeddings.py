@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import os
 import shutil
 import time
@@ -55,18 +56,31 @@ NORMALIZE = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def load_stage(cls: type[L.LightningModule], path: str | os.PathLike) -> L.LightningModule:
-    """``cls`` from a checkpoint in eval mode; a missing or foreign file is a one-line :class:`DataError`."""
-    from lightning_modules.classifier import load_for_inference
+    """``cls`` from a checkpoint in eval mode; a missing or foreign file is a one-line :class:`DataError`.
 
+    The trained weights come from the checkpoint, so the init args that fetched a starting point
+    (``pretrained``, ``checkpoint_path``) are switched off in the saved hyperparameters first (passing
+    ``checkpoint_path=`` to ``load_from_checkpoint`` would clash with its own first parameter).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, f"checkpoint not found (train the {cls.__name__} first)")
     try:
-        return load_for_inference(cls, str(path))
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        hp = ckpt.get("hyper_parameters")
+        if isinstance(hp, dict):
+            for key, off in (("pretrained", False), ("checkpoint_path", None)):
+                if key in hp:
+                    hp[key] = off
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        buffer.seek(0)
+        model = cls.load_from_checkpoint(buffer, map_location="cpu")
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001  (torch/pickle/Lightning raise many types for a bad file)
         raise DataError(path, f"not a {cls.__name__} checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    return model.eval()
 
 
 def data_hparams(path: str | os.PathLike) -> dict[str, Any]:
@@ -228,11 +242,17 @@ def merge_shards(shards: Sequence[Path], out: Path, nodule_ids: Sequence[str], n
 
 # ---------------------------------------------------------------------------------------------- stage
 def build_dataset(cine: StanfordCine, masks: PredictedMasks, vit_data: dict, mask_data: dict, img_size: int,
-                  mask_size: int) -> PairedStackDataset:
-    """Image and mask stacks of every nodule, with the data settings the two stages were trained with."""
+                  mask_size: int, predicted_boxes: bool | None = None) -> PairedStackDataset:
+    """Image and mask stacks of every nodule, with the data settings the two stages were trained with.
+
+    ``predicted_boxes``: crop the images around the predicted masks (True), the annotated ones (False) or as
+    the ViT stage was trained (None).
+    """
     mean, std = NORMALIZE[vit_data.get("normalize", "imagenet")]
+    if predicted_boxes is None:
+        predicted_boxes = bool(vit_data.get("use_predicted_boxes", False))
     image = StackDataset(cine, None, "image", masks, img_size=img_size, buffer=vit_data.get("buffer", 5),
-                         use_predicted_boxes=vit_data.get("use_predicted_boxes", False), mean=mean, std=std)
+                         use_predicted_boxes=predicted_boxes, mean=mean, std=std)
     mask = StackDataset(cine, None, "mask", masks, img_size=mask_size, buffer=mask_data.get("buffer", 5),
                         mask_roi=mask_data.get("mask_roi", False))
     return PairedStackDataset(image, mask)
@@ -243,7 +263,7 @@ def export(*, cine: str | os.PathLike, masks: str | os.PathLike, vit: str | os.P
            fold: int | None = None, metadata: str | os.PathLike | None = None, batch_size: int = 32,
            num_workers: int = 0, img_size: int | None = None, mask_size: int | None = None,
            accelerator: str = "auto", devices: Any = 1, strategy: str = "auto", precision: Any = None,
-           progress: bool = True, callbacks: Sequence[L.Callback] = ()) -> Path:
+           boxes: str = "auto", progress: bool = True, callbacks: Sequence[L.Callback] = ()) -> Path:
     """Export embeddings of every nodule to ``out``; see the module docstring. Returns ``out``."""
     from lightning_modules.maskcnn_stage import MaskCNNStage
     from lightning_modules.vit_stage import ViTStage
@@ -253,9 +273,15 @@ def export(*, cine: str | os.PathLike, masks: str | os.PathLike, vit: str | os.P
     vit_data, mask_data = data_hparams(vit), data_hparams(maskcnn)
     img_size = img_size or vit_input_size(vit_model)
     mask_size = mask_size or mask_data.get("img_size") or img_size
-    data = StanfordCine(cine, metadata)
+    if boxes not in ("auto", "annotated", "predicted"):
+        raise DataError(None, f"boxes must be auto, annotated or predicted, got {boxes!r}")
+    predicted_boxes = None if boxes == "auto" else boxes == "predicted"
+    if predicted_boxes is None:
+        predicted_boxes = bool(vit_data.get("use_predicted_boxes", False))
+    # Annotated masks are needed only for annotated boxes: with predicted boxes, clips alone are enough.
+    data = StanfordCine(cine, metadata, require_mask=not predicted_boxes)
     pred = PredictedMasks(masks, data)
-    dataset = build_dataset(data, pred, vit_data, mask_data, img_size, mask_size)
+    dataset = build_dataset(data, pred, vit_data, mask_data, img_size, mask_size, predicted_boxes)
 
     part_of: dict[str, str] = {}
     if splits is not None:
@@ -272,6 +298,7 @@ def export(*, cine: str | os.PathLike, masks: str | os.PathLike, vit: str | os.P
         "maskcnn_checkpoint": str(Path(maskcnn).resolve()), "maskcnn_sha256": file_digest(maskcnn),
         "splits": "" if splits is None else str(Path(splits).resolve()), "fold": -1 if fold is None else int(fold),
         "img_size": int(img_size), "mask_size": int(mask_size),
+        "boxes": "predicted masks" if predicted_boxes else "annotated masks",
         "stack_order": "groups by annot_id; rows = non-overlapping 3-frame windows in frame_num order",
     }
     writer = EmbeddingWriter(out, dataset.nodule_ids, dataset.n_stacks, group_attrs, file_attrs)
@@ -304,6 +331,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--img-size", type=int, default=None, help="ViT input size (default: from the checkpoint)")
     p.add_argument("--mask-size", type=int, default=None, help="mask CNN input size (default: from the checkpoint)")
+    p.add_argument("--boxes", choices=("auto", "annotated", "predicted"), default="auto",
+                   help="ROI boxes of the image crops: as the ViT was trained (auto), from the annotated masks, or "
+                        "from the predicted masks (for clips without annotations)")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="1", help="Trainer devices (e.g. 1, 4, auto)")
     p.add_argument("--strategy", default="auto", help="Trainer strategy (e.g. ddp)")
@@ -320,6 +350,6 @@ def run(args: argparse.Namespace) -> None:
                  splits=args.splits, fold=args.fold, metadata=args.metadata, batch_size=args.batch_size,
                  num_workers=args.num_workers, img_size=args.img_size, mask_size=args.mask_size,
                  accelerator=args.accelerator, devices=_devices(args.devices), strategy=args.strategy,
-                 precision=args.precision)
+                 precision=args.precision, boxes=args.boxes)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"wrote {out}")

@@ -25,7 +25,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.atomic import atomic_path
-from datamodules.errors import DataError
 from datamodules.stacks import resize
 from datamodules.stanford import StanfordCine
 
@@ -56,15 +55,9 @@ class RowBlocks(Dataset):
 def load_seg(path: str | os.PathLike):
     """SegStage from a checkpoint, eval mode; a missing/foreign file is a one-line DataError."""
     from lightning_modules.seg_stage import SegStage
+    from stages.embeddings import load_stage
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "segmentation checkpoint not found (train the SegStage first)")
-    try:
-        model = SegStage.load_from_checkpoint(str(path), map_location="cpu", checkpoint_path=None)
-    except Exception as e:  # noqa: BLE001  (torch/pickle/Lightning raise many types for a bad file)
-        raise DataError(path, f"not a SegStage checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    return model.eval()
+    return load_stage(SegStage, path)
 
 
 def seg_input_size(path: str | os.PathLike) -> int | None:

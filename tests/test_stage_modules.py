@@ -79,6 +79,11 @@ def test_nodule_scores_and_metric_groups_by_nodule():
     m.update(nod[2:], prob[2:], lab[2:])
     out = m.compute()
     assert out["acc"] == 1.0 and out["auroc"] == 1.0
+    # DistributedSampler-style repeat of (nodule 3, stack 0) does not bias the nodule mean
+    dup = NoduleMetrics(threshold=0.29)
+    dup.update(torch.tensor([3, 3, 9]), torch.tensor([0.2, 0.4, 0.9]), torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
+    dup.update(torch.tensor([3]), torch.tensor([0.2]), torch.tensor([0]), torch.tensor([0]))
+    assert dup.compute()["acc"] == 0.5  # mean 0.3 > 0.29 -> wrong; with the repeat it would be 0.267 -> right
     one_class = NoduleMetrics()
     one_class.update(nod, prob, torch.ones(5, dtype=torch.long))
     assert torch.isnan(one_class.compute()["auroc"])
@@ -155,6 +160,7 @@ def test_seg_stage_fit_metrics_predict_and_finetune_checkpoint(tmp_path):
     trainer = _trainer()
     metrics = trainer.validate(model, DataLoader(rows, batch_size=2), verbose=False)[0]
     assert {"val/dice", "val/iou", "val/loss", "val/loss_dice", "val/loss_bce", "val/loss_focal"} <= set(metrics)
+    model.eval()
     with torch.no_grad():  # Dice = 2TP/(2TP+FP+FN) over all pixels
         pred = torch.cat([model(r["image"][None]) for r in rows]).sigmoid() >= 0.5
         true = torch.stack([r["mask"] for r in rows]).bool()
@@ -169,6 +175,12 @@ def test_seg_stage_fit_metrics_predict_and_finetune_checkpoint(tmp_path):
     for path in ("seg.ckpt", "msunet.pth"):
         tuned = SegStage(base=2, checkpoint_path=str(tmp_path / path))
         torch.testing.assert_close(tuned.net.state_dict(), model.net.state_dict())
+    # reloading a stage fine-tuned from a start file that is gone: load_for_inference does not read it again
+    torch.save({"state_dict": tuned.state_dict(), "hyper_parameters": dict(tuned.hparams)}, tmp_path / "t.ckpt")
+    (tmp_path / "msunet.pth").unlink()
+    again = load_for_inference(SegStage, tmp_path / "t.ckpt")
+    assert again.hparams["checkpoint_path"] is None and not again.training
+    torch.testing.assert_close(again.net.state_dict(), model.net.state_dict())
 
 
 def _load(class_path: str):
@@ -191,3 +203,44 @@ def test_config_args_fit_the_classes(conf, name):
         model = model_cls(**cfg["model"]["init_args"])
         opt = _load(cfg["optimizer"]["class_path"])(model.parameters(), **cfg["optimizer"]["init_args"])
         _load(cfg["lr_scheduler"]["class_path"])(opt, **cfg["lr_scheduler"]["init_args"])
+
+
+@pytest.fixture(scope="module")
+def tiny_chain_files(tmp_path_factory):
+    """A tiny Stanford-layout file, 3 folds, a masks file (the annotated masks) and an embeddings file."""
+    import h5py
+
+    from datamodules.folds import make_folds, write_splits
+    from tests.stanford_files import write_stanford
+
+    root = tmp_path_factory.mktemp("chain")
+    h5 = write_stanford(root / "stanford", shape=(40, 48), extra=7)
+    labels = {"12_": 1, "7_": 0, "129_": 1, "3_": 0, "45_": 0} | {f"{1000 + j}_": int(j % 2 == 0) for j in range(7)}
+    ids = sorted(labels)
+    splits = write_splits(make_folds(ids, [labels[i] for i in ids], ids, k=3, seed=0), root / "splits.json")
+    with h5py.File(h5, "r") as src, h5py.File(root / "masks.h5", "w") as dst:
+        for key in ("annot_id", "frame_num"):
+            dst[key] = src[key][()]
+        dst["mask"] = (src["mask"][()] > 0).astype("uint8")
+    with h5py.File(root / "embeddings.h5", "w") as f:
+        for n, nid in enumerate(ids):
+            g = f.create_group(nid)
+            g["image"] = torch.randn(1 + n % 3, 256).numpy()
+            g["seg"] = torch.randn(1 + n % 3, 256).numpy()
+            g.attrs.update({"annot_id": nid, "label": labels[nid]})
+    return {"h5": str(h5), "splits": str(splits), "masks": str(root / "masks.h5"),
+            "embeddings": str(root / "embeddings.h5"), "root": root}
+
+
+@pytest.mark.parametrize("name", ["vit", "seg", "maskcnn", "head"])
+def test_demo_config_runs_through_the_cli(name, tiny_chain_files):
+    """`lightning fit -c conf/demo/<name>.yaml` (fast_dev_run) with the real DataModules on tiny files."""
+    from stages.fit import main
+
+    f = tiny_chain_files
+    data = {"head": ["--data.init_args.path", f["embeddings"]]}.get(name, ["--data.init_args.h5", f["h5"]])
+    if name == "maskcnn":
+        data += ["--data.init_args.masks_h5", f["masks"]]
+    main(["fit", "-c", str(ROOT / "conf" / "demo" / f"{name}.yaml"), *data,
+          "--data.init_args.splits", f["splits"], "--trainer.fast_dev_run", "1",
+          "--trainer.default_root_dir", str(f["root"] / name), "--trainer.enable_progress_bar", "false"])

@@ -12,7 +12,9 @@ Stream naming follows the paper (Algorithm 2, Eq. 8-13): ``Att_{B->C}`` is the a
 from BUS and keys/values from CEUS; its result updates BUS (Eq. 13: ``X_B + Att_{B->C}``).  ``Att_{C->B}``
 has CEUS queries and BUS keys/values and updates CEUS (Eq. 12: ``X_C + Att_{C->B}``).  Here the two streams
 are called ``c`` (the paper's upper branch, CEUS by default) and ``b`` (lower branch, BUS by default), so
-Fig. 9's swaps are just a different choice of inputs.
+Fig. 9's swaps are just a different choice of inputs.  Algorithm 2 lines 6 and 12 multiply the softmax by
+``V[t, n]``; Eq. 8 and Eq. 10 (and any attention) use the values of the attended keys, ``V_C[:, n]`` and
+``V_B[t, :]``, which is what is done here.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ einops, never with ``.view`` across the time axis (the authors' public code scra
 
 from __future__ import annotations
 
-import torch
 import timm
+import torch
 from einops import rearrange
 from torch import nn
 

@@ -69,7 +69,11 @@ def _check_valid(valid: Tensor, batch: int, length: int) -> Tensor:
 
 
 class AttentionBlock(nn.Module):
-    """``LayerNorm(q + Dropout(MHA(q, kv, kv)))`` with padded keys masked out."""
+    """``LayerNorm(q + Dropout(MHA(q, kv, kv)))`` with padded keys masked out.
+
+    ``nn.MultiheadAttention`` gives the learnable Q/K/V projections of sec. 2.4 and runs
+    ``F.scaled_dot_product_attention`` underneath (need_weights=False); padded keys get -inf scores.
+    """
 
     def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()

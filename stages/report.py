@@ -1,0 +1,298 @@
+"""``usnodule report``: cross-validated results of every method, like STACT-Time Tables 2-4.
+
+Reads ``<runs>/fold<k>/predictions_<method>.csv`` (``annot_id,label,prob``; one row per test nodule of fold k)
+and, when present, ``stack_predictions_<backbone>.csv`` (``annot_id,stack,label,prob``). Writes to ``--out``:
+
+* ``results.md`` / ``results.csv`` -- one row per method: nodule ACC, precision, recall, F1, AUROC (and
+  specificity) as mean ± std over folds (sample std, ddof = 1; threshold 0.5, scikit-learn metrics), like
+  Table 2; pooled AUROC with a bootstrap 95% CI (percentile, ``--n-boot`` resamples of the pooled nodules,
+  seeded); the operating point at 95% sensitivity on the pooled predictions: threshold, specificity and the
+  number of benign nodules spared a biopsy (benign nodules scored below the threshold);
+* ``results_stack.csv`` and a Table-3-style section -- stack ("Frame") and nodule ACC/AUROC per backbone
+  (nodule = mean of the stack probabilities);
+* ``roc.png`` -- one ROC curve per method, predictions pooled over folds;
+* ``predictions.csv`` -- every per-nodule prediction (method, fold, annot_id, label, prob).
+
+A fold whose test part holds one class has an undefined AUROC; it is left out of that mean (``n_folds`` says
+how many folds each mean used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score, roc_curve
+
+from datamodules.atomic import atomic_path
+from datamodules.errors import DataError
+
+METRICS = ("acc", "precision", "recall", "f1", "auroc", "specificity")
+TABLE_METRICS = ("acc", "precision", "recall", "f1", "auroc")
+HEADERS = {"acc": "Nodule ACC", "precision": "Nodule Precision", "recall": "Nodule Recall", "f1": "Nodule F1",
+           "auroc": "Nodule AUROC", "specificity": "Nodule Specificity"}
+# Display names and the paper's row order (Table 2, then Table 4 variants); unknown methods follow by name.
+NAMES = {
+    "cinecnn_avepool": "CineCNN-AvePool", "cinecnn_trans": "CineCNN-Trans", "tirads": "TI-RADS",
+    "seg_self": "Seg + Self", "vit_self": "ViT + Self", "joint": "Joint fusion", "stact": "STACT-Time",
+}
+BACKBONES = {"vit": "ViT Backbone", "seg": "Segmentation Backbone", "joint": "Joint Fusion Backbone"}
+FOLD_DIR = re.compile(r"^fold(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def binary_metrics(label: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Nodule metrics at ``threshold`` (positive = prob >= threshold); AUROC NaN with one class."""
+    label = np.asarray(label, int)
+    pred = (np.asarray(prob, float) >= threshold).astype(int)
+    two = len(np.unique(label)) == 2
+    return {
+        "acc": accuracy_score(label, pred),
+        "precision": precision_score(label, pred, zero_division=0),
+        "recall": recall_score(label, pred, zero_division=0),
+        "f1": f1_score(label, pred, zero_division=0),
+        "auroc": roc_auc_score(label, prob) if two else float("nan"),
+        "specificity": recall_score(1 - label, 1 - pred, zero_division=0),
+    }
+
+
+def mean_std(values) -> tuple[float, float, int]:
+    """Mean and sample std (ddof 1) over the non-NaN values, and how many there were."""
+    v = np.asarray(values, float)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def rank_auroc(label: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """AUROC of each row of (B, n) arrays by the Mann-Whitney rank formula (ties averaged; = roc_auc_score).
+
+    Vectorised over rows so that 1000 bootstrap resamples cost one call (scikit-learn has no batched AUROC).
+    NaN for rows holding one class.
+    """
+    from scipy.stats import rankdata
+
+    label = np.atleast_2d(label).astype(bool)
+    ranks = rankdata(np.atleast_2d(prob), axis=1)
+    n1 = label.sum(1)
+    n0 = label.shape[1] - n1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((ranks * label).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def bootstrap_auroc(label: np.ndarray, prob: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the AUROC (resampling nodules with replacement; one-class draws skipped)."""
+    label, prob = np.asarray(label, int), np.asarray(prob, float)
+    if len(np.unique(label)) < 2 or n_boot <= 0:
+        return float("nan"), float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(label), (n_boot, len(label)))
+    aucs = rank_auroc(label[idx], prob[idx])
+    aucs = aucs[~np.isnan(aucs)]
+    lo, hi = np.percentile(aucs, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def at_sensitivity(label: np.ndarray, prob: np.ndarray, target: float = 0.95) -> dict[str, float]:
+    """The highest threshold whose sensitivity is >= target: its specificity and the benign nodules spared."""
+    label, prob = np.asarray(label, int), np.asarray(prob, float)
+    n_benign = int((label == 0).sum())
+    if len(np.unique(label)) < 2:
+        return {"threshold": float("nan"), "sensitivity": float("nan"), "specificity": float("nan"),
+                "benign_spared": float("nan"), "n_benign": n_benign}
+    fpr, tpr, thr = roc_curve(label, prob, drop_intermediate=False)
+    i = int(np.argmax(tpr >= target - 1e-12))  # tpr rises as the threshold falls: first index reaching target
+    t = float(min(thr[i], 1.0)) if np.isfinite(thr[i]) else 1.0
+    return {"threshold": t, "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i]),
+            "benign_spared": int(((label == 0) & (prob < thr[i])).sum()), "n_benign": n_benign}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_predictions(runs: str | os.PathLike, prefix: str = "predictions_") -> pd.DataFrame:
+    """All ``fold<k>/<prefix><method>.csv`` files as one frame with ``method`` and ``fold`` columns."""
+    runs = Path(runs)
+    if not runs.is_dir():
+        raise DataError(runs, "runs folder does not exist")
+    frames = []
+    for d in sorted(p for p in runs.iterdir() if p.is_dir() and FOLD_DIR.match(p.name)):
+        fold = int(FOLD_DIR.match(d.name).group(1))
+        for csv in sorted(d.glob(f"{prefix}*.csv")):
+            df = pd.read_csv(csv, dtype={"annot_id": str})
+            need = {"annot_id", "label", "prob"} | ({"stack"} if prefix.startswith("stack") else set())
+            if need - set(df.columns):
+                raise DataError(csv, f"missing column(s) {', '.join(sorted(need - set(df.columns)))}")
+            if not df["label"].isin([0, 1]).all() or df["prob"].isna().any():
+                raise DataError(csv, "labels must be 0/1 and every prob a number")
+            df.insert(0, "fold", fold)
+            df.insert(0, "method", csv.stem[len(prefix):])
+            frames.append(df)
+    if not frames:
+        return pd.DataFrame(columns=["method", "fold", "annot_id", "label", "prob"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def method_order(methods) -> list[str]:
+    known = [m for m in NAMES if m in set(methods)]
+    return known + sorted(set(methods) - set(known))
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def nodule_table(preds: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per method: per-fold metrics as mean/std, pooled AUROC + CI, the 95%-sensitivity point."""
+    rows = []
+    for m in method_order(preds["method"].unique()):
+        df = preds[preds["method"] == m]
+        per_fold = [binary_metrics(g["label"], g["prob"]) for _, g in df.groupby("fold")]
+        row = {"method": m, "name": NAMES.get(m, m), "n_folds": df["fold"].nunique(), "n_nodules": len(df)}
+        for k in METRICS:
+            row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_folds"] = mean_std([f[k] for f in per_fold])
+        y, p = df["label"].to_numpy(), df["prob"].to_numpy()
+        row["auroc_pooled"] = roc_auc_score(y, p) if len(np.unique(y)) == 2 else float("nan")
+        row["auroc_ci_low"], row["auroc_ci_high"] = bootstrap_auroc(y, p, n_boot, seed)
+        op = at_sensitivity(y, p, 0.95)
+        row.update({"sens95_threshold": op["threshold"], "sens95_sensitivity": op["sensitivity"],
+                    "sens95_specificity": op["specificity"], "sens95_benign_spared": op["benign_spared"],
+                    "n_benign": op["n_benign"]})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def stack_table(stacks: pd.DataFrame) -> pd.DataFrame:
+    """Table 3: stack ("Frame") and nodule (mean of stacks) ACC / AUROC per backbone, mean/std over folds."""
+    rows = []
+    present = set(stacks["method"].unique())
+    for b in [b for b in BACKBONES if b in present] + sorted(present - set(BACKBONES)):
+        df = stacks[stacks["method"] == b]
+        per_fold = []
+        for _, g in df.groupby("fold"):
+            nod = g.groupby("annot_id").agg(label=("label", "first"), prob=("prob", "mean"))
+            s, n = binary_metrics(g["label"], g["prob"]), binary_metrics(nod["label"], nod["prob"])
+            per_fold.append({"stack_acc": s["acc"], "nodule_acc": n["acc"], "stack_auroc": s["auroc"],
+                             "nodule_auroc": n["auroc"]})
+        row = {"backbone": b, "name": BACKBONES.get(b, b), "n_folds": df["fold"].nunique()}
+        for k in ("stack_acc", "nodule_acc", "stack_auroc", "nodule_auroc"):
+            row[f"{k}_mean"], row[f"{k}_std"], _ = mean_std([f[k] for f in per_fold])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pm(mean: float, std: float) -> str:
+    return "-" if np.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
+
+
+def markdown(table: pd.DataFrame, stack: pd.DataFrame, runs: Path) -> str:
+    lines = [f"# Results: {runs}", "",
+             "Nodule-level metrics, mean ± std (ddof 1) over cross-validation folds, threshold 0.5 (Table 2).", "",
+             "| Method | " + " | ".join(HEADERS[k] for k in TABLE_METRICS) + " | folds |",
+             "|---" * (len(TABLE_METRICS) + 2) + "|"]
+    for _, r in table.iterrows():
+        cells = [pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in TABLE_METRICS]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['n_folds']} |")
+    lines += ["", "Pooled over folds: AUROC with bootstrap 95% CI, and the operating point at 95% sensitivity "
+                  "(benign nodules whose biopsy would be spared).", "",
+              "| Method | Pooled AUROC [95% CI] | Threshold | Sensitivity | Specificity | Benign spared |",
+              "|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        auc = "-" if np.isnan(r["auroc_pooled"]) else (
+            f"{r['auroc_pooled']:.3f} [{r['auroc_ci_low']:.3f}, {r['auroc_ci_high']:.3f}]")
+        if np.isnan(r["sens95_specificity"]):
+            op = ["-", "-", "-", "-"]
+        else:
+            op = [f"{r['sens95_threshold']:.3f}", f"{r['sens95_sensitivity']:.3f}", f"{r['sens95_specificity']:.3f}",
+                  f"{int(r['sens95_benign_spared'])} / {int(r['n_benign'])}"]
+        lines.append(f"| {r['name']} | {auc} | " + " | ".join(op) + " |")
+    if len(stack):
+        lines += ["", "Backbones, stack (\"Frame\") and nodule level (nodule = mean of stack probabilities), "
+                      "mean ± std over folds (Table 3).", "",
+                  "| Backbone | Frame ACC | Nodule ACC | Frame AUROC | Nodule AUROC |", "|---|---|---|---|---|"]
+        for _, r in stack.iterrows():
+            cells = [pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in ("stack_acc", "nodule_acc", "stack_auroc",
+                                                                  "nodule_auroc")]
+            lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    lines += ["", "Files: results.csv (all numbers), results_stack.csv, roc.png, predictions.csv.", ""]
+    return "\n".join(lines)
+
+
+def plot_roc(preds: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    for m in method_order(preds["method"].unique()):
+        df = preds[preds["method"] == m]
+        if df["label"].nunique() < 2:
+            continue
+        fpr, tpr, _ = roc_curve(df["label"], df["prob"])
+        ax.plot(fpr, tpr, label=f"{NAMES.get(m, m)} (AUROC {roc_auc_score(df['label'], df['prob']):.2f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, pooled over folds", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def print_table(table: pd.DataFrame, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("Method")
+    for k in TABLE_METRICS:
+        t.add_column(HEADERS[k], justify="right")
+    t.add_column("Spec @95% sens", justify="right")
+    for _, r in table.iterrows():
+        spec = "-" if np.isnan(r["sens95_specificity"]) else f"{r['sens95_specificity']:.2f}"
+        t.add_row(r["name"], *[pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in TABLE_METRICS], spec)
+    import sys
+
+    # Not a terminal (CI log, make output): wide enough that method names and "mean ± std" do not wrap.
+    Console(width=None if sys.stdout.isatty() else 150).print(t)
+
+
+def report(runs: str | os.PathLike, out: str | os.PathLike, *, n_boot: int = 1000, seed: int = 0,
+           show: bool = True) -> pd.DataFrame:
+    """Write the report files (module docstring) and return the nodule table."""
+    runs, out = Path(runs), Path(out)
+    preds = read_predictions(runs)
+    if preds.empty:
+        raise DataError(runs, "no fold<k>/predictions_<method>.csv files (run the stages and `usnodule baselines`)")
+    stacks = read_predictions(runs, "stack_predictions_")
+    table = nodule_table(preds, n_boot=n_boot, seed=seed)
+    stack = stack_table(stacks) if len(stacks) else pd.DataFrame()
+    out.mkdir(parents=True, exist_ok=True)
+    for name, frame in (("results.csv", table), ("results_stack.csv", stack),
+                        ("predictions.csv", preds.sort_values(["method", "fold", "annot_id"]))):
+        if name == "results_stack.csv" and frame.empty:
+            continue
+        with atomic_path(out / name) as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.6g")
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(markdown(table, stack, runs))
+    plot_roc(preds, out / "roc.png")
+    if show:
+        print_table(table, f"Nodule-level results ({runs}), mean ± std over folds")
+    return table
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="Table-2-style results of every method: results.md/.csv, roc.png",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=Path, required=True, help="experiment folder with fold<k>/predictions_*.csv")
+    p.add_argument("--out", type=Path, required=True, help="report folder (e.g. reports/demo)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the AUROC CI")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    report(args.runs, args.out, n_boot=args.n_boot, seed=args.seed)
+    print(f"wrote {args.out}/results.md, results.csv, roc.png, predictions.csv")

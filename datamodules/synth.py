@@ -25,7 +25,9 @@ with TI-RADS ground truth.  What it imitates, and why:
 
 Speed: frames are composed in int16 gray levels (5x faster than float32 here), the nodule is drawn only in a
 box around its current cross-section, speckle comes from a per-process pool of precomputed fields, and HDF5
-chunks (one frame each, gzip 1) are compressed in worker processes and written with ``write_direct_chunk``.
+chunks (one frame each, deflate level 1 with zlib's run-length strategy, 4x faster than the default strategy
+at the same ratio on speckle) are compressed where they are rendered (optionally in worker processes) and
+written with ``write_direct_chunk``.
 """
 
 from __future__ import annotations
@@ -542,7 +544,7 @@ def _nodule(spec: NoduleSpec, scene: _Scene, rng: np.random.Generator, pattern: 
 
     shape = rho.shape
     level = {"anechoic": -80.0, "hyperechoic": 160.0, "isoechoic": 134.0, "hypoechoic": 96.0,
-             "very hypoechoic": 52.0}[spec.echogenicity]  # fmt: skip
+             "very hypoechoic": 60.0}[spec.echogenicity]  # fmt: skip
     scale = max(3.0, 0.3 * min(a0, b0))
     h = spec.heterogeneity
     # Heterogeneity: coarse blotches inside the nodule (hidden signal), on top of a fine texture.
@@ -777,7 +779,7 @@ def _render(spec: NoduleSpec, size: int, *, stationary: bool, pattern: str | Non
         return image, mask, None
     # CEUS display: tissue mostly cancelled (low mechanical index), log-compressed bubble signal whose
     # speckle changes every frame (bubbles flow), plus a faint B-mode leak-through.
-    e = 200.0 * np.sqrt(ceus)
+    e = 180.0 * np.sqrt(ceus)
     for t in range(t_n):
         sl = (slice(int(mot.dy[t]), int(mot.dy[t]) + size), slice(int(mot.dx[t]), int(mot.dx[t]) + size))
         e[t] += np.minimum(e[t], 50.0) / 50.0 * ceus_fields[t][sl]

@@ -102,8 +102,7 @@ class SegStage(L.LightningModule):
         return self._step(batch, "test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """{"prob": (B,1,H,W) sigmoid mask probability, + "index" (dataset row) when the batch has it}."""
-        out = {"prob": torch.sigmoid(self.net(batch["image"]))}
-        if "index" in batch:
-            out["index"] = batch["index"]
+        """{"prob": (B,1,H,W) sigmoid mask probability, + "index"/"nodule"/"frame" when the batch has them}."""
+        out = {k: batch[k] for k in ("index", "nodule", "frame") if k in batch}
+        out["prob"] = torch.sigmoid(self.net(batch["image"]))
         return out

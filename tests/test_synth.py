@@ -200,8 +200,10 @@ def test_ceus_wash_in_then_out_malignant_earlier():
         inner = mask.astype(bool) & (ceus > 0)
         curve = np.array([ceus[t][mask[t] > 0].mean() for t in range(24)])
         k = int(curve.argmax())
-        assert 0 < k < 23 and curve[k] > curve[0] + 30 and curve[k] > curve[-1] + 10, c.case_id
-        assert inner.any()
+        assert inner.any() and 0 < k < 23 and curve[k] > curve[-1] + 5, c.case_id
+        if c.nodule.composition == "cystic":  # fluid does not enhance
+            continue
+        assert curve[k] > curve[0] + 40 and curve[k] > curve[-1] + 15, c.case_id
         peak.append(k)
         ratio.append(curve[-1] / curve[k])
         y.append(c.label)

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,12 @@ from pathlib import Path
 import h5py
 
 from datamodules.synth import synthesize_paired, synthesize_stanford
+
+
+def _cpu() -> float:
+    """CPU seconds used by this process and its finished children."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main() -> None:
@@ -34,16 +41,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for w in args.workers:
             out = Path(tmp) / f"stanford{w}"
+            load = os.getloadavg()[0]
+            cpu0 = _cpu()
             t = time.perf_counter()
-            synthesize_stanford(out, n_nodules=args.nodules, frames=args.frames, size=args.size, seed=0, workers=w)
+            synthesize_stanford(
+                out, n_nodules=args.nodules, frames=args.frames, size=args.size, seed=0, workers=w
+            )
             dt = time.perf_counter() - t
+            cpu = _cpu() - cpu0
             with h5py.File(out / "dataset.hdf5") as f:
                 n_frames = int(f["image"].shape[0])
             size_mb = (out / "dataset.hdf5").stat().st_size / 2**20
-            runs.append({"workers": w, "seconds": round(dt, 2), "nodules_per_s": round(args.nodules / dt, 2),
-                         "frames_per_s": round(n_frames / dt, 1), "frames": n_frames, "file_mb": round(size_mb, 1)})
-            print(f"stanford workers={w}: {dt:.1f} s, {args.nodules / dt:.2f} nodules/s, {n_frames / dt:.0f} frames/s, "
-                  f"{n_frames} frames, {size_mb:.0f} MB")
+            runs.append(
+                {
+                    "workers": w,
+                    "seconds": round(dt, 2),
+                    "nodules_per_s": round(args.nodules / dt, 2),
+                    "frames_per_s": round(n_frames / dt, 1),
+                    "frames": n_frames,
+                    "file_mb": round(size_mb, 1),
+                    "cpu_seconds": round(cpu, 1),  # all processes: less sensitive to other load
+                    "load_avg_1m_before": round(load, 2),
+                }
+            )
+            print(
+                f"stanford workers={w}: {dt:.1f} s, {args.nodules / dt:.2f} nodules/s, "
+                f"{n_frames / dt:.0f} frames/s, {cpu:.0f} CPU s (load {load:.1f}), "
+                f"{n_frames} frames, {size_mb:.0f} MB"
+            )
         t = time.perf_counter()
         synthesize_paired(Path(tmp) / "paired", n_cases=args.cases, seed=0)
         dt_p = time.perf_counter() - t

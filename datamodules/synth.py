@@ -10,8 +10,8 @@ with TI-RADS ground truth.  What it imitates, and why:
   attenuation left over after an imperfect TGC curve.
 * A probe sweep (elevation ``z``) through an ellipsoidal nodule: the cross-section scales with
   ``sqrt(1 - z^2)``, so it grows then shrinks and, for about half the nodules, the clip starts and/or ends
-  outside the nodule (empty masks there).  Tissue drifts laterally and moves with breathing; speckle moves with
-  the tissue and decorrelates along the sweep.
+  outside the nodule (empty masks there).  Tissue drifts laterally and moves with breathing; speckle moves
+  with the tissue and decorrelates along the sweep.
 * Nodule descriptors that map one-to-one onto ACR TI-RADS points (composition with anechoic cystic parts,
   echogenicity, taller-than-wide, margin, echogenic foci that can sum), the level by the ACR rule.
 * Labels from a risk model of those descriptors plus two signals metadata.csv does not carry: texture
@@ -45,6 +45,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 from scipy.ndimage import gaussian_filter1d
+from scipy.special import ndtr, ndtri
 
 from datamodules.atomic import atomic_path
 
@@ -141,9 +142,7 @@ class CaseSpec:
 # ---------------------------------------------------------------------------------------------- sampling
 def _ordinal(rng: np.random.Generator, latent: np.ndarray, probs: Iterable[float], rho: float) -> np.ndarray:
     """Ordered categories with the given marginal probabilities, correlated (``rho``) with a latent factor."""
-    from scipy.stats import norm
-
-    cuts = norm.ppf(np.cumsum(list(probs))[:-1])
+    cuts = ndtri(np.cumsum(list(probs))[:-1])
     v = rho * latent + math.sqrt(1 - rho**2) * rng.standard_normal(latent.shape)
     return np.searchsorted(cuts, v)
 
@@ -174,8 +173,15 @@ def _patients(rng: np.random.Generator, n: int, p_pair: float, prefix: str) -> l
     return ids
 
 
-def _sample_nodules(rng: np.random.Generator, n: int, pool_seed: int, prefix: str, id_fmt: str,
-                    frame_counts: np.ndarray, frame_gaps: bool) -> list[dict]:
+def _sample_nodules(
+    rng: np.random.Generator,
+    n: int,
+    pool_seed: int,
+    prefix: str,
+    id_fmt: str,
+    frame_counts: np.ndarray,
+    frame_gaps: bool,
+) -> list[dict]:
     """Descriptors, demographics and hidden signals of n nodules (no label yet)."""
     latent = rng.standard_normal(n)  # one "suspiciousness" factor shared by the descriptors
     comp = _ordinal(rng, latent, (0.015, 0.02, 0.27, 0.695), 0.45)
@@ -184,10 +190,8 @@ def _sample_nodules(rng: np.random.Generator, n: int, pool_seed: int, prefix: st
     punct = _ordinal(rng, latent, (0.80, 0.20), 0.5)
     taller = _ordinal(rng, latent, (0.88, 0.12), 0.45)
     # Hidden signals: weakly tied to the latent factor, so they carry information TI-RADS does not.
-    from scipy.stats import norm
-
-    het = norm.cdf(0.3 * latent + 0.95 * rng.standard_normal(n))
-    shp = norm.cdf(0.3 * latent + 0.95 * rng.standard_normal(n))
+    het = ndtr(0.3 * latent + 0.95 * rng.standard_normal(n))
+    shp = ndtr(0.3 * latent + 0.95 * rng.standard_normal(n))
     patients = _patients(rng, n, 0.13, prefix)
     numbers = rng.choice(np.arange(1, 4 * n + 60), size=n, replace=False)
     out = []
@@ -239,8 +243,9 @@ def _tirads_risk(d: dict) -> float:
             + 4.5 * d["heterogeneity"] + 4.5 * d["shape_change"])  # fmt: skip
 
 
-def plan_stanford(n_nodules: int = 192, frames: int = 90, prevalence: float = 0.09, seed: int = 0,
-                  vary_frames: bool = True) -> list[NoduleSpec]:
+def plan_stanford(
+    n_nodules: int = 192, frames: int = 90, prevalence: float = 0.09, seed: int = 0, vary_frames: bool = True
+) -> list[NoduleSpec]:
     """Draw every nodule of the Stanford-layout set (descriptors, hidden signals, label, frame numbers).
 
     Cheap: no pixels.  ``frames`` is the mean clip length; with ``vary_frames`` lengths follow a gamma
@@ -258,7 +263,9 @@ def plan_stanford(n_nodules: int = 192, frames: int = 90, prevalence: float = 0.
     return [NoduleSpec(**d, risk=float(r), label=int(y)) for d, r, y in zip(rows, noisy, label, strict=True)]
 
 
-def plan_paired(n_cases: int = 48, frames: int = 32, prevalence: float = 0.45, seed: int = 0) -> list[CaseSpec]:
+def plan_paired(
+    n_cases: int = 48, frames: int = 32, prevalence: float = 0.45, seed: int = 0
+) -> list[CaseSpec]:
     """Draw every paired case: B-mode descriptors, CEUS pattern and curve timing, and the label.
 
     The label model uses features visible in both modalities: B-mode descriptors and heterogeneity, CEUS
@@ -272,14 +279,16 @@ def plan_paired(n_cases: int = 48, frames: int = 32, prevalence: float = 0.45, s
     pattern = rng.choice(4, size=n_cases, p=(0.35, 0.2, 0.25, 0.2))
     ttp = np.clip(0.32 - 0.06 * latent + 0.04 * rng.standard_normal(n_cases), 0.14, 0.5)
     washout = np.clip(2.2 + 0.6 * latent + 0.4 * rng.standard_normal(n_cases), 0.9, 4.5)
-    pat_w = {"homogeneous": 0.0, "ring": -1.0, "heterogeneous": 1.2, "hypo": 1.2}
+    pat_w = {"homogeneous": 0.0, "ring": -1.5, "heterogeneous": 1.5, "hypo": 1.5}
     risk = np.array([
-        _tirads_risk({**d, "shape_change": 0.0}) + pat_w[CEUS_PATTERNS[p]] - 8.0 * (t - 0.32) + 0.8 * (a - 2.2)
+        _tirads_risk({**d, "shape_change": 0.0}) + pat_w[CEUS_PATTERNS[p]]
+        - 14.0 * (t - 0.32) + 1.4 * (a - 2.2)
         for d, p, t, a in zip(rows, pattern, ttp, washout, strict=True)
     ])  # fmt: skip
     label, noisy = _top_q(rng, risk, prevalence)
     return [
-        CaseSpec(case_id=d["annot_id"], nodule=NoduleSpec(**{**d, "shape_change": 0.0}, risk=float(r), label=int(y)),
+        CaseSpec(case_id=d["annot_id"],
+                 nodule=NoduleSpec(**{**d, "shape_change": 0.0}, risk=float(r), label=int(y)),
                  pattern=CEUS_PATTERNS[p], ttp=float(t), washout=float(a), label=int(y))
         for d, p, t, a, r, y in zip(rows, pattern, ttp, washout, noisy, label, strict=True)
     ]  # fmt: skip
@@ -295,7 +304,7 @@ SPECKLE_POOL = 8  # precomputed log-speckle fields per process
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
-    """Zero-mean, unit-std smooth random field with blobs of about ``scale`` pixels (low-res noise, upsampled)."""
+    """Zero-mean, unit-std smooth random field with blobs of about ``scale`` pixels."""
     lo = (max(2, int(math.ceil(shape[0] / scale)) + 2), max(2, int(math.ceil(shape[1] / scale)) + 2))
     a = rng.standard_normal(lo).astype(np.float32)
     a = _resize(a, shape)
@@ -320,10 +329,10 @@ def _resize(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=2)
 def _speckle_pool(seed: int, n: int) -> np.ndarray:
-    """(SPECKLE_POOL, 2n, 2n) int16 log-compressed speckle in gray levels (std ~17, mean 0).
+    """(SPECKLE_POOL, 2n, 2n) int16 log-compressed speckle in gray levels (std ~22, mean 0).
 
     Fully developed speckle: envelope of a complex Gaussian blurred by an anisotropic PSF (finer axially than
-    laterally); 20 log10 of a Rayleigh envelope has a std of 5.6 dB, shown here with ~3 gray levels per dB.
+    laterally); 20 log10 of a Rayleigh envelope has a std of 5.6 dB, shown here with 4 gray levels per dB.
     """
     rng = np.random.default_rng([seed, 0x5BEC])
     sy, sx = 1.0 * n / 290, 1.8 * n / 290
@@ -506,6 +515,7 @@ class _Nodule:
     hy: int
     hx: int
     static: np.ndarray  # 1 + persistent lobulation (margin descriptor)
+    static_max: float
     aspect: np.ndarray  # cos 2 theta: aspect-ratio change along the sweep (hidden)
     lobes: np.ndarray  # lobulation that appears mid-sweep (hidden)
     solid: np.ndarray  # absolute echo level of the solid part (gray)
@@ -527,15 +537,17 @@ def _nodule(spec: NoduleSpec, scene: _Scene, rng: np.random.Generator, pattern: 
     a0, b0 = scene.a0, scene.b0
     mr = {"lobulated": 0.16, "irregular": 0.14, "extrathyroidal": 0.16}.get(spec.margin, 0.0)
     g = spec.shape_change
-    ext = 1.0 + 2 * mr + 0.3 * g + 0.45 + 0.12
+    # Persistent lobulation (k = 3..6) and spiculation (k = 7..14): (k, amplitude, phase).
+    harmonics = [(k, mr * rng.uniform(0.3, 1.0) / 2, rng.uniform(0, 6.3)) for k in (3, 4, 5, 6) if mr]
+    if spec.margin in ("irregular", "extrathyroidal"):
+        harmonics += [(k, 0.035 * rng.uniform(0.3, 1.0), rng.uniform(0, 6.3)) for k in range(7, 15)]
+    edge_px = {"ill-defined": 0.3 * min(a0, b0)}.get(spec.margin, 1.5)
+    # Patch large enough for the biggest boundary any frame can have (see _frame_nodule).
+    ext = 1.0 + sum(a for _, a, _ in harmonics) + 0.66 * g + edge_px / min(a0, b0) + 0.2
     rho, theta, v, hy, hx = _polar(a0, b0, ext)
     static = np.ones_like(rho)
-    if mr:
-        for k in (3, 4, 5, 6):
-            static += mr * rng.uniform(0.3, 1.0) * np.cos(k * theta + rng.uniform(0, 6.3)) / 2
-    if spec.margin in ("irregular", "extrathyroidal"):
-        for k in range(7, 15):
-            static += 0.035 * rng.uniform(0.3, 1.0) * np.cos(k * theta + rng.uniform(0, 6.3))
+    for k, amp, ph in harmonics:
+        static += amp * np.cos(k * theta + ph)
     aspect = np.cos(2 * theta + rng.uniform(-0.3, 0.3))
     lobes = np.zeros_like(rho)
     for k in (3, 4, 5):
@@ -554,9 +566,9 @@ def _nodule(spec: NoduleSpec, scene: _Scene, rng: np.random.Generator, pattern: 
     fluid1 = fluid2 = None
     thr = 0.0
     if spec.composition in ("mixed", "cystic", "spongiform"):
-        fs = {"mixed": 0.35, "cystic": 0.5, "spongiform": 0.1}[spec.composition] * min(a0, b0)
-        fluid1 = _smooth_noise(rng, shape, max(2.0, fs))
-        fluid2 = _smooth_noise(rng, shape, max(2.0, fs))
+        fs = {"mixed": 0.35, "cystic": 0.5, "spongiform": 0.12}[spec.composition] * min(a0, b0)
+        fluid1 = _smooth_noise(rng, shape, max(3.0, fs))
+        fluid2 = _smooth_noise(rng, shape, max(3.0, fs))
         if spec.composition == "cystic":
             solid = np.full(shape, 120.0, np.float32) + 10.0 * _smooth_noise(rng, shape, 3.0)
             # Mostly fluid: a small solid part near one wall.
@@ -584,9 +596,12 @@ def _nodule(spec: NoduleSpec, scene: _Scene, rng: np.random.Generator, pattern: 
                              max(2.0, 0.15 * min(a0, b0)), 1.0))  # fmt: skip
         elif kind == "comet-tail":
             for _ in range(2):
-                foci.append((rng.uniform(-0.8, -0.5), rng.uniform(-0.4, 0.4), rng.uniform(-0.6, 0.6), 1.0, 2.0))
-    edge_px = {"ill-defined": 0.3 * min(a0, b0)}.get(spec.margin, 1.5)
-    halo = spec.margin == "smooth" and spec.echogenicity in ("isoechoic", "hyperechoic") and rng.random() < 0.7
+                foci.append(
+                    (rng.uniform(-0.8, -0.5), rng.uniform(-0.4, 0.4), rng.uniform(-0.6, 0.6), 1.0, 2.0)
+                )
+    halo = (
+        spec.margin == "smooth" and spec.echogenicity in ("isoechoic", "hyperechoic") and rng.random() < 0.7
+    )
 
     ceus = np.ones(shape, np.float32)
     if pattern == "ring":
@@ -600,7 +615,8 @@ def _nodule(spec: NoduleSpec, scene: _Scene, rng: np.random.Generator, pattern: 
     if fluid1 is not None:
         ceus = np.where(fluid1 > thr + 0.1, 0.0, ceus).astype(np.float32)  # fluid never enhances
     return _Nodule(
-        rho=rho, hy=hy, hx=hx, static=static.astype(np.float32), aspect=aspect.astype(np.float32),
+        rho=rho, hy=hy, hx=hx, static=static.astype(np.float32), static_max=float(static.max()),
+        aspect=aspect.astype(np.float32),
         lobes=lobes.astype(np.float32), solid=solid.astype(np.float32), het1=het1, het2=het2,
         fluid1=fluid1, fluid2=fluid2, fluid_thr=thr, rim=rim, foci=foci, edge=edge_px / min(a0, b0),
         halo=halo, tilt=rng.uniform(-0.25, 0.25) * a0, ceus=ceus, ext=ext,
@@ -618,11 +634,11 @@ class _FrameNodule:
     delta: np.ndarray  # float32 echo change to add to the background (gray)
     ceus: np.ndarray  # float32 CEUS enhancement map
     post: np.ndarray | None  # (w,) float32 posterior enhancement (+) / shadow (-) below the box
-    py0: int  # box rows in patch coordinates (for callers that need them)
 
 
-def _frame_nodule(nod: _Nodule, scene: _Scene, mot: _Motion, t: int, frame_bg: np.ndarray,
-                  g: float, zg: float) -> _FrameNodule | None:
+def _frame_nodule(
+    nod: _Nodule, scene: _Scene, mot: _Motion, t: int, frame_bg: np.ndarray, g: float, zg: float
+) -> _FrameNodule | None:
     """Cross-section of the ellipsoid at sweep position z_t, or None when the plane misses the nodule."""
     z = float(mot.z[t])
     s = math.sqrt(max(0.0, 1.0 - z * z))
@@ -630,7 +646,7 @@ def _frame_nodule(nod: _Nodule, scene: _Scene, mot: _Motion, t: int, frame_bg: n
         return None
     a_t = g * 0.28 * math.tanh((z - zg) / 0.35)  # aspect turns across the sweep
     b_t = g * 0.38 * math.exp(-(((z - zg) / 0.3) ** 2))  # lobulation only mid-sweep
-    r = s * (float(nod.static.max()) + abs(a_t) + b_t) + nod.edge + 0.08
+    r = s * (nod.static_max + abs(a_t) + b_t) + nod.edge + 0.08
     ry = min(nod.hy, int(math.ceil(r * scene.b0)) + 2)
     rx = min(nod.hx, int(math.ceil(r * scene.a0)) + 2)
     # Patch centre in frame coordinates (the nodule moves with the tissue; oblique axis shifts it with z).
@@ -668,8 +684,9 @@ def _frame_nodule(nod: _Nodule, scene: _Scene, mot: _Motion, t: int, frame_bg: n
     if nod.halo:
         delta += -45.0 * np.clip(1.0 - np.abs(d + 0.06) / 0.05, 0.0, 1.0)
     bright = shade = None
-    if nod.rim is not None:
-        bright = shade = nod.rim[py, px] * np.clip(1.0 - np.abs(d) / 0.06, 0.0, 1.0)
+    if nod.rim is not None:  # eggshell calcification: a bright arc on the wall, shadowing what lies behind
+        shade = nod.rim[py, px] * np.clip(1.0 - np.abs(d) / 0.1, 0.0, 1.0)
+        delta += 140.0 * shade
     for v, u, zf, rad, kind in nod.foci:
         if abs(z - zf) > (0.12 if kind == 0 else 0.3):
             continue
@@ -689,7 +706,7 @@ def _frame_nodule(nod: _Nodule, scene: _Scene, mot: _Motion, t: int, frame_bg: n
         delta -= 70.0 * (np.maximum.accumulate(shade, axis=0) - shade)
         col = -70.0 * shade.max(axis=0)
         post = col if post is None else post + col
-    return _FrameNodule(y0, x0, inside, w, delta, nod.ceus[py, px], post, py.start)
+    return _FrameNodule(y0, x0, inside, w, delta, nod.ceus[py, px], post)
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -699,7 +716,7 @@ def _speckle(pool: np.ndarray, rng: np.random.Generator, c: int, n: int) -> list
     for _ in range(n):
         k = int(rng.integers(len(pool)))
         oy, ox = (int(v) for v in rng.integers(0, pool.shape[1] - c + 1, 2))
-        f = pool[k, oy:oy + c, ox:ox + c]
+        f = pool[k, oy : oy + c, ox : ox + c]
         if rng.random() < 0.5:
             f = f[:, ::-1]
         out.append(f)
@@ -707,8 +724,8 @@ def _speckle(pool: np.ndarray, rng: np.random.Generator, c: int, n: int) -> list
 
 
 def sweep_positions(spec: NoduleSpec, size: int = 256, stationary: bool = False) -> np.ndarray:
-    """Sweep position of each frame of ``render_cine(spec, size)``, in units of the nodule's semi-axis along the
-    sweep: frames with ``|z| >= 1`` miss the nodule (empty mask)."""
+    """Sweep position of each frame of ``render_cine(spec, size)``, in units of the nodule's semi-axis along
+    the sweep: frames with ``|z| >= 1`` miss the nodule (empty mask)."""
     rng = np.random.default_rng(spec.seed)
     scene = _scene(spec, size, rng)
     return _motion(spec, scene, rng, stationary).z
@@ -720,8 +737,14 @@ def render_cine(spec: NoduleSpec, size: int = 256) -> tuple[np.ndarray, np.ndarr
     return img, mask
 
 
-def _render(spec: NoduleSpec, size: int, *, stationary: bool, pattern: str | None,
-            ceus_curve: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None):
+def _render(
+    spec: NoduleSpec,
+    size: int,
+    *,
+    stationary: bool,
+    pattern: str | None,
+    ceus_curve: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None,
+):
     rng = np.random.default_rng(spec.seed)
     scene = _scene(spec, size, rng)
     mot = _motion(spec, scene, rng, stationary)
@@ -752,7 +775,7 @@ def _render(spec: NoduleSpec, size: int, *, stationary: bool, pattern: str | Non
             np.add(f[box], fn.delta, out=f[box], casting="unsafe")
             mask[t][box][fn.inside] = 255
             if fn.post is not None:
-                below = f[fn.y0 + h:, fn.x0:fn.x0 + w]
+                below = f[fn.y0 + h :, fn.x0 : fn.x0 + w]
                 fade = np.exp(-np.arange(below.shape[0], dtype=np.float32) / (0.6 * size))[:, None]
                 np.add(below, fn.post[None, :] * fade, out=below, casting="unsafe")
         # Speckle: chain of fields, each cross-faded into the next (cos/sin keeps the variance constant).
@@ -777,8 +800,8 @@ def _render(spec: NoduleSpec, size: int, *, stationary: bool, pattern: str | Non
     image = img.astype(np.uint8)
     if ceus is None:
         return image, mask, None
-    # CEUS display: tissue mostly cancelled (low mechanical index), log-compressed bubble signal whose
-    # speckle changes every frame (bubbles flow), plus a faint B-mode leak-through.
+    # CEUS display: tissue mostly cancelled (low mechanical index), compressed (square root) bubble signal
+    # whose speckle changes every frame (bubbles flow), plus a faint B-mode leak-through.
     e = 180.0 * np.sqrt(ceus)
     for t in range(t_n):
         sl = (slice(int(mot.dy[t]), int(mot.dy[t]) + size), slice(int(mot.dx[t]), int(mot.dx[t]) + size))
@@ -898,19 +921,32 @@ def _metadata_rows(specs: list[NoduleSpec], rng: np.random.Generator) -> list[di
 
 
 def _default_workers(n_pixels: int) -> int:
+    """Two render processes for big sets when a second core is actually idle (the bytes are the same either
+    way; on a saturated machine extra processes only add start-up and copying)."""
     cpus = os.cpu_count() or 1
-    return min(2, cpus) if n_pixels > 50_000_000 and cpus > 1 else 0
+    if n_pixels < 50_000_000 or cpus < 2 or os.getloadavg()[0] > cpus - 1.0:
+        return 0
+    return 2
 
 
-def synthesize_stanford(out_dir: str | os.PathLike, *, n_nodules: int = 192, frames: int = 90, size: int = 256,
-                        prevalence: float = 0.09, seed: int = 0, vary_frames: bool = True,
-                        workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write ``out_dir/dataset.hdf5`` + ``metadata.csv`` in the Stanford AIMI cine-clip layout; return out_dir.
+def synthesize_stanford(
+    out_dir: str | os.PathLike,
+    *,
+    n_nodules: int = 192,
+    frames: int = 90,
+    size: int = 256,
+    prevalence: float = 0.09,
+    seed: int = 0,
+    vary_frames: bool = True,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write ``out_dir/dataset.hdf5`` + ``metadata.csv`` in the Stanford AIMI cine-clip layout (returned).
 
     ``frames`` is the mean clip length (``vary_frames=False``: every clip exactly that long).  Frames are
     chunked one per chunk and gzip-1 compressed.  ``workers`` > 1 renders in that many processes (same bytes
-    as ``workers=0``); None picks 2 for big sets.  ``progress(done, total)`` is called after each nodule.
-    The directory is written under a temporary name and renamed when complete.
+    as ``workers=0``); None picks 2 for big sets when a core is idle.  ``progress(done, total)`` is called
+    after each nodule.  The directory is written under a temporary name and renamed when complete.
     """
     specs = plan_stanford(n_nodules, frames, prevalence, seed, vary_frames)
     rng = np.random.default_rng([seed, 0x1A7])
@@ -957,9 +993,16 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, str]])
         w.writerows(rows)
 
 
-def synthesize_paired(out_dir: str | os.PathLike, *, n_cases: int = 48, frames: int = 32, size: int = 128,
-                      prevalence: float = 0.45, seed: int = 0,
-                      progress: Callable[[int, int], None] | None = None) -> Path:
+def synthesize_paired(
+    out_dir: str | os.PathLike,
+    *,
+    n_cases: int = 48,
+    frames: int = 32,
+    size: int = 128,
+    prevalence: float = 0.45,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """Write the paired BUS/CEUS layout under ``out_dir``: ``manifest.csv`` + ``bus/``, ``ceus/``,
     ``bus_mask/`` .npy clips (T, H, W) uint8 (mask in {0, 1}); paths in the manifest are relative to it."""
     cases = plan_paired(n_cases, frames, prevalence, seed)
@@ -981,10 +1024,20 @@ def synthesize_paired(out_dir: str | os.PathLike, *, n_cases: int = 48, frames: 
     return out_dir
 
 
-def synthesize(out_dir: str | os.PathLike, *, n_nodules: int = 192, frames: int = 90, size: int = 256,
-               n_cases: int = 48, paired_frames: int | None = None, paired_size: int | None = None,
-               prevalence: float | None = None, seed: int = 0, workers: int | None = None,
-               progress: Callable[[str, int, int], None] | None = None) -> Path:
+def synthesize(
+    out_dir: str | os.PathLike,
+    *,
+    n_nodules: int = 192,
+    frames: int = 90,
+    size: int = 256,
+    n_cases: int = 48,
+    paired_frames: int | None = None,
+    paired_size: int | None = None,
+    prevalence: float | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
     """Both layouts: ``out_dir/stanford`` (Stanford cine clips) and ``out_dir/paired`` (BUS/CEUS).
 
     ``prevalence`` None keeps each layout's default (0.09 like Stanford, 0.45 like the AsyCMST thyroid set);
@@ -992,21 +1045,38 @@ def synthesize(out_dir: str | os.PathLike, *, n_nodules: int = 192, frames: int 
     sub-directory is written atomically (a failure leaves no half directory).
     """
     out_dir = Path(out_dir)
-    cb = (lambda name: (lambda d, n: progress(name, d, n))) if progress else (lambda name: None)
+    cb = (lambda name: lambda d, n: progress(name, d, n)) if progress else (lambda name: None)
     synthesize_stanford(out_dir / "stanford", n_nodules=n_nodules, frames=frames, size=size,
                         prevalence=0.09 if prevalence is None else prevalence, seed=seed, workers=workers,
                         progress=cb("stanford"))  # fmt: skip
     synthesize_paired(out_dir / "paired", n_cases=n_cases, frames=paired_frames or min(frames, 32),
-                      size=paired_size or min(size, 128), prevalence=0.45 if prevalence is None else prevalence,
+                      size=paired_size or min(size, 128),
+                      prevalence=0.45 if prevalence is None else prevalence,
                       seed=seed, progress=cb("paired"))  # fmt: skip
     return out_dir
 
 
 # ---------------------------------------------------------------------------------------------- preview
-def preview(root: str | os.PathLike, png: str | os.PathLike | None = None, *, n_clips: int = 4,
-            n_frames: int = 6) -> Path:
-    """Contact sheet of what ``synthesize`` made: a few Stanford clips (frames with the mask outline), paired
-    BUS/CEUS frames, and CEUS time-intensity curves inside the mask (benign blue, malignant red)."""
+def _tile(img: np.ndarray, mask: np.ndarray | None, px: int, color: tuple[int, int, int]) -> np.ndarray:
+    """(px, px, 3) uint8 tile: the frame (nearest-neighbour resized) with the mask outline drawn in."""
+    iy = np.arange(px) * img.shape[0] // px
+    ix = np.arange(px) * img.shape[1] // px
+    g = img[iy][:, ix]
+    out = np.repeat(g[:, :, None], 3, axis=2)
+    if mask is not None:
+        m = mask[iy][:, ix] > 0
+        inner = m.copy()
+        inner[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
+        out[m & ~inner] = color
+    return out
+
+
+def preview(
+    root: str | os.PathLike, png: str | os.PathLike | None = None, *, n_clips: int = 4, n_frames: int = 6
+) -> Path:
+    """Contact sheet of what ``synthesize`` made: a few Stanford clips (frames across the sweep with the mask
+    outline), paired BUS and CEUS frames, and CEUS time-intensity curves inside the mask (benign blue,
+    malignant red).  One mosaic image rather than an axes per frame keeps it fast."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1014,72 +1084,71 @@ def preview(root: str | os.PathLike, png: str | os.PathLike | None = None, *, n_
 
     root = Path(root)
     png = Path(png) if png is not None else root / "preview.png"
-    clips = []  # (title, frames, masks)
+    px, gap = 128, 4
+    rows: list[tuple[str, list[np.ndarray]]] = []  # (title, tiles)
     h5 = root / "stanford" / "dataset.hdf5"
     if h5.exists():
-        meta = {r["annot_id"]: r for r in csv.DictReader(open(root / "stanford" / "metadata.csv"))}
+        with open(root / "stanford" / "metadata.csv", newline="") as fh:
+            meta = {r["annot_id"]: r for r in csv.DictReader(fh)}
         with h5py.File(h5, "r") as f:
             ids = f["annot_id"][:]
             fns = np.array([int(v) for v in f["frame_num"][:]])
             uniq = sorted({v.decode() for v in ids}, key=lambda a: (meta[a]["histopath_diagnosis"] != "1", a))
-            chosen = uniq[:1] + uniq[-(n_clips - 1):] if len(uniq) > 1 else uniq
-            for a in chosen[:n_clips]:
+            chosen = uniq[:1] + uniq[1:][-(n_clips - 1) :] if n_clips > 1 else uniq[:1]
+            for a in chosen:
                 r = np.flatnonzero(ids == a.encode())
                 r = r[np.argsort(fns[r])]
                 pick = r[np.linspace(0, len(r) - 1, min(n_frames, len(r))).round().astype(int)]
                 m = meta[a]
-                title = (f"{a} {'malignant' if m['histopath_diagnosis'] == '1' else 'benign'} "
-                         f"{m['ti-rads_level']}")  # fmt: skip
-                clips.append((title, [f["image"][i] for i in pick], [f["mask"][i] for i in pick]))
-    cases = []
+                lab = "malignant" if m["histopath_diagnosis"] == "1" else "benign"
+                tiles = [_tile(f["image"][i], f["mask"][i], px, (0, 255, 0)) for i in pick]
+                rows.append((f"Stanford layout {a}: {lab}, {m['ti-rads_level'] or 'TR?'}", tiles))
+    curves = []
     man = root / "paired" / "manifest.csv"
     if man.exists():
-        for r in csv.DictReader(open(man)):
-            cases.append((r, np.load(man.parent / r["bus"]), np.load(man.parent / r["ceus"]),
-                          np.load(man.parent / r["bus_mask"])))  # fmt: skip
-    n_rows = len(clips) + 2 * min(2, len(cases)) + (1 if cases else 0)
-    if n_rows == 0:
+        with open(man, newline="") as fh:
+            cases = list(csv.DictReader(fh))[:12]
+        for j, r in enumerate(cases):
+            ceus, mk = np.load(man.parent / r["ceus"]), np.load(man.parent / r["bus_mask"])
+            curves.append((r["label"] == "1", (ceus * mk).sum((1, 2)) / np.maximum(mk.sum((1, 2)), 1)))
+            if j < 2:
+                bus = np.load(man.parent / r["bus"])
+                pick = np.linspace(0, len(bus) - 1, min(n_frames, len(bus))).round().astype(int)
+                lab = "malignant" if r["label"] == "1" else "benign"
+                green, yellow = (0, 255, 0), (255, 220, 0)
+                name = f"paired {r['case_id']}"
+                rows.append((f"{name} BUS ({lab})", [_tile(bus[i], mk[i], px, green) for i in pick]))
+                rows.append((f"{name} CEUS", [_tile(ceus[i], mk[i], px, yellow) for i in pick]))
+    if not rows:
         raise FileNotFoundError(f"{root}: nothing synthesized there")
-    fig, axes = plt.subplots(n_rows, n_frames, figsize=(1.8 * n_frames, 1.9 * n_rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    row = 0
-    for title, imgs, masks in clips:
-        for k, (im, mk) in enumerate(zip(imgs, masks, strict=True)):
-            ax = axes[row, k]
-            ax.imshow(im, cmap="gray", vmin=0, vmax=255)
-            if mk.any():
-                ax.contour(mk > 0, levels=[0.5], colors="lime", linewidths=0.7)
-        axes[row, 0].set_title(title, fontsize=7, loc="left")
-        row += 1
-    for r, bus, ceus, mk in cases[:2]:
-        pick = np.linspace(0, len(bus) - 1, n_frames).round().astype(int)
-        for k, i in enumerate(pick):
-            axes[row, k].imshow(bus[i], cmap="gray", vmin=0, vmax=255)
-            axes[row, k].contour(mk[i] > 0, levels=[0.5], colors="lime", linewidths=0.7)
-            axes[row + 1, k].imshow(ceus[i], cmap="gray", vmin=0, vmax=255)
-            axes[row + 1, k].contour(mk[i] > 0, levels=[0.5], colors="yellow", linewidths=0.5)
-        lab = "malignant" if r["label"] == "1" else "benign"
-        axes[row, 0].set_title(f"{r['case_id']} BUS ({lab})", fontsize=7, loc="left")
-        axes[row + 1, 0].set_title(f"{r['case_id']} CEUS", fontsize=7, loc="left")
-        row += 2
-    if cases:
-        for ax in axes[row]:
-            ax.remove()
-        ax = fig.add_subplot(n_rows, 1, n_rows)
-        for r, _, ceus, mk in cases[:12]:
-            curve = (ceus * mk).sum((1, 2)) / np.maximum(mk.sum((1, 2)), 1)
-            ax.plot(curve, color="tab:red" if r["label"] == "1" else "tab:blue", lw=0.8)
+    row_h = px + gap + 14  # room for a title above each row
+    sheet = np.full((len(rows) * row_h, n_frames * (px + gap), 3), 255, np.uint8)
+    for k, (_, tiles) in enumerate(rows):
+        for j, tile in enumerate(tiles):
+            y, x = k * row_h + 14, j * (px + gap)
+            sheet[y : y + px, x : x + px] = tile
+    h_in = sheet.shape[0] / 100 + (1.6 if curves else 0.0)
+    fig = plt.figure(figsize=(sheet.shape[1] / 100, h_in), dpi=100)
+    top = fig.add_axes((0, (1.6 / h_in) if curves else 0.0, 1, sheet.shape[0] / 100 / h_in))
+    top.imshow(sheet, interpolation="nearest")
+    top.axis("off")
+    for k, (title, _) in enumerate(rows):
+        top.text(2, k * row_h + 11, title, fontsize=7)
+    if curves:
+        ax = fig.add_axes((0.07, 0.25 / h_in, 0.9, 1.15 / h_in))
+        for malignant, c in curves:
+            ax.plot(c, color="tab:red" if malignant else "tab:blue", lw=0.8)
         ax.set_title("CEUS time-intensity in the nodule (red malignant, blue benign)", fontsize=7)
+        ax.set_xlabel("frame", fontsize=6)
         ax.tick_params(labelsize=6)
-    fig.tight_layout()
     with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=90)
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return png
 
 
 __all__ = [
     "CaseSpec", "NoduleSpec", "acr_level", "gamma_variate", "plan_paired", "plan_stanford", "preview",
-    "render_cine", "render_paired", "sweep_positions", "synthesize", "synthesize_paired", "synthesize_stanford",
+    "render_cine", "render_paired", "sweep_positions", "synthesize", "synthesize_paired",
+    "synthesize_stanford",
 ]  # fmt: skip

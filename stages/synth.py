@@ -1,4 +1,4 @@
-"""``usnodule synth``: write the synthetic Stanford-layout and paired BUS/CEUS data sets (the embedded default)."""
+"""``usnodule synth``: write the synthetic Stanford-layout and paired BUS/CEUS sets (the embedded default)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,69 @@ import argparse
 from pathlib import Path
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
-        help="write synthetic data: <out>/stanford (dataset.hdf5 + metadata.csv) and <out>/paired (manifest.csv)",
+        help="write synthetic data: <out>/stanford (dataset.hdf5, metadata.csv), <out>/paired (manifest.csv)",
         description="Synthetic thyroid ultrasound: B-mode cine sweeps in the Stanford AIMI layout and paired "
-                    "BUS/CEUS clips, labels from TI-RADS features plus image-only signals. Deterministic by seed.",
+                    "BUS/CEUS clips, labels from TI-RADS features plus image-only signals. "
+                    "Deterministic by seed.",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("data/synth"), help="output folder (default data/synth)")
-    p.add_argument("--nodules", type=int, default=192, help="Stanford-layout nodules (default 192)")
-    p.add_argument("--frames", type=int, default=90, help="mean frames per cine clip (default 90)")
-    p.add_argument("--size", type=int, default=256, help="frame height = width in pixels (default 256)")
-    p.add_argument("--cases", type=int, default=48, help="paired BUS/CEUS cases (default 48)")
-    p.add_argument("--paired-frames", type=int, default=None, help="frames per paired clip (default min(frames, 32))")
-    p.add_argument("--paired-size", type=int, default=None, help="paired frame size (default min(size, 128))")
+    p.add_argument(
+        "--nodules", type=_int_at_least(1), default=192, help="Stanford-layout nodules (default 192)"
+    )
+    p.add_argument(
+        "--frames", type=_int_at_least(1), default=90, help="mean frames per cine clip (default 90)"
+    )
+    p.add_argument(
+        "--size", type=_int_at_least(16), default=256, help="frame height = width in pixels (default 256)"
+    )
+    p.add_argument("--cases", type=_int_at_least(1), default=48, help="paired BUS/CEUS cases (default 48)")
+    p.add_argument(
+        "--paired-frames",
+        type=_int_at_least(1),
+        default=None,
+        help="frames per paired clip (default min(frames, 32))",
+    )
+    p.add_argument(
+        "--paired-size",
+        type=_int_at_least(16),
+        default=None,
+        help="paired frame size (default min(size, 128))",
+    )
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--prevalence", type=float, default=None,
-                   help="fraction malignant for both layouts (default 0.09 Stanford, 0.45 paired)")
+    g.add_argument(
+        "--prevalence",
+        type=_fraction,
+        default=None,
+        help="fraction malignant for both layouts (default 0.09 Stanford, 0.45 paired)",
+    )
     g.add_argument("--balanced", action="store_const", const=0.5, dest="prevalence", help="prevalence 0.5")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")
-    p.add_argument("--workers", type=int, default=None, help="render processes (default: 2 for big sets, else 0)")
+    p.add_argument(
+        "--workers",
+        type=_int_at_least(0),
+        default=None,
+        help="render processes (default: 2 for big sets, else 0)",
+    )
     p.add_argument("--preview", action="store_true", help="also write <out>/preview.png (a contact sheet)")
     p.set_defaults(func=run)
 
@@ -35,11 +78,6 @@ def run(args: argparse.Namespace) -> None:
 
     from datamodules.synth import preview, synthesize
 
-    for name in ("nodules", "frames", "size", "cases"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name} must be >= 1")
-    if args.prevalence is not None and not 0.0 <= args.prevalence <= 1.0:
-        raise SystemExit("error: --prevalence must be in [0, 1]")
     with Progress(transient=True) as bar:
         tasks: dict[str, int] = {}
 
@@ -48,8 +86,9 @@ def run(args: argparse.Namespace) -> None:
                 tasks[name] = bar.add_task(f"synth {name}", total=total)
             bar.update(tasks[name], completed=done)
 
-        out = synthesize(args.out, n_nodules=args.nodules, frames=args.frames, size=args.size, n_cases=args.cases,
-                         paired_frames=args.paired_frames, paired_size=args.paired_size, prevalence=args.prevalence,
+        out = synthesize(args.out, n_nodules=args.nodules, frames=args.frames, size=args.size,
+                         n_cases=args.cases, paired_frames=args.paired_frames, paired_size=args.paired_size,
+                         prevalence=args.prevalence,
                          seed=args.seed, workers=args.workers, progress=progress)  # fmt: skip
     print(f"wrote {out / 'stanford' / 'dataset.hdf5'}, {out / 'stanford' / 'metadata.csv'}, "
           f"{out / 'paired' / 'manifest.csv'}")  # fmt: skip

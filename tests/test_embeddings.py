@@ -156,7 +156,7 @@ def test_interrupted_export_leaves_no_file(chain, monkeypatch):
         export(cine=chain["h5"], masks=chain["masks"], vit=chain["vit"], maskcnn=chain["maskcnn"], out=out,
                batch_size=2, accelerator="cpu", progress=False)
     assert not out.exists()
-    assert not [p for p in chain["root"].rglob("*") if "interrupted" in p.name and p.is_file()]
+    assert not [p for p in chain["root"].rglob("*") if "interrupted" in p.name]  # no partial file, no shards
 
 
 @pytest.mark.parametrize("which", ["vit", "maskcnn", "masks"])

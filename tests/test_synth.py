@@ -118,7 +118,9 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
-    assert (tmp_path / "a/stanford/metadata.csv").read_bytes() == (tmp_path / "b/stanford/metadata.csv").read_bytes()
+    assert (tmp_path / "a/stanford/metadata.csv").read_bytes() == (
+        tmp_path / "b/stanford/metadata.csv"
+    ).read_bytes()
     assert not np.array_equal(a["image"][:10], c["image"][:10])
 
 
@@ -182,8 +184,10 @@ def test_hidden_image_signals_differ_between_labels():
     assert np.nanmean(shp[y == 1]) > np.nanmean(shp[y == 0]) + 0.02
     # Same nodule with the hidden signal off / on: the pixels carry it.
     s = next(s for s in specs if s.composition == "solid")
-    assert _heterogeneity(*synth.render_cine(replace(s, heterogeneity=1.0), 128)) > \
-        _heterogeneity(*synth.render_cine(replace(s, heterogeneity=0.0), 128)) + 5
+    assert (
+        _heterogeneity(*synth.render_cine(replace(s, heterogeneity=1.0), 128))
+        > _heterogeneity(*synth.render_cine(replace(s, heterogeneity=0.0), 128)) + 5
+    )
     s = replace(s, frame_nums=np.arange(24))
     flat = _shape_change(synth.render_cine(replace(s, shape_change=0.0), 128)[1])
     assert _shape_change(synth.render_cine(replace(s, shape_change=1.0), 128)[1]) > flat + 0.05

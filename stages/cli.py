@@ -23,20 +23,24 @@ COMMANDS = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or with ``only`` just that subcommand (importing one stage module, not all: some
+    pull in torch and Lightning, which costs seconds at start)."""
     parser = argparse.ArgumentParser(
         prog="usnodule",
         description="Ultrasound nodule malignancy pipeline: data, folds and the non-fit stages. "
                     "Fits run through `lightning fit -c conf/<stage>.yaml`.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         importlib.import_module(f"stages.{name}").add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(only).parse_args(argv)
     try:
         args.func(args)
     except DataError as e:

@@ -19,15 +19,8 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from torch import Tensor
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import (
-    BinaryAccuracy,
-    BinaryAUROC,
-    BinaryF1Score,
-    BinaryPrecision,
-    BinaryRecall,
-    BinarySpecificity,
-)
+from torchmetrics import Metric
+from torchmetrics.classification import BinaryAccuracy
 from torchmetrics.functional.classification import (
     binary_accuracy,
     binary_auroc,
@@ -39,25 +32,11 @@ from torchmetrics.functional.classification import (
 from torchmetrics.utilities import dim_zero_cat
 
 from datamodules.errors import DataError
-from lightning_modules.losses import FocalLoss
+from lightning_modules import wandb_media
+from lightning_modules.losses import FocalLoss, focal_loss
 
 # Batch keys copied unchanged into predict_step outputs when present (what a prediction writer needs).
 PASSTHROUGH_KEYS = ("nodule", "stack", "label", "index")
-
-
-def stack_metrics(prefix: str) -> MetricCollection:
-    """Stack-level (per-sample) binary metrics on the malignant probability, threshold 0.5."""
-    return MetricCollection(
-        {
-            "acc": BinaryAccuracy(),
-            "precision": BinaryPrecision(),
-            "recall": BinaryRecall(),
-            "specificity": BinarySpecificity(),
-            "f1": BinaryF1Score(),
-            "auroc": BinaryAUROC(),
-        },
-        prefix=prefix,
-    )
 
 
 def nodule_scores(nodule: Tensor, prob: Tensor, label: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -90,37 +69,44 @@ def first_per_key(nodule: Tensor, stack: Tensor) -> Tensor:
 
 
 class NoduleMetrics(Metric):
-    """Nodule-level binary metrics from per-stack (nodule id, probability, label) rows.
+    """Nodule-level (and optionally stack-level) binary metrics and the loss from per-stack rows.
 
     A nodule's probability is the mean of its stack probabilities. States are concatenated across DDP ranks by
-    torchmetrics before ``compute``, so a nodule whose stacks went to different ranks is still averaged whole.
+    torchmetrics before ``compute``, so a nodule whose stacks went to different ranks is still averaged whole,
+    and repeated (nodule, stack) rows -- DistributedSampler pads the last batch of a rank by repeating samples --
+    are counted once. So every number equals the single-process one, which stateful torchmetrics classes
+    (``BinaryAUROC`` ...) fed per batch would not give under padding.
     AUROC is NaN when the epoch holds only one class (undefined; ModelCheckpoint treats NaN as worst).
+
+    ``compute`` returns ``acc, precision, recall, specificity, f1, auroc`` (nodule level), with
+    ``stack_level=True`` also ``stack_<same>``, and ``loss`` (mean per-sample loss) when losses were given.
+    The last computed nodule scores stay in :attr:`scores` (``nodule``, ``prob``, ``label``; gathered from all
+    ranks) for the W&B ROC curve and prediction table.
     """
 
     full_state_update = False
 
-    def __init__(self, threshold: float = 0.5, **kwargs: Any) -> None:
+    def __init__(self, threshold: float = 0.5, stack_level: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.threshold = threshold
-        self.add_state("nodule", default=[], dist_reduce_fx="cat")
-        self.add_state("prob", default=[], dist_reduce_fx="cat")
-        self.add_state("label", default=[], dist_reduce_fx="cat")
-        self.add_state("stack", default=[], dist_reduce_fx="cat")
+        self.stack_level = stack_level
+        self.scores: dict[str, Tensor] = {}
+        for name in ("nodule", "prob", "label", "stack", "loss"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, nodule: Tensor, prob: Tensor, label: Tensor, stack: Tensor | None = None) -> None:
+    def update(self, nodule: Tensor, prob: Tensor, label: Tensor, stack: Tensor | None = None,
+               loss: Tensor | None = None) -> None:
         """``stack`` (position of the stack in its nodule), when given, lets ``compute`` drop repeated
-        (nodule, stack) rows -- DistributedSampler pads the last batch of a rank with repeated samples."""
+        (nodule, stack) rows; ``loss`` is the per-sample loss (NaN when not given)."""
         nodule = nodule.detach().long().flatten()
         self.nodule.append(nodule)
         self.prob.append(prob.detach().float().flatten())
         self.label.append(label.detach().long().flatten())
         self.stack.append(torch.full_like(nodule, -1) if stack is None else stack.detach().long().flatten())
+        self.loss.append(torch.full_like(nodule, float("nan"), dtype=torch.float) if loss is None
+                         else loss.detach().float().flatten())
 
-    def compute(self) -> dict[str, Tensor]:
-        nodule, prob = dim_zero_cat(self.nodule), dim_zero_cat(self.prob)
-        label, stack = dim_zero_cat(self.label), dim_zero_cat(self.stack)
-        keep = first_per_key(nodule, stack)
-        _, p, y = nodule_scores(nodule[keep], prob[keep], label[keep])
+    def _binary(self, p: Tensor, y: Tensor) -> dict[str, Tensor]:
         t = self.threshold
         auroc = binary_auroc(p, y) if y.min() != y.max() else torch.tensor(float("nan"), device=p.device)
         return {
@@ -132,13 +118,29 @@ class NoduleMetrics(Metric):
             "auroc": auroc,
         }
 
+    def compute(self) -> dict[str, Tensor]:
+        nodule, prob = dim_zero_cat(self.nodule), dim_zero_cat(self.prob)
+        label, stack, loss = dim_zero_cat(self.label), dim_zero_cat(self.stack), dim_zero_cat(self.loss)
+        keep = first_per_key(nodule, stack)
+        ids, p, y = nodule_scores(nodule[keep], prob[keep], label[keep])
+        self.scores = {"nodule": ids, "prob": p, "label": y}
+        out = self._binary(p, y)
+        if self.stack_level:
+            out.update({f"stack_{k}": v for k, v in self._binary(prob[keep], label[keep]).items()})
+        if not bool(loss[keep].isnan().all()):
+            out["loss"] = loss[keep].nanmean()
+        return out
+
 
 class ClassifierStage(L.LightningModule):
     """Base of the 2-class stages: focal loss, stack- and nodule-level metrics, shared steps.
 
     ``stack_level=False`` (attention head) skips the stack-level metrics because each sample is a nodule.
     Logged keys: ``{train,val,test}/loss``, ``train/acc``, ``{val,test}/stack_{acc,...,auroc}``,
-    ``{val,test}/nodule_{acc,precision,recall,specificity,f1,auroc}``.
+    ``{val,test}/nodule_{acc,precision,recall,specificity,f1,auroc}``. Validation and test numbers come from
+    :class:`NoduleMetrics` (rows gathered from every DDP rank, sampler padding counted once), so they equal a
+    single-process run. With a W&B logger, the end of validation/test also logs a ROC curve, a confusion matrix
+    and the per-nodule predictions, and the first validation batch a few samples (:meth:`log_samples`).
     """
 
     def __init__(self, *, focal_alpha: float | None, focal_gamma: float, stack_level: bool = True) -> None:
@@ -146,15 +148,18 @@ class ClassifierStage(L.LightningModule):
         self.loss_fn = FocalLoss(focal_alpha, focal_gamma)
         self.stack_level = stack_level
         self.train_acc = BinaryAccuracy()
-        if stack_level:
-            self.val_stack = stack_metrics("val/stack_")
-            self.test_stack = stack_metrics("test/stack_")
-        self.val_nodule = NoduleMetrics()
-        self.test_nodule = NoduleMetrics()
+        self.val_nodule = NoduleMetrics(stack_level=stack_level)
+        self.test_nodule = NoduleMetrics(stack_level=stack_level)
 
     # -- to implement ------------------------------------------------------------------------------------------
     def logits(self, batch: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
+
+    def log_samples(self, run: Any, batch: dict[str, Tensor], prob: Tensor) -> None:
+        """Log a few samples of the first validation batch to the W&B ``run`` (rank 0 only): the input stacks
+        (ROI crops for the ViT, predicted masks for the mask CNN). Subclasses log what suits them."""
+        if batch.get("image") is not None and batch["image"].dim() == 4:
+            wandb_media.log_stacks(run, "val/samples", batch, prob, self.global_step)
 
     # -- shared steps --------------------------------------------------------------------------------------------
     @staticmethod
@@ -162,46 +167,53 @@ class ClassifierStage(L.LightningModule):
         """Softmax probability of class 1 (malignant)."""
         return logits.float().softmax(dim=-1)[:, 1]
 
-    def _shared(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def _shared(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mean loss, per-sample loss, malignant probability, label)."""
         logits = self.logits(batch)
         label = batch["label"].long()
-        return self.loss_fn(logits, label), self.malignant_prob(logits), label
+        per_sample = focal_loss(logits, label, self.loss_fn.alpha, self.loss_fn.gamma, reduction="none")
+        return per_sample.mean(), per_sample, self.malignant_prob(logits), label
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss, prob, label = self._shared(batch)
+        loss, _, prob, label = self._shared(batch)
         self.train_acc(prob, label)
         bs = len(label)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=bs)
         return loss
 
-    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        loss, prob, label = self._shared(batch)
-        bs = len(label)
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=bs,
-                 sync_dist=True)
-        if self.stack_level:
-            metrics = self.val_stack if stage == "val" else self.test_stack
-            metrics.update(prob, label)
-            # Logging the collection lets Lightning compute and reset it at epoch end.
-            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=bs)
-        nodule = self.val_nodule if stage == "val" else self.test_nodule
-        nodule.update(batch["nodule"], prob, label, batch.get("stack"))
+    def _eval_step(self, batch: dict[str, Tensor], stage: str, batch_idx: int) -> Tensor:
+        loss, per_sample, prob, label = self._shared(batch)
+        stack = batch.get("stack")
+        if stack is None and not self.stack_level:  # one sample per nodule: the nodule id is the sample key
+            stack = torch.zeros_like(batch["nodule"])
+        metric = self.val_nodule if stage == "val" else self.test_nodule
+        metric.update(batch["nodule"], prob, label, stack, per_sample)
+        if stage == "val" and batch_idx == 0 and (run := wandb_media.wandb_run(self)) is not None:
+            self.log_samples(run, batch, prob)
         return loss
 
     def _log_nodule(self, stage: str) -> None:
         metric = self.val_nodule if stage == "val" else self.test_nodule
         if not metric.update_called:  # e.g. sanity check disabled and no batches
             return
-        values = metric.compute()
-        self.log_dict({f"{stage}/nodule_{k}": v for k, v in values.items()}, prog_bar=False)
+        values = metric.compute()  # collective under DDP: every rank calls it
+        logged = {f"{stage}/{k}" if k == "loss" or k.startswith("stack_") else f"{stage}/nodule_{k}": v
+                  for k, v in values.items()}
+        if f"{stage}/loss" in logged:
+            self.log(f"{stage}/loss", logged.pop(f"{stage}/loss"), prog_bar=True)
+        self.log_dict(logged, prog_bar=False)
+        if (run := wandb_media.wandb_run(self)) is not None:
+            s = metric.scores
+            wandb_media.log_classification(run, stage, wandb_media.nodule_names(self, stage, s["nodule"]),
+                                           s["prob"], s["label"], self.global_step, threshold=metric.threshold)
         metric.reset()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._eval_step(batch, "val")
+        return self._eval_step(batch, "val", batch_idx)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._eval_step(batch, "test")
+        return self._eval_step(batch, "test", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_nodule("val")

@@ -8,8 +8,11 @@ Batch: {"image_emb": (B,S,256), "seg_emb": (B,S,256), "valid": (B,S) bool, "labe
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
+from lightning_modules import wandb_media
 from lightning_modules.classifier import ClassifierStage
 from lightning_modules.nets.attention_head import VARIANTS, AttentionHead, CineTransformer
 
@@ -57,6 +60,19 @@ class HeadStage(ClassifierStage):
 
     def logits(self, batch: dict[str, Tensor]) -> Tensor:
         return self(batch["image_emb"], batch["seg_emb"], batch["valid"])
+
+    def attention_maps(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Attention weights per block, name -> (B, S, S) averaged over heads (see the nets' ``attention_maps``)."""
+        if self.variant == "cine_trans":
+            return self.net.attention_maps(batch["image_emb"], batch["valid"])
+        return self.net.attention_maps(batch["image_emb"], batch["seg_emb"], batch["valid"])
+
+    def log_samples(self, run: Any, batch: dict[str, Tensor], prob: Tensor) -> None:
+        """W&B: attention maps of the first nodules of the first validation batch."""
+        names = wandb_media.nodule_names(self, "val", batch["nodule"])
+        captions = [f"{n} label {int(y)} p={float(p):.2f}" for n, y, p in zip(names, batch["label"], prob, strict=True)]
+        wandb_media.log_attention(run, "val/attention", self.attention_maps(batch), batch["valid"],
+                                  self.global_step, captions)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """{"prob": (B,) malignant probability per nodule, + nodule/label/index from the batch}."""

@@ -1,8 +1,11 @@
 """Stage 2 of STACT-Time: fine-tune MSU-Net on frames + nodule masks (sec. 2.3, 2.5: 50 epochs from a checkpoint).
 
 Loss: ``SegLoss`` (weighted Dice + BCE (+ focal)); metrics: Dice and IoU over all pixels of the epoch
-(torchmetrics ``BinaryF1Score`` -- pixel F1 is exactly Dice 2TP / (2TP + FP + FN) -- and
-``BinaryJaccardIndex``), at threshold 0.5 on the sigmoid probability.
+(pixel F1 = Dice 2TP / (2TP + FP + FN), Jaccard TP / (TP + FP + FN), as torchmetrics' ``BinaryF1Score`` /
+``BinaryJaccardIndex`` define them) at threshold 0.5 on the sigmoid probability. :class:`PixelOverlap` keeps
+per-frame counts keyed by (nodule, frame), so under DDP a frame repeated by DistributedSampler padding counts
+once and the numbers equal a single-process run (the loss terms are batch means averaged over ranks).
+With a W&B logger, the first validation batch is logged as predicted / true mask overlays.
 Batch: {"image": (B,1,H,W) float, "mask": (B,1,H,W) float in {0,1}}.
 """
 
@@ -13,10 +16,12 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 from torch import Tensor
-from torchmetrics import MetricCollection
-from torchmetrics.classification import BinaryF1Score, BinaryJaccardIndex
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from datamodules.errors import DataError
+from lightning_modules import wandb_media
+from lightning_modules.classifier import first_per_key
 from lightning_modules.losses import SegLoss
 from lightning_modules.nets.msunet import MSUNet
 
@@ -39,6 +44,38 @@ def load_msunet_weights(net: MSUNet, path: str | Path) -> None:
         net.load_state_dict(state)
     except RuntimeError as e:
         raise DataError(path, f"weights do not fit this MSU-Net: {str(e).splitlines()[0]}") from None
+
+
+class PixelOverlap(Metric):
+    """Dice and IoU over all pixels of the epoch from per-frame (TP, FP, FN) counts.
+
+    Rows are keyed by (nodule, frame) when the batch has them; repeated keys (DistributedSampler padding) count
+    once after the ranks' states are concatenated. Without keys every row counts. 0 when there is no positive
+    pixel at all (torchmetrics' zero_division default).
+    """
+
+    full_state_update = False
+
+    def __init__(self, threshold: float = 0.5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.threshold = threshold
+        for name in ("nodule", "frame", "counts"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, prob: Tensor, target: Tensor, nodule: Tensor | None = None, frame: Tensor | None = None) -> None:
+        pred, true = prob.detach().flatten(1) > self.threshold, target.detach().flatten(1).bool()
+        counts = torch.stack([(pred & true).sum(1), (pred & ~true).sum(1), (~pred & true).sum(1)], 1)
+        self.counts.append(counts.long())
+        missing = torch.full((len(counts),), -1, dtype=torch.long, device=counts.device)
+        self.nodule.append(missing if nodule is None else nodule.detach().long().flatten())
+        self.frame.append(missing if frame is None else frame.detach().long().flatten())
+
+    def compute(self) -> dict[str, Tensor]:
+        counts = dim_zero_cat(self.counts)
+        tp, fp, fn = counts[first_per_key(dim_zero_cat(self.nodule), dim_zero_cat(self.frame))].sum(0).double()
+        dice = 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn > 0 else tp * 0
+        iou = tp / (tp + fp + fn) if tp + fp + fn > 0 else tp * 0
+        return {"dice": dice.float(), "iou": iou.float()}
 
 
 class SegStage(L.LightningModule):
@@ -67,16 +104,13 @@ class SegStage(L.LightningModule):
         if checkpoint_path is not None:
             load_msunet_weights(self.net, checkpoint_path)
         self.loss_fn = SegLoss(dice_weight, bce_weight, focal_weight, focal_alpha, focal_gamma)
-        metrics = MetricCollection(
-            {"dice": BinaryF1Score(threshold=threshold), "iou": BinaryJaccardIndex(threshold=threshold)}
-        )
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_metrics = PixelOverlap(threshold)
+        self.test_metrics = PixelOverlap(threshold)
 
     def forward(self, image: Tensor) -> Tensor:
         return self.net(image)
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def _step(self, batch: dict[str, Tensor], stage: str, batch_idx: int = 0) -> Tensor:
         logits = self.net(batch["image"])
         target = batch["mask"].float()
         terms = self.loss_fn.terms(logits, target)
@@ -87,19 +121,37 @@ class SegStage(L.LightningModule):
         for k, v in terms.items():
             self.log(f"{stage}/loss_{k}", v, on_step=False, on_epoch=True, batch_size=bs, sync_dist=stage != "train")
         if stage != "train":
+            prob = torch.sigmoid(logits)
             metrics = self.val_metrics if stage == "val" else self.test_metrics
-            metrics.update(torch.sigmoid(logits), target.long())
-            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=bs)
+            metrics.update(prob, target, batch.get("nodule"), batch.get("frame"))
+            if stage == "val" and batch_idx == 0 and (run := wandb_media.wandb_run(self)) is not None:
+                names = wandb_media.nodule_names(self, "val", batch["nodule"]) if "nodule" in batch else None
+                captions = None if names is None else [
+                    f"{n} frame {int(f)}" for n, f in zip(names, batch.get("frame", batch["nodule"]), strict=True)]
+                wandb_media.log_mask_overlays(run, "val/masks", batch["image"], prob > self.hparams.threshold,
+                                              target, self.global_step, captions=captions)
         return loss
+
+    def _log_overlap(self, stage: str) -> None:
+        metric = self.val_metrics if stage == "val" else self.test_metrics
+        if metric.update_called:
+            self.log_dict({f"{stage}/{k}": v for k, v in metric.compute().items()})  # collective under DDP
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_overlap("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_overlap("test")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
+        return self._step(batch, "val", batch_idx)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
+        return self._step(batch, "test", batch_idx)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """{"prob": (B,1,H,W) sigmoid mask probability, + "index"/"nodule"/"frame" when the batch has them}."""

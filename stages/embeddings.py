@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Sequence
@@ -309,13 +310,13 @@ def export(*, cine: str | os.PathLike, masks: str | os.PathLike, vit: str | os.P
     }
     writer = EmbeddingWriter(out, dataset.nodule_ids, dataset.n_stacks, group_attrs, file_attrs)
     bar = []
-    if progress:
+    if progress and sys.stdout.isatty():  # Rich bar on a terminal; none in CI logs / make output
         from lightning.pytorch.callbacks import RichProgressBar
 
         bar = [RichProgressBar()]
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
                         logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        enable_progress_bar=progress, callbacks=[writer, *bar, *callbacks])
+                        enable_progress_bar=bool(bar), callbacks=[writer, *bar, *callbacks])
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         persistent_workers=False, pin_memory=torch.cuda.is_available())
     trainer.predict(EmbeddingExport(vit_model, mask_model), dataloaders=loader, return_predictions=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -86,8 +87,9 @@ def predict_masks(*, cine: str | os.PathLike, seg: str | os.PathLike, out: str |
     out = Path(out)
     with h5py.File(cine, "r") as src:
         ids, nums = src["annot_id"][()], src["frame_num"][()]
+    # A bar on a terminal only: rich would print the finished bar into a CI log / make output.
     columns = Progress(TextColumn("masks"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                       disable=not progress)
+                       disable=not (progress and sys.stdout.isatty()))
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f, columns as bar:
         f["annot_id"], f["frame_num"] = ids, nums
         ds = f.create_dataset("mask", shape=(n, h, w), dtype=np.uint8, chunks=(1, h, w), compression="gzip",

@@ -85,6 +85,10 @@ class AttentionBlock(nn.Module):
         out, _ = self.attn(q, kv, kv, key_padding_mask=~valid, need_weights=False)
         return self.norm(q + self.dropout(out))
 
+    def weights(self, q: Tensor, kv: Tensor, valid: Tensor) -> Tensor:
+        """Attention weights (B, S_q, S_k) averaged over heads (for plots; the slower non-SDPA path)."""
+        return self.attn(q, kv, kv, key_padding_mask=~valid, need_weights=True, average_attn_weights=True)[1]
+
 
 class AttentionHead(nn.Module):
     """(image_emb (B,S,D), seg_emb (B,S,D), valid (B,S)) -> (B, num_classes) logits. See module docstring."""
@@ -130,6 +134,23 @@ class AttentionHead(nn.Module):
     def forward(self, image_emb: Tensor, seg_emb: Tensor, valid: Tensor) -> Tensor:
         return self.classifier(self.encode(image_emb, seg_emb, valid))
 
+    @torch.no_grad()
+    def attention_maps(self, image_emb: Tensor, seg_emb: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        """Attention weights of each block, (B, S, S) averaged over heads, with the inputs of :meth:`encode`:
+        ``"self"`` (image, or seg / joint for those variants) and, for "stact", ``"cross"`` (query image stacks,
+        key segmentation stacks). For dashboards only; not on the training path."""
+        b, s, _ = image_emb.shape
+        valid = _check_valid(valid, b, s)
+        pe = add_position if self.positional else (lambda t: t)
+        if self.variant == "joint":
+            z = pe(torch.cat([image_emb, seg_emb], dim=-1))
+        else:
+            z = pe(seg_emb if self.variant == "seg_self" else image_emb)
+        maps = {"self": self.self_attn.weights(z, z, valid)}
+        if self.cross_attn is not None:
+            maps["cross"] = self.cross_attn.weights(z, pe(seg_emb), valid)
+        return maps
+
 
 class CineTransformer(nn.Module):
     """CineCNN-Trans baseline (Yamashita et al. 2022): 2-layer transformer encoder over stack features.
@@ -161,3 +182,17 @@ class CineTransformer(nn.Module):
         x = add_position(feats) if self.positional else feats
         h = self.encoder(x, src_key_padding_mask=~valid)
         return self.classifier(masked_mean(h, valid))
+
+    @torch.no_grad()
+    def attention_maps(self, feats: Tensor, valid: Tensor) -> dict[str, Tensor]:
+        """Self-attention weights of each encoder layer, (B, S, S) averaged over heads (post-norm layers: the
+        attention input of layer i is the output of layer i - 1). For dashboards only."""
+        b, s, _ = feats.shape
+        valid = _check_valid(valid, b, s)
+        h = add_position(feats) if self.positional else feats
+        maps = {}
+        for i, layer in enumerate(self.encoder.layers):
+            maps[f"layer{i}"] = layer.self_attn(h, h, h, key_padding_mask=~valid, need_weights=True,
+                                                average_attn_weights=True)[1]
+            h = layer(h, src_key_padding_mask=~valid)
+        return maps

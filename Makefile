@@ -115,6 +115,21 @@ $(REPORT)/results.md: $(RUNS)/predictions.done
 demo: $(REPORT)/results.md ## the whole STACT-Time chain on synthetic data at CPU size, then the result table
 	@cat $(REPORT)/results.md
 
+# ---------------------------------------------------------------------------------------------- AsyCMST
+# End to end on the paired BUS/CEUS set, per fold of $(PAIRED)/splits.json (grouped by patient); each fold is
+# fitted, then tested on its held-out part (metrics printed, roc_test.png beside the logs).
+# Paper size: make asycmst CONF=conf EXP=paper PAIRED=/data/bus_ceus
+ASYCMST_CONF ?= $(CONF)/asycmst.yaml
+ASYCMST_ARGS = --exp $(EXP) --data.init_args.manifest=$(PAIRED)/manifest.csv \
+  --data.init_args.splits=$(PAIRED)/splits.json --data.init_args.fold=$* --trainer.default_root_dir=$(@D)/asycmst
+
+asycmst: $(call PER_FOLD,asycmst.ckpt) ## AsyCMST on the paired BUS/CEUS set, every fold (ASYCMST_CONF=...)
+
+$(RUNS)/fold%/asycmst.ckpt: $(ASYCMST_CONF) $(PAIRED)/splits.json | $(STAMP)
+	$(FIT) -c $(ASYCMST_CONF) $(ASYCMST_ARGS) --ckpt_out=$@.tmp.ckpt
+	$(VENV)/bin/lightning test -c $(ASYCMST_CONF) $(ASYCMST_ARGS) --ckpt_path=$@.tmp.ckpt
+	mv $@.tmp.ckpt $@
+
 # ---------------------------------------------------------------------------------------------- checks
 test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest

@@ -11,7 +11,11 @@ and, when present, ``stack_predictions_<backbone>.csv`` (``annot_id,stack,label,
 * ``results_stack.csv`` and a Table-3-style section -- stack ("Frame") and nodule ACC/AUROC per backbone
   (nodule = mean of the stack probabilities);
 * ``roc.png`` -- one ROC curve per method, predictions pooled over folds;
-* ``predictions.csv`` -- every per-nodule prediction (method, fold, annot_id, label, prob).
+* ``predictions.csv`` -- every per-nodule prediction (method, fold, annot_id, label, prob);
+* with ``--wandb``: one W&B summary run (project ``usnodule``, group = the experiment, job_type ``report``;
+  offline unless ``WANDB_MODE``/credentials say otherwise, under ``--out``/wandb) holding the Table-2 table, the
+  Table-3 table, the per-nodule predictions and the pooled ROC as an image, and each method's numbers in the
+  run summary (``<method>/<metric>``).
 
 A fold whose test part holds one class has an undefined AUROC; it is left out of that mean (``n_folds`` says
 how many folds each mean used).
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -144,22 +149,34 @@ def method_order(methods) -> list[str]:
 # ---------------------------------------------------------------------------------------------- tables
 def nodule_table(preds: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """One row per method: per-fold metrics as mean/std, pooled AUROC + CI, the 95%-sensitivity point."""
+    from rich.progress import Progress
+
     rows = []
-    for m in method_order(preds["method"].unique()):
-        df = preds[preds["method"] == m]
-        per_fold = [binary_metrics(g["label"], g["prob"]) for _, g in df.groupby("fold")]
-        row = {"method": m, "name": NAMES.get(m, m), "n_folds": df["fold"].nunique(), "n_nodules": len(df)}
-        for k in METRICS:
-            row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_folds"] = mean_std([f[k] for f in per_fold])
-        y, p = df["label"].to_numpy(), df["prob"].to_numpy()
-        row["auroc_pooled"] = roc_auc_score(y, p) if len(np.unique(y)) == 2 else float("nan")
-        row["auroc_ci_low"], row["auroc_ci_high"] = bootstrap_auroc(y, p, n_boot, seed)
-        op = at_sensitivity(y, p, 0.95)
-        row.update({"sens95_threshold": op["threshold"], "sens95_sensitivity": op["sensitivity"],
-                    "sens95_specificity": op["specificity"], "sens95_benign_spared": op["benign_spared"],
-                    "n_benign": op["n_benign"]})
-        rows.append(row)
+    methods = method_order(preds["method"].unique())
+    # A bar on a terminal only (the bootstrap is the slow part); nothing in CI logs / make output.
+    with Progress(transient=True, disable=not sys.stdout.isatty()) as bar:
+        task = bar.add_task("report", total=len(methods))
+        for m in methods:
+            rows.append(_method_row(preds, m, n_boot, seed))
+            bar.advance(task)
     return pd.DataFrame(rows)
+
+
+def _method_row(preds: pd.DataFrame, m: str, n_boot: int, seed: int) -> dict:
+    """Table-2 row of one method (see :func:`nodule_table`)."""
+    df = preds[preds["method"] == m]
+    per_fold = [binary_metrics(g["label"], g["prob"]) for _, g in df.groupby("fold")]
+    row = {"method": m, "name": NAMES.get(m, m), "n_folds": df["fold"].nunique(), "n_nodules": len(df)}
+    for k in METRICS:
+        row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_folds"] = mean_std([f[k] for f in per_fold])
+    y, p = df["label"].to_numpy(), df["prob"].to_numpy()
+    row["auroc_pooled"] = roc_auc_score(y, p) if len(np.unique(y)) == 2 else float("nan")
+    row["auroc_ci_low"], row["auroc_ci_high"] = bootstrap_auroc(y, p, n_boot, seed)
+    op = at_sensitivity(y, p, 0.95)
+    row.update({"sens95_threshold": op["threshold"], "sens95_sensitivity": op["sensitivity"],
+                "sens95_specificity": op["specificity"], "sens95_benign_spared": op["benign_spared"],
+                "n_benign": op["n_benign"]})
+    return row
 
 
 def stack_table(stacks: pd.DataFrame) -> pd.DataFrame:

@@ -34,8 +34,9 @@ PER_FOLD  = $(foreach k,$(FOLD_IDS),$(RUNS)/fold$(k)/$(1))
 # (the issue's benchmark set is 192 nodules x ~90 frames x 256 px, 9% malignant: `usnodule synth` defaults).
 SYNTH_ARGS ?= --nodules 100 --frames 30 --size 128 --cases 40 --prevalence 0.2 --seed $(SEED)
 
-# Attention-head variants trained per fold (STACT-Time Table 4; `joint` is the joint-fusion backbone).
-HEAD_VARIANTS ?= stact vit_self seg_self joint
+# Attention-head variants trained per fold: STACT-Time Table 4 (add `joint`, the joint-fusion backbone of
+# Table 3, with HEAD_VARIANTS="stact vit_self seg_self joint").
+HEAD_VARIANTS ?= stact vit_self seg_self
 BASELINES ?= tirads,avepool,cinetrans
 
 .PHONY: help venv data splits vit seg masks maskcnn embeddings train-head predictions report demo asycmst \

@@ -275,9 +275,38 @@ def print_table(table: pd.DataFrame, title: str) -> None:
     Console(width=None if sys.stdout.isatty() else 150).print(t)
 
 
+def wandb_mode() -> str:
+    """The user's ``WANDB_MODE`` if set, else online with credentials, else offline (as the fits log)."""
+    return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
+def log_wandb(out: Path, exp: str, table: pd.DataFrame, stack: pd.DataFrame, preds: pd.DataFrame,
+              runs: Path) -> Path | None:
+    """One W&B summary run of the cross-validation (module docstring); returns its local run folder."""
+    import wandb
+
+    run = wandb.init(project="usnodule", group=exp, job_type="report", name=f"report-{exp}", dir=str(out),
+                     mode=wandb_mode(), config={"runs": str(runs), "exp": exp}, reinit="create_new")
+    try:
+        media = {"report/results": wandb.Table(dataframe=table),
+                 "report/predictions": wandb.Table(dataframe=preds.sort_values(["method", "fold", "annot_id"])),
+                 "report/roc": wandb.Image(str(out / "roc.png"), caption="ROC pooled over folds")}
+        if len(stack):
+            media["report/results_stack"] = wandb.Table(dataframe=stack)
+        run.log(media)
+        for _, r in table.iterrows():
+            for k in (*(f"{m}_mean" for m in METRICS), *(f"{m}_std" for m in METRICS), "auroc_pooled",
+                      "auroc_ci_low", "auroc_ci_high", "sens95_specificity"):
+                run.summary[f"{r['method']}/{k}"] = float(r[k])
+        return Path(run.dir).parent if not run.disabled else None
+    finally:
+        run.finish()
+
+
 def report(runs: str | os.PathLike, out: str | os.PathLike, *, n_boot: int = 1000, seed: int = 0,
-           show: bool = True) -> pd.DataFrame:
-    """Write the report files (module docstring) and return the nodule table."""
+           show: bool = True, wandb: bool = False, exp: str | None = None) -> pd.DataFrame:
+    """Write the report files (module docstring) and return the nodule table; ``wandb``: also log a summary
+    run (group ``exp``, default the runs folder's name)."""
     runs, out = Path(runs), Path(out)
     preds = read_predictions(runs)
     if preds.empty:
@@ -295,6 +324,8 @@ def report(runs: str | os.PathLike, out: str | os.PathLike, *, n_boot: int = 100
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(markdown(table, stack, runs))
     plot_roc(preds, out / "roc.png")
+    if wandb:
+        log_wandb(out, exp or runs.resolve().name, table, stack, preds, runs)
     if show:
         print_table(table, f"Nodule-level results ({runs}), mean ± std over folds")
     return table
@@ -307,9 +338,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="report folder (e.g. reports/demo)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the AUROC CI")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb", action="store_true",
+                   help="also log a W&B summary run (job_type report; offline unless WANDB_MODE/credentials)")
+    p.add_argument("--exp", default=None, help="W&B group = experiment name (default: the --runs folder name)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    report(args.runs, args.out, n_boot=args.n_boot, seed=args.seed)
+    report(args.runs, args.out, n_boot=args.n_boot, seed=args.seed, wandb=args.wandb, exp=args.exp)
     print(f"wrote {args.out}/results.md, results.csv, roc.png, predictions.csv")

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
+from datamodules.lazy_h5 import LazyH5
 
 
 def group_name(annot_id: str) -> str:
@@ -68,26 +69,13 @@ class EmbeddingDataset(Dataset):
             raise DataError(self.path, f"{len(missing)} nodule(s) of the split have no embeddings, e.g. {missing[:3]}")
         self.nodule_ids = ids
         self.labels = [self.info[i]["label"] for i in ids]
-        self._handle: h5py.File | None = None
-        self._pid: int | None = None
-
-    def _file(self) -> h5py.File:
-        if self._handle is None or self._pid != os.getpid():
-            self._handle = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._handle
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_handle"] = None
-        state["_pid"] = None
-        return state
+        self._h5 = LazyH5(self.path)
 
     def __len__(self) -> int:
         return len(self.nodule_ids)
 
     def read(self, i: int, key: str) -> np.ndarray:
-        return self._file()[self.info[self.nodule_ids[i]]["group"]][key][()]
+        return self._h5.file[self.info[self.nodule_ids[i]]["group"]][key][()]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"image_emb": torch.from_numpy(self.read(i, "image")).float(),

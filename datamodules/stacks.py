@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
+from datamodules.lazy_h5 import LazyH5, read_rows, text
 from datamodules.stanford import Box, StanfordCine, bbox_from_mask
 
 STACK = 3  # frames per instance (RGB channels)
@@ -106,8 +107,7 @@ class PredictedMasks:
     def __init__(self, path: str | os.PathLike, cine: StanfordCine):
         self.path = Path(path)
         self.cine = cine
-        self._handle: h5py.File | None = None
-        self._pid: int | None = None
+        self._h5 = LazyH5(self.path)
         self._validate()
 
     def _validate(self) -> None:
@@ -128,9 +128,9 @@ class PredictedMasks:
                 raise DataError(path, f"'mask' shape {f['mask'].shape} does not match the cine file {want}")
             if f["mask"].dtype != np.uint8:
                 raise DataError(path, f"'mask' must be uint8, got {f['mask'].dtype}")
-            ids = np.array([_text(v) for v in f["annot_id"][()]], dtype=object)
+            ids = np.array([text(v) for v in f["annot_id"][()]], dtype=object)
             try:
-                nums = np.array([int(_text(v)) for v in f["frame_num"][()]], dtype=np.int64)
+                nums = np.array([int(text(v)) for v in f["frame_num"][()]], dtype=np.int64)
             except ValueError:
                 raise DataError(path, "'frame_num' holds a value that is not an integer") from None
         if ids.shape != (n,) or nums.shape != (n,):
@@ -142,26 +142,10 @@ class PredictedMasks:
             raise DataError(path, f"row {r} is ({ids[r]}, {nums[r]}) but the cine file has "
                                   f"({want_ids[r]}, {want_nums[r]}); masks were made from another file")
 
-    def _file(self) -> h5py.File:
-        if self._handle is None or self._pid != os.getpid():
-            self._handle = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._handle
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_handle"] = None
-        state["_pid"] = None
-        return state
-
     def masks(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
         """(k, H, W) uint8 {0, 1} predicted masks at positions ``idx`` of the nodule's ordered frames."""
         rows = self.cine.by_id[annot_id].rows[np.asarray(idx, dtype=np.int64)]
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        ys = slice(None) if box is None else slice(box[0], box[2])
-        xs = slice(None) if box is None else slice(box[1], box[3])
-        data = self._file()["mask"][uniq.tolist(), ys, xs]
-        return (data[inverse] > 0).view(np.uint8)
+        return (read_rows(self._h5.file["mask"], rows, box) > 0).view(np.uint8)
 
 
 def row_columns(cine: StanfordCine) -> tuple[np.ndarray, np.ndarray]:
@@ -173,10 +157,6 @@ def row_columns(cine: StanfordCine) -> tuple[np.ndarray, np.ndarray]:
         ids[nod.rows] = nod.annot_id
         nums[nod.rows] = nod.frame_nums
     return ids, nums
-
-
-def _text(value) -> str:
-    return (value.decode() if isinstance(value, bytes | np.bytes_) else str(value)).strip()
 
 
 # ---------------------------------------------------------------------------------------------- datasets

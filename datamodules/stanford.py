@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from datamodules.errors import DataError
+from datamodules.lazy_h5 import Box, LazyH5, read_rows, text
 
 TIRADS_FEATURES = ("composition", "echogenicity", "shape", "margin", "echogenicfoci")
 METADATA_COLUMNS = (
@@ -32,7 +33,6 @@ METADATA_COLUMNS = (
 )  # fmt: skip
 REQUIRED_COLUMNS = ("annot_id", "histopath_diagnosis")
 
-Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -83,8 +83,7 @@ class StanfordCine:
         self.h5_path = Path(h5_path)
         self.metadata_path = Path(metadata_csv) if metadata_csv else self.h5_path.with_name("metadata.csv")
         self.require_mask = require_mask
-        self._handle: h5py.File | None = None
-        self._pid: int | None = None
+        self._h5 = LazyH5(self.h5_path)
 
         ids, frame_nums, self.image_shape, self.has_mask = self._read_index()
         self.metadata = self._read_metadata()
@@ -125,11 +124,11 @@ class StanfordCine:
                 if arr.shape != (n,):
                     raise DataError(path, f"'{key}' shape {arr.shape} does not match {n} image rows")
             shape = (int(image.shape[1]), int(image.shape[2]))
-        ids = np.array([_text(v) for v in ids], dtype=object)
+        ids = np.array([text(v) for v in ids], dtype=object)
         try:
-            nums = np.array([int(_text(v)) for v in frame_nums], dtype=np.int64)
+            nums = np.array([int(text(v)) for v in frame_nums], dtype=np.int64)
         except ValueError:
-            bad = next(v for v in frame_nums if not _text(v).lstrip("-").isdigit())
+            bad = next(v for v in frame_nums if not text(v).lstrip("-").isdigit())
             raise DataError(path, f"'frame_num' value {bad!r} is not an integer") from None
         return ids, nums, shape, has_mask
 
@@ -192,22 +191,8 @@ class StanfordCine:
         return nodules
 
     # ------------------------------------------------------------------ lazy access
-    def _file(self) -> h5py.File:
-        if self._handle is None or self._pid != os.getpid():
-            self._handle = h5py.File(self.h5_path, "r")
-            self._pid = os.getpid()
-        return self._handle
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_handle"] = None
-        state["_pid"] = None
-        return state
-
     def close(self) -> None:
-        if self._handle is not None and self._pid == os.getpid():
-            self._handle.close()
-        self._handle = None
+        self._h5.close()
 
     def __len__(self) -> int:
         return len(self.nodules)
@@ -217,17 +202,7 @@ class StanfordCine:
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < -nodule.n_frames or idx.max() >= nodule.n_frames):
             raise IndexError(f"frame index out of range for nodule {annot_id!r} with {nodule.n_frames} frames")
-        rows = nodule.rows[idx]
-        # h5py fancy indexing needs increasing unique rows; a contiguous run is read as one slice (much faster).
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        ys = slice(None) if box is None else slice(box[0], box[2])
-        xs = slice(None) if box is None else slice(box[1], box[3])
-        ds = self._file()[key]
-        if uniq.size and uniq[-1] - uniq[0] + 1 == uniq.size:
-            data = ds[int(uniq[0]):int(uniq[-1]) + 1, ys, xs]
-        else:
-            data = ds[uniq.tolist(), ys, xs]
-        return data[inverse]
+        return read_rows(self._h5.file[key], nodule.rows[idx], box)
 
     def frames(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
         """(k, H, W) uint8 frames at positions ``idx`` of the nodule's ordered frames (optionally a box only)."""
@@ -251,7 +226,3 @@ class StanfordCine:
 
     def groups(self) -> list[str]:
         return [n.patient_id for n in self.nodules]
-
-
-def _text(value) -> str:
-    return (value.decode() if isinstance(value, bytes | np.bytes_) else str(value)).strip()

@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.atomic import atomic_path
+from datamodules.lazy_h5 import LazyH5
 from datamodules.stacks import resize
 from datamodules.stanford import StanfordCine
 
@@ -34,22 +35,15 @@ class RowBlocks(Dataset):
     """Item i = rows ``[i*block, (i+1)*block)`` of the cine file as ``(first_row, (b,1,s,s) float in [0,1])``."""
 
     def __init__(self, h5_path: str | os.PathLike, n_rows: int, block: int, size: tuple[int, int]) -> None:
-        self.h5_path, self.n_rows, self.block, self.size = Path(h5_path), n_rows, block, size
-        self._handle: h5py.File | None = None
-        self._pid: int | None = None
+        self.n_rows, self.block, self.size = n_rows, block, size
+        self._h5 = LazyH5(h5_path)
 
     def __len__(self) -> int:
         return (self.n_rows + self.block - 1) // self.block
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_handle": None, "_pid": None}
-
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        if self._handle is None or self._pid != os.getpid():  # one handle per worker process
-            self._handle = h5py.File(self.h5_path, "r")
-            self._pid = os.getpid()
         r0 = i * self.block
-        frames = self._handle["image"][r0:min(self.n_rows, r0 + self.block)]
+        frames = self._h5.file["image"][r0:min(self.n_rows, r0 + self.block)]
         return r0, resize(frames, self.size)[:, None] / 255.0
 
 

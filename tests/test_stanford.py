@@ -88,7 +88,7 @@ def test_pickles_without_handle_and_reads_in_another_process(h5):
     ds = StanfordCine(h5)
     ds.frames("3_", [0])  # opens the handle in this process
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone._handle is None
+    assert clone._h5._handle is None
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     p = ctx.Process(target=_read_in_child, args=(ds, q))

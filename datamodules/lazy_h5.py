@@ -1,0 +1,58 @@
+"""An h5py read handle opened on first use in each process, and row reads that h5py is fast at.
+
+h5py handles must not cross ``fork`` into DataLoader workers, and a 36 GB file must not be read whole: datasets
+keep a :class:`LazyH5` and call ``.file`` at read time.  Pickling drops the handle, so each worker opens its own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+Box = tuple[int, int, int, int]
+
+
+class LazyH5:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._handle: h5py.File | None = None
+        self._pid: int | None = None
+
+    @property
+    def file(self) -> h5py.File:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._handle
+
+    def close(self) -> None:
+        if self._handle is not None and self._pid == os.getpid():
+            self._handle.close()
+        self._handle = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_handle": None, "_pid": None}
+
+
+def read_rows(ds: h5py.Dataset, rows: np.ndarray, box: Box | None = None) -> np.ndarray:
+    """``ds[rows, y0:y1, x0:x1]`` for rows in any order, with repeats.
+
+    h5py fancy indexing needs increasing unique rows, and is much slower than a slice: a contiguous run of rows
+    (the usual 3-stack) is read as one slice.
+    """
+    uniq, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+    ys = slice(None) if box is None else slice(box[0], box[2])
+    xs = slice(None) if box is None else slice(box[1], box[3])
+    if uniq.size and uniq[-1] - uniq[0] + 1 == uniq.size:
+        data = ds[int(uniq[0]):int(uniq[-1]) + 1, ys, xs]
+    else:
+        data = ds[uniq.tolist(), ys, xs]
+    return data[inverse]
+
+
+def text(value) -> str:
+    """An HDF5 bytes cell (``b'129_'``) or a str, stripped."""
+    return (value.decode() if isinstance(value, bytes | np.bytes_) else str(value)).strip()

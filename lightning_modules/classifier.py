@@ -178,7 +178,8 @@ class ClassifierStage(L.LightningModule):
         loss, _, prob, label = self._shared(batch)
         self.train_acc(prob, label)
         bs = len(label)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        # sync_dist: the epoch value is the mean over all ranks, not rank 0's share (one small all-reduce a step).
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=bs)
         return loss
 

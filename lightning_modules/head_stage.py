@@ -43,6 +43,9 @@ class HeadStage(ClassifierStage):
             raise ValueError(f"variant must be one of {HEAD_VARIANTS}, got {variant!r}")
         self.save_hyperparameters()
         self.variant = variant
+        # W&B job_type / run name (stages.fit.stage_name): the variants of one fold are separate runs, like
+        # their checkpoints runs/<exp>/fold<k>/head_<variant>.ckpt.
+        self.stage = f"head_{variant}"
         if variant == "cine_trans":
             self.net = CineTransformer(
                 dim=dim, num_heads=num_heads, num_layers=num_layers, ff_dim=ff_dim, dropout=dropout,

@@ -116,10 +116,11 @@ class SegStage(L.LightningModule):
         terms = self.loss_fn.terms(logits, target)
         loss = self.loss_fn.combine(terms)
         bs = len(logits)
+        # sync_dist: epoch values are means over all DDP ranks (train too: not rank 0's share alone).
         self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=bs,
-                 sync_dist=stage != "train")
+                 sync_dist=True)
         for k, v in terms.items():
-            self.log(f"{stage}/loss_{k}", v, on_step=False, on_epoch=True, batch_size=bs, sync_dist=stage != "train")
+            self.log(f"{stage}/loss_{k}", v, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         if stage != "train":
             prob = torch.sigmoid(logits)
             metrics = self.val_metrics if stage == "val" else self.test_metrics

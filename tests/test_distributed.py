@@ -179,3 +179,19 @@ def test_bf16_mixed_fit_on_cpu(files, name):
     ckpt = torch.load(root / "out.ckpt", map_location="cpu", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert ckpt["callbacks"]  # the checkpoint callbacks ran under autocast too
+
+
+@pytest.mark.timeout(300)
+def test_two_process_fit_of_demo_asycmst(tmp_path):
+    """`lightning fit -c conf/demo/asycmst.yaml` on 2 gloo processes (test-size ResNet, 1 epoch) completes."""
+    from tests.test_paired_video import write_paired_set
+
+    manifest, splits = write_paired_set(tmp_path / "paired", n=8)
+    out = tmp_path / "asycmst.ckpt"
+    run_cli("lightning", "fit", "-c", str(ROOT / "conf/demo/asycmst.yaml"), *ddp(),
+            f"--data.init_args.manifest={manifest}", f"--data.init_args.splits={splits}",
+            "--data.init_args.batch_size=2", "--model.init_args.backbone=test_resnet", "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path / 'run'}", *csv_logger(tmp_path / "logs"), f"--ckpt_out={out}")
+    assert out.is_file()
+    metrics = logged(tmp_path / "logs")
+    assert {"train/loss_epoch", "val/loss"} <= set(metrics) and np.isfinite(metrics["val/loss"])

@@ -117,11 +117,14 @@ def attention_figure(maps: dict[str, Tensor], length: int, title: str) -> np.nda
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.0), dpi=80, squeeze=False)
     for ax, (name, w) in zip(axes[0], maps.items(), strict=True):
         im = ax.imshow(w[:length, :length].detach().float().cpu().numpy(), vmin=0, cmap="viridis")
         ax.set(title=name, xlabel="key stack", ylabel="query stack")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -150,8 +150,10 @@ def test_ddp_embedding_export_equals_single_process(files):
             "splits": files["splits"], "fold": 0}
     single = export(out=files["root"] / "emb1.h5", batch_size=3, accelerator="cpu", progress=False, **args)
     multi = files["root"] / "emb2.h5"
-    run_cli("usnodule", "embeddings", *[f"--{k}={v}" for k, v in args.items()], f"--out={multi}",
-            "--batch-size=3", "--strategy=ddp", "--devices=2", "--accelerator=cpu")
+    p = run_cli("usnodule", "embeddings", *[f"--{k}={v}" for k, v in args.items()], f"--out={multi}",
+                "--batch-size=3", "--strategy=ddp", "--devices=2", "--accelerator=cpu")
+    assert p.stdout.count("wrote") == 1  # rank 0 alone reports
+    assert "━" not in p.stdout + p.stderr  # stdout is not a TTY: no progress bar in the log
     with h5py.File(single, "r") as a, h5py.File(multi, "r") as b:
         assert list(a.keys()) == list(b.keys()) == sorted(FRAMES)
         skip = {"created"}
@@ -195,3 +197,33 @@ def test_two_process_fit_of_demo_asycmst(tmp_path):
     assert out.is_file()
     metrics = logged(tmp_path / "logs")
     assert {"train/loss_epoch", "val/loss"} <= set(metrics) and np.isfinite(metrics["val/loss"])
+
+
+def test_sampler_repeats_count_once_in_stack_loss_and_pixel_metrics():
+    """What DDP padding looks like to the metrics (rank states concatenated): repeated keys count once."""
+    from lightning_modules.classifier import NoduleMetrics
+    from lightning_modules.seg_stage import PixelOverlap
+
+    nod, stack = torch.tensor([0, 0, 0, 1, 2]), torch.tensor([0, 1, 2, 0, 0])
+    prob, label = torch.tensor([0.9, 0.8, 0.2, 0.3, 0.7]), torch.tensor([1, 1, 1, 0, 0])
+    loss = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])
+    plain, padded = NoduleMetrics(stack_level=True), NoduleMetrics(stack_level=True)
+    plain.update(nod, prob, label, stack, loss)
+    padded.update(nod[[0, 2, 4]], prob[[0, 2, 4]], label[[0, 2, 4]], stack[[0, 2, 4]], loss[[0, 2, 4]])  # rank 0
+    padded.update(nod[[1, 3, 0]], prob[[1, 3, 0]], label[[1, 3, 0]], stack[[1, 3, 0]], loss[[1, 3, 0]])  # rank 1
+    a, b = plain.compute(), padded.compute()
+    assert set(a) == {"loss", *(f"{p}{k}" for p in ("", "stack_") for k in
+                                ("acc", "precision", "recall", "specificity", "f1", "auroc"))}
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], msg=k)
+    assert float(a["loss"]) == pytest.approx(0.3) and float(a["stack_acc"]) == pytest.approx(0.6)
+
+    target = (torch.rand(3, 1, 8, 8) > 0.5).float()
+    pred = torch.rand(3, 1, 8, 8)
+    nodule, frame = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0])
+    one, two = PixelOverlap(), PixelOverlap()
+    one.update(pred, target, nodule, frame)
+    two.update(pred[[0, 2]], target[[0, 2]], nodule[[0, 2]], frame[[0, 2]])
+    two.update(pred[[1, 0]], target[[1, 0]], nodule[[1, 0]], frame[[1, 0]])  # frame (0, 0) repeated
+    for k, v in one.compute().items():
+        torch.testing.assert_close(two.compute()[k], v, msg=k)

@@ -30,12 +30,13 @@ import sys
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from datamodules.atomic import atomic_path
 from datamodules.errors import DataError
 from lightning_modules.callbacks import RNGState
+from lightning_modules.wandb_media import WandbSaveConfig
 
 # The parts of a config that define "the same experiment" for resuming; trainer settings (epochs, devices,
 # precision) may change between a run and its resumption.
@@ -66,6 +67,10 @@ class UsnoduleCLI(LightningCLI):
         callbacks = list(trainer_cfg.get("callbacks") or [])
         if not any(isinstance(c, RNGState) for c in callbacks):
             callbacks.append(RNGState())
+        # lr per step on the dashboards; LearningRateMonitor raises without a logger, so only when there is one.
+        has_logger = kwargs.get("logger", trainer_cfg.get("logger")) is not False
+        if has_logger and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
         if trainer_cfg.get("enable_progress_bar") is not False:
             if sys.stdout.isatty():
                 if not any(isinstance(c, RichProgressBar) for c in callbacks):
@@ -83,9 +88,12 @@ class UsnoduleCLI(LightningCLI):
         name = stage if fold is None else f"{stage}-fold{fold}"
         root = Path(trainer_cfg.get("default_root_dir") or ".")
         root.mkdir(parents=True, exist_ok=True)
-        online = os.environ.get("WANDB_MODE") == "online" or bool(os.environ.get("WANDB_API_KEY"))
+        # The user's WANDB_MODE wins (online / offline / disabled -- the tests set disabled); unset: online with
+        # credentials, else offline.  Never offline=True when WANDB_MODE is set: WandbLogger then overwrites it
+        # with "dryrun" for the rest of the process.
+        offline = os.environ.get("WANDB_MODE") is None and not os.environ.get("WANDB_API_KEY")
         return WandbLogger(project="usnodule", group=self._sub().get("exp"), job_type=stage, name=name,
-                           save_dir=str(root), offline=not online)
+                           save_dir=str(root), offline=offline)
 
     # ---------------------------------------------------------------------------------------- resume
     def _experiment_hash(self) -> str:
@@ -152,6 +160,7 @@ def main(args: ArgsType = None) -> None:
             LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
+            save_config_callback=WandbSaveConfig,  # config.yaml as before, and the resolved config into W&B
             save_config_kwargs={"overwrite": True},
             args=args,
         )

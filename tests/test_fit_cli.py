@@ -59,6 +59,9 @@ def test_wandb_offline_run_directory(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     main(["fit", *BASE[:-1], f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1",
           "--exp=unit", "--data.fold=3"])
+    import wandb
+
+    wandb.finish()  # in-process fits leave the run open; the next WandbLogger would reuse it
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert (runs[0] / "files" / "config.yaml").is_file() or list(runs[0].glob("*.wandb"))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
@@ -44,6 +45,8 @@ from torchmetrics.functional.classification import (
 from torchmetrics.utilities import dim_zero_cat
 
 from datamodules.atomic import atomic_path
+from lightning_modules import wandb_media
+from lightning_modules.classifier import first_per_key
 from lightning_modules.nets.asycmst import AsyCMSTNet
 from lightning_modules.nets.asycmst_losses import dice_loss, fss_loss
 
@@ -51,7 +54,11 @@ MODALITIES = ("bus", "ceus")
 
 
 class Scores(Metric):
-    """Malignant probabilities and labels of an epoch (concatenated across DDP ranks at ``compute``)."""
+    """Malignant probabilities and labels of an epoch, one row per case.
+
+    States are concatenated across DDP ranks at ``compute``; cases that DistributedSampler repeated to pad a
+    rank's last batch are counted once (by dataset index), so the metrics equal the single-process ones.
+    """
 
     full_state_update = False
 
@@ -59,13 +66,17 @@ class Scores(Metric):
         super().__init__(**kwargs)
         self.add_state("prob", default=[], dist_reduce_fx="cat")
         self.add_state("label", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
 
-    def update(self, prob: Tensor, label: Tensor) -> None:
+    def update(self, prob: Tensor, label: Tensor, index: Tensor) -> None:
         self.prob.append(prob.detach().float().flatten())
         self.label.append(label.detach().long().flatten())
+        self.index.append(index.detach().long().flatten())
 
-    def compute(self) -> tuple[Tensor, Tensor]:
-        return dim_zero_cat(self.prob), dim_zero_cat(self.label)
+    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
+        index = dim_zero_cat(self.index)
+        keep = first_per_key(index, torch.zeros_like(index))
+        return dim_zero_cat(self.prob)[keep], dim_zero_cat(self.label)[keep], index[keep]
 
 
 def binary_metrics(prob: Tensor, label: Tensor) -> dict[str, Tensor]:
@@ -213,7 +224,8 @@ class AsyCMST(L.LightningModule):
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         parts, logits = self.losses(batch)
         self._log_losses(parts, stage, len(batch["label"]))
-        (self.val_scores if stage == "val" else self.test_scores).update(self.malignant_prob(logits), batch["label"])
+        scores = self.val_scores if stage == "val" else self.test_scores
+        scores.update(self.malignant_prob(logits), batch["label"], batch["index"])
         return parts["loss"]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -226,9 +238,13 @@ class AsyCMST(L.LightningModule):
         scores = self.val_scores if stage == "val" else self.test_scores
         if not scores.update_called:
             return
-        prob, label = scores.compute()
+        prob, label, index = scores.compute()
         scores.reset()
         self.log_dict({f"{stage}/{k}": v for k, v in binary_metrics(prob, label).items()})
+        run = wandb_media.wandb_run(self)
+        if run is not None:
+            names = [str(i) for i in index.tolist()]
+            wandb_media.log_classification(run, stage, names, prob, label, self.global_step)
         if roc and self.trainer.is_global_zero and label.min() != label.max():
             save_roc_png(prob, label, self.run_dir() / f"roc_{stage}.png", f"ROC ({stage}, n={len(label)})")
 

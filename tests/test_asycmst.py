@@ -97,3 +97,20 @@ def test_cli_print_config(paired, tmp_path, capsys):
         main(["fit", *_cli_args(paired, tmp_path), "--print_config"])
     out = capsys.readouterr().out
     assert "lightning_modules.asycmst.AsyCMST" in out and "torch.optim.RMSprop" in out
+
+
+def test_scores_count_ddp_padding_repeats_once():
+    """DistributedSampler pads a rank's last batch by repeating cases: the metrics must see each case once."""
+    from lightning_modules.asycmst import Scores, binary_metrics
+
+    once, padded = Scores(), Scores()
+    prob, label, index = torch.tensor([0.9, 0.2, 0.7]), torch.tensor([1, 0, 0]), torch.tensor([0, 1, 2])
+    once.update(prob, label, index)
+    padded.update(prob[:2], label[:2], index[:2])
+    padded.update(torch.tensor([0.7, 0.9]), torch.tensor([0, 1]), torch.tensor([2, 0]))  # case 0 repeated
+    p1, l1, _ = once.compute()
+    p2, l2, i2 = padded.compute()
+    assert sorted(i2.tolist()) == [0, 1, 2]
+    m1, m2 = binary_metrics(p1, l1), binary_metrics(p2, l2)
+    assert all(torch.allclose(m1[k], m2[k]) for k in m1)
+    assert m2["acc"] == pytest.approx(2 / 3)  # with the repeat counted twice it would be 3/4

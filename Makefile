@@ -70,7 +70,10 @@ $(PAIRED)/splits.json: $(PAIRED)/manifest.csv | $(STAMP)
 
 # ---------------------------------------------------------------------------------------------- STACT-Time
 # Every stage of fold k fits only on fold k's training nodules (splits.json); outputs live in runs/<EXP>/fold<k>/.
-FIT_ARGS = --exp $(EXP) --data.init_args.splits=$(SPLITS) --data.init_args.fold=$*
+# TRAINER_ARGS reaches every fit, e.g. TRAINER_ARGS="--trainer.devices=4 --trainer.strategy=ddp --trainer.precision=bf16-mixed"
+TRAINER_ARGS ?=
+REPORT_ARGS ?=
+FIT_ARGS = --exp $(EXP) --data.init_args.splits=$(SPLITS) --data.init_args.fold=$* $(TRAINER_ARGS)
 
 vit: $(call PER_FOLD,vit.ckpt) ## stage 1: fine-tune the ViT on 3-stack ROI crops, every fold
 seg: $(call PER_FOLD,seg.ckpt) ## stage 2: fine-tune MSU-Net on frames + masks, every fold
@@ -111,7 +114,7 @@ $(RUNS)/predictions.done: $(call PER_FOLD,embeddings.h5) $(foreach v,$(HEAD_VARI
 
 report: $(REPORT)/results.md ## Table-2-style report: results.md/.csv, ROC curves, per-nodule predictions
 $(REPORT)/results.md: $(RUNS)/predictions.done
-	$(USNODULE) report --runs $(RUNS) --out $(REPORT)
+	$(USNODULE) report --runs $(RUNS) --out $(REPORT) --exp $(EXP) $(REPORT_ARGS)
 
 # The demo runs independent folds two at a time (one torch thread each): most of a CPU-size fit is Python
 # start-up, which a second core hides.
@@ -127,7 +130,8 @@ demo: | $(STAMP) ## the whole STACT-Time chain on synthetic data at CPU size, th
 # Paper size: make asycmst CONF=conf EXP=paper PAIRED=/data/bus_ceus
 ASYCMST_CONF ?= $(CONF)/asycmst.yaml
 ASYCMST_ARGS = --exp $(EXP) --data.init_args.manifest=$(PAIRED)/manifest.csv \
-  --data.init_args.splits=$(PAIRED)/splits.json --data.init_args.fold=$* --trainer.default_root_dir=$(@D)/asycmst
+  --data.init_args.splits=$(PAIRED)/splits.json --data.init_args.fold=$* --trainer.default_root_dir=$(@D)/asycmst \
+  $(TRAINER_ARGS)
 
 asycmst: $(call PER_FOLD,asycmst.ckpt) ## AsyCMST on the paired BUS/CEUS set, every fold (ASYCMST_CONF=...)
 

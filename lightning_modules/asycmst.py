@@ -229,6 +229,13 @@ class AsyCMST(L.LightningModule):
         return parts["loss"]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        run = wandb_media.wandb_run(self) if batch_idx == 0 else None
+        if run is not None:  # cross-modal attention maps of the first cases, once per validation epoch
+            maps = self.net.attention_maps(*(batch[s] for s in self.streams))
+            side = max(m.shape[-1] for m in maps.values()) if maps else 0
+            valid = torch.ones(len(batch["label"]), side, dtype=torch.bool)
+            captions = [f"case {int(i)} label {int(y)}" for i, y in zip(batch["index"], batch["label"], strict=True)]
+            wandb_media.log_attention(run, "val/attention", maps, valid, self.global_step, captions)
         return self._eval_step(batch, "val")
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

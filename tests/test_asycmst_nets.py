@@ -170,3 +170,22 @@ def test_switches():
         AsyCMSTNet(**TINY, strategy="bogus")
     with pytest.raises(ValueError, match="expected"):
         net(torch.randn(1, 3, 3, 64, 64), torch.randn(1, 3, 3, 64, 64))
+
+
+@pytest.mark.parametrize("strategy", ["asymmetric", "global", "symmetric"])
+def test_attention_maps_follow_the_strategy(strategy):
+    """The inspection maps are proper distributions and only put weight where the strategy allows."""
+    from lightning_modules.nets.asycmst_attention import CrossModalAttention
+
+    t, n = 3, 4
+    cross = CrossModalAttention(dim=8, heads=2, strategy=strategy)
+    w = cross.attention_weights(torch.randn(2, t, n, 8), torch.randn(2, t, n, 8))
+    for name in ("c_to_b", "b_to_c"):
+        torch.testing.assert_close(w[f"{name}_frames"].sum(-1), torch.ones(2, t))
+        torch.testing.assert_close(w[f"{name}_positions"].sum(-1), torch.ones(2, n))
+    if strategy == "asymmetric":
+        # C->B sees only its own frame (Eq. 10); B->C sees only its own position (Eq. 8).
+        torch.testing.assert_close(w["c_to_b_frames"], torch.eye(t).expand(2, t, t))
+        torch.testing.assert_close(w["b_to_c_positions"], torch.eye(n).expand(2, n, n))
+    else:
+        assert (w["c_to_b_frames"] > 0).all()

@@ -130,6 +130,23 @@ class AsyCMSTNet(nn.Module):
                 x_c, x_b = self.acmst[str(i)](x_c, x_b)  # both from the same layer-l inputs
         return self.norm((x_c + x_b).mean(dim=(1, 2)))
 
+    @torch.no_grad()
+    def attention_maps(self, c: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-modal attention weights of the last ACMST stage (see
+        :meth:`CrossModalAttention.attention_weights`); empty when no stage carries ACMST."""
+        if not len(self.acmst):
+            return {}
+        last = max(int(i) for i in self.acmst)
+        x_c, x_b = self.encode(c, b)
+        x_c, x_b = x_c + self.pos_c, x_b + self.pos_b
+        for i, (blk_c, blk_b) in enumerate(zip(self.stsa_c, self.stsa_b, strict=True)):
+            x_c, x_b = blk_c(x_c), blk_b(x_b)
+            if i == last:
+                return self.acmst[str(i)].cross.attention_weights(x_c, x_b)
+            if str(i) in self.acmst:
+                x_c, x_b = self.acmst[str(i)](x_c, x_b)
+        raise AssertionError("unreachable")
+
     def decode_masks(self, f_b: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         """Mask logits ``(K, 1, H, W)`` for the b-stream frames selected by the ``(B, T)`` bool ``frames``
         (all frames, in ``(b t)`` order, when ``None``)."""

@@ -189,6 +189,31 @@ class CrossModalAttention(nn.Module):
         return self.out_c(rearrange(att_c, merge)), self.out_b(rearrange(att_b, merge))
 
 
+    @torch.no_grad()
+    def attention_weights(self, x_c: torch.Tensor, x_b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Head-averaged attention weights of both directions, for inspection (not the training path).
+
+        Computed densely as ``softmax(QK^T / sqrt(d))`` over the strategy's allowed keys (the same key sets as
+        :func:`attend`), then summarised two ways: ``*_frames`` ``(B, T, T)`` (query frame -> key frame, mean
+        over query positions, sum over key positions) and ``*_positions`` ``(B, N, N)`` (query position -> key
+        position, mean over query frames, sum over key frames).  Each row sums to 1.
+        """
+        split = "b t n (k m d) -> k b m (t n) d"
+        t, n = x_c.shape[1:3]
+        q_c, k_c, _ = rearrange(self.qkv_c(x_c), split, k=3, m=self.heads)
+        q_b, k_b, _ = rearrange(self.qkv_b(x_b), split, k=3, m=self.heads)
+        out = {}
+        for name, q, k, pattern in (("c_to_b", q_c, k_b, self.pattern_c), ("b_to_c", q_b, k_c, self.pattern_b)):
+            allowed = torch.stack([allowed_keys(pattern, i // n, i % n, frames=t, positions=n).flatten()
+                                   for i in range(t * n)]).to(q.device)
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            w = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1).mean(1)
+            w = rearrange(w, "b (t n) (s k) -> b t n s k", t=t, s=t)
+            out[f"{name}_frames"] = w.sum(-1).mean(2)
+            out[f"{name}_positions"] = w.sum(-2).mean(1)
+        return out
+
+
 class ACMSTBlock(nn.Module):
     """Cross-modal update of both streams, Eq. 12-13, from the same layer-l inputs.
 

@@ -13,14 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
-import lightning.pytorch as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
 from datamodules.lazy_h5 import LazyH5
+from datamodules.parts import PartsDataModule
 
 
 def group_name(annot_id: str) -> str:
@@ -100,8 +100,10 @@ def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return out
 
 
-class EmbeddingDataModule(L.LightningDataModule):
+class EmbeddingDataModule(PartsDataModule):
     """Head-stage batches (contract "Head") of one fold; predict = every nodule of the file (or a part)."""
+
+    collate_fn = staticmethod(pad_collate)
 
     def __init__(self, path: str, splits: str, fold: int | None = 0, batch_size: int = 16, num_workers: int = 0,
                  predict_ids: str | list[str] = "all") -> None:
@@ -122,20 +124,3 @@ class EmbeddingDataModule(L.LightningDataModule):
         else:
             ids = hp.predict_ids
         self.datasets["predict"] = EmbeddingDataset(hp.path, ids, index=index)
-
-    def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(self.datasets[part], batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
-                          collate_fn=pad_collate, persistent_workers=hp.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")

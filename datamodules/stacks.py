@@ -29,15 +29,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
-import lightning.pytorch as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
 from datamodules.lazy_h5 import LazyH5, read_rows, text
+from datamodules.parts import PartsDataModule
 from datamodules.stanford import Box, StanfordCine, bbox_from_mask
 
 STACK = 3  # frames per instance (RGB channels)
@@ -353,7 +353,7 @@ def _augment(kind: str):
     return A.Compose(ops)
 
 
-class StackDataModule(L.LightningDataModule):
+class StackDataModule(PartsDataModule):
     """Train/val/test 3-stacks of one fold (from ``splits.json``) and a predict set.
 
     ``fold=None`` trains on every nodule. ``kind="image"`` (ViT stage) or ``"mask"`` (mask CNN stage, needs
@@ -413,25 +413,8 @@ class StackDataModule(L.LightningDataModule):
         if stage in ("predict", None) and "predict" not in self.datasets:
             self.datasets["predict"] = self._dataset(_predict_ids(self.split, self.cine, self.hparams.predict_ids))
 
-    def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(self.datasets[part], batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
-                          persistent_workers=hp.num_workers > 0, pin_memory=torch.cuda.is_available())
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
-
-
-class FrameDataModule(L.LightningDataModule):
+class FrameDataModule(PartsDataModule):
     """Frames + annotated masks of one fold for the segmentation stage (every frame, empty masks included)."""
 
     def __init__(
@@ -466,20 +449,3 @@ class FrameDataModule(L.LightningDataModule):
                                                    transform=transform if part == "train" else None)
         if "predict" not in self.datasets:
             self.datasets["predict"] = FrameDataset(self.cine, None, hp.size)
-
-    def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(self.datasets[part], batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
-                          persistent_workers=hp.num_workers > 0, pin_memory=torch.cuda.is_available())
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")

@@ -227,6 +227,23 @@ class ClassifierStage(L.LightningModule):
         return {k: batch[k] for k in PASSTHROUGH_KEYS if k in batch}
 
 
+class StackStage(ClassifierStage):
+    """A stack classifier whose ``net`` maps (B, 3, h, w) -> logits and has ``embed`` (the 256-d last hidden
+    layer) and ``fc2`` (the classifier on it): the ViT and mask-CNN stages."""
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image)
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.net(batch["image"])
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """{"embedding": (B,256), "prob": (B,) malignant probability, + nodule/stack/label/index from the batch}."""
+        emb = self.net.embed(batch["image"])
+        prob = self.malignant_prob(self.net.fc2(emb))
+        return {**self.passthrough(batch), "embedding": emb, "prob": prob}
+
+
 def load_for_inference(cls: type[L.LightningModule], path: str | Path, **overrides: Any) -> L.LightningModule:
     """Rebuild a stage from its Lightning checkpoint for prediction, without fetching initial weights again.
 

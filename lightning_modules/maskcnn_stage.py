@@ -5,13 +5,11 @@ Backbone"). Focal loss like stage 1 (the paper gives no separate values). Batch 
 
 from __future__ import annotations
 
-from torch import Tensor
-
-from lightning_modules.classifier import ClassifierStage
+from lightning_modules.classifier import StackStage
 from lightning_modules.nets.mask_cnn import MaskCNN
 
 
-class MaskCNNStage(ClassifierStage):
+class MaskCNNStage(StackStage):
     """LightningModule around :class:`MaskCNN`; ``predict_step`` gives 256-d segmentation embeddings.
 
     ``channels``: widths of the two conv layers; ``pool_size``: side of the pooled grid before Linear(256).
@@ -33,15 +31,3 @@ class MaskCNNStage(ClassifierStage):
             in_channels=in_channels, channels=tuple(channels), pool_size=pool_size, hidden_dim=hidden_dim,
             dropout=dropout,
         )
-
-    def forward(self, image: Tensor) -> Tensor:
-        return self.net(image)
-
-    def logits(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.net(batch["image"])
-
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """{"embedding": (B,256), "prob": (B,), + nodule/stack/label/index from the batch}."""
-        emb = self.net.embed(batch["image"])
-        prob = self.malignant_prob(self.net.fc2(emb))
-        return {**self.passthrough(batch), "embedding": emb, "prob": prob}

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
-
-from lightning_modules.classifier import ClassifierStage
+from lightning_modules.classifier import StackStage
 from lightning_modules.nets.vit_stack import StackClassifier
 
 
-class ViTStage(ClassifierStage):
+class ViTStage(StackStage):
     """LightningModule around :class:`StackClassifier`; ``predict_step`` gives 256-d stack embeddings.
 
     ``checkpoint_path``: a local backbone weights file (offline alternative to ``pretrained``). To reload a
@@ -46,15 +44,3 @@ class ViTStage(ClassifierStage):
             hidden_dim=hidden_dim, activation=activation, dropout=dropout, freeze_backbone=freeze_backbone,
             backbone_kwargs=backbone_kwargs,
         )
-
-    def forward(self, image: Tensor) -> Tensor:
-        return self.net(image)
-
-    def logits(self, batch: dict[str, Tensor]) -> Tensor:
-        return self.net(batch["image"])
-
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """{"embedding": (B,256), "prob": (B,) malignant probability, + nodule/stack/label/index from the batch}."""
-        emb = self.net.embed(batch["image"])
-        prob = self.malignant_prob(self.net.fc2(emb))
-        return {**self.passthrough(batch), "embedding": emb, "prob": prob}

@@ -20,6 +20,7 @@ COMMANDS = (
     "embeddings",
     "baselines",
     "report",
+    "predict",
 )
 
 

@@ -1,0 +1,319 @@
+"""``usnodule predict``: STACT-Time on new, unannotated clips from a scanner -> ``predictions.csv``.
+
+The deployable predictor: one fold's four checkpoints (``--fold-dir runs/<exp>/fold<k>`` or each by name) and
+one or more clips (``.dcm`` single/multi-frame DICOM, or anything :func:`datamodules.paired.read_clip` reads:
+.mp4/.avi, a folder of frames, .npy/.npz, .h5). Per clip, as in training (STACT-Time sec. 2.3-2.4):
+
+1. MSU-Net mask for every frame (SegStage's input size and threshold from its checkpoint), computed as
+   ``usnodule masks`` does: frames resized to the network input, logits resized back to full frame, thresholded.
+2. Non-overlapping 3-stacks in frame order (a trailing 1-2 frames dropped; a clip of 1-2 frames gives one
+   stack with its last frame repeated), ROI box = union of the three *predicted* masks' boxes + buffer
+   (fallback: the clip's union box, then the full frame), ViT input = ROI crop, mask CNN input = the masks.
+   None of this is re-implemented: the clip is wrapped as a one-nodule :class:`StanfordCine` and the stacks come
+   from :func:`stages.embeddings.build_dataset` / :class:`datamodules.stacks.StackDataset`, with the sizes,
+   buffer and normalisation read from the checkpoints' saved datamodule hyper-parameters.
+3. ViT and mask-CNN embeddings per stack (:class:`stages.embeddings.EmbeddingExport`), then the attention head
+   (HeadStage) on the sequence: ``prob_malignant``.
+
+Output columns: ``clip, n_frames, n_stacks, frames_with_mask, prob_malignant, pred, prob_avepool`` where
+``pred = prob_malignant >= --threshold`` and ``prob_avepool`` is the mean of the ViT's per-stack probabilities
+(the CineCNN-AvePool baseline of Table 2, free from the same forward pass); ``frames_with_mask`` counts frames
+where MSU-Net found a nodule (0 means every ROI fell back to the full frame: check the clip). The CSV is written
+atomically and only when every clip succeeded; a bad clip or checkpoint stops with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from datamodules.atomic import atomic_path
+from datamodules.embeddings import pad_collate
+from datamodules.errors import DataError
+from datamodules.lazy_h5 import Box
+from datamodules.paired import DICOM_SUFFIXES, read_clip, split_h5_spec
+from datamodules.stacks import PredictedMasks, resize
+from datamodules.stanford import Nodule, StanfordCine
+
+COLUMNS = ("clip", "n_frames", "n_stacks", "frames_with_mask", "prob_malignant", "pred", "prob_avepool")
+CHECKPOINTS = {"seg": "seg.ckpt", "vit": "vit.ckpt", "maskcnn": "maskcnn.ckpt"}  # names in a fold folder
+
+
+# ---------------------------------------------------------------------------------------------- clips
+def is_dicom(path: Path) -> bool:
+    """``.dcm``/``.dicom`` suffix, or a file with the DICOM preamble (scanners often write no suffix)."""
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def read_frames(path: str | os.PathLike) -> np.ndarray:
+    """``(T, H, W)`` uint8 gray frames of one clip, in order; DataError naming the file when unreadable."""
+    from datamodules.dicom import read_dicom_frames
+
+    path = Path(path)
+    frames = read_dicom_frames(path) if is_dicom(path) else read_clip(path)
+    if frames.ndim != 3 or frames.shape[0] == 0:
+        raise DataError(path, f"no frames (shape {frames.shape})")
+    return frames
+
+
+class ClipCine(StanfordCine):
+    """One clip held in memory, shaped as a one-nodule :class:`StanfordCine` so that the training code
+    (:class:`StackDataset`) builds its stacks, ROI boxes and crops unchanged.
+
+    The base ``__init__`` (which opens a Stanford HDF5) is deliberately not called; only what the stack
+    datasets read is set. The clip has no annotation, so :meth:`masks` returns the *predicted* masks: they are
+    the only masks of a new clip (this also makes a ``mask_roi`` mask CNN crop around predicted boxes).
+    Label -1 = unknown.
+    """
+
+    def __init__(self, name: str, frames: np.ndarray, masks: np.ndarray) -> None:
+        self.h5_path = Path(name)
+        self.metadata_path = None
+        self.require_mask = False
+        self.has_mask = True
+        self.image_shape = (int(frames.shape[1]), int(frames.shape[2]))
+        self._frames, self._masks = frames, masks
+        n = len(frames)
+        self.nodules = [Nodule(annot_id=name, patient_id=name, label=-1, rows=np.arange(n, dtype=np.int64),
+                               frame_nums=np.arange(n, dtype=np.int64))]
+        self.by_id = {name: self.nodules[0]}
+        self.metadata = pd.DataFrame({"annot_id": [name]}).set_index("annot_id", drop=False)
+
+    @staticmethod
+    def _take(arr: np.ndarray, idx: Sequence[int] | np.ndarray, box: Box | None) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if box is None:
+            return arr[idx]
+        return arr[idx, box[0]:box[2], box[1]:box[3]]
+
+    def frames(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
+        return self._take(self._frames, idx, box)
+
+    def masks(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
+        return self._take(self._masks, idx, box)
+
+    def close(self) -> None:
+        pass
+
+
+class ClipMasks(PredictedMasks):
+    """The clip's predicted masks as :class:`PredictedMasks` (no ``masks.h5``; base ``__init__`` not called)."""
+
+    def __init__(self, cine: ClipCine) -> None:
+        self.path = cine.h5_path
+        self.cine = cine
+
+    def masks(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
+        return self.cine.masks(annot_id, idx, box)
+
+
+# ---------------------------------------------------------------------------------------------- models
+@dataclass
+class Predictor:
+    """The four loaded stages of one fold and the data settings they were trained with."""
+
+    seg: torch.nn.Module
+    vit: torch.nn.Module
+    maskcnn: torch.nn.Module
+    head: torch.nn.Module
+    seg_size: int
+    seg_threshold: float
+    vit_data: dict
+    mask_data: dict
+    img_size: int
+    mask_size: int
+    device: torch.device
+
+
+def resolve_checkpoints(*, fold_dir: str | os.PathLike | None, seg=None, vit=None, maskcnn=None, head=None,
+                        head_variant: str = "stact") -> dict[str, Path]:
+    """Explicit paths win; the rest come from ``fold_dir`` (seg.ckpt, vit.ckpt, maskcnn.ckpt,
+    head_<variant>.ckpt). Every file must exist (DataError naming the first missing one)."""
+    given = {"seg": seg, "vit": vit, "maskcnn": maskcnn, "head": head}
+    names = {**CHECKPOINTS, "head": f"head_{head_variant}.ckpt"}
+    paths: dict[str, Path] = {}
+    for key, value in given.items():
+        if value is None:
+            if fold_dir is None:
+                raise DataError(None, f"--{key} is required (or give --fold-dir runs/<exp>/fold<k>)")
+            value = Path(fold_dir) / names[key]
+        paths[key] = Path(value)
+        if not paths[key].is_file():
+            raise DataError(paths[key], f"checkpoint not found (the {key} stage)")
+    return paths
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(None, f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def load_predictor(paths: dict[str, Path], device: str = "auto", mask_threshold: float | None = None) -> Predictor:
+    """Load the four stages in eval mode, as ``usnodule masks`` / ``embeddings`` load them."""
+    from lightning_modules.head_stage import HeadStage
+    from lightning_modules.maskcnn_stage import MaskCNNStage
+    from lightning_modules.vit_stage import ViTStage
+    from stages.embeddings import data_hparams, load_stage, vit_input_size
+    from stages.masks import load_seg, seg_input_size
+
+    seg = load_seg(paths["seg"])
+    vit, maskcnn = load_stage(ViTStage, paths["vit"]), load_stage(MaskCNNStage, paths["maskcnn"])
+    head = load_stage(HeadStage, paths["head"])
+    vit_data, mask_data = data_hparams(paths["vit"]), data_hparams(paths["maskcnn"])
+    img_size = vit_input_size(vit)
+    dev = pick_device(device)
+    return Predictor(
+        seg=seg.to(dev), vit=vit.to(dev), maskcnn=maskcnn.to(dev), head=head.to(dev),
+        seg_size=int(seg_input_size(paths["seg"]) or 256),
+        seg_threshold=float(seg.hparams.get("threshold", 0.5) if mask_threshold is None else mask_threshold),
+        vit_data=vit_data, mask_data=mask_data, img_size=img_size,
+        mask_size=int(mask_data.get("img_size") or img_size), device=dev,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+@torch.inference_mode()
+def segment(p: Predictor, frames: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """(T, H, W) uint8 {0, 1} predicted masks; the same steps as :func:`stages.masks.predict_masks`
+    (which streams from a Stanford HDF5 and so cannot take a clip in memory)."""
+    h, w = frames.shape[1:]
+    out = np.empty(frames.shape, dtype=np.uint8)
+    for r0 in range(0, len(frames), batch_size):
+        x = resize(frames[r0:r0 + batch_size], (p.seg_size, p.seg_size))[:, None] / 255.0
+        logits = p.seg(x.to(p.device))
+        # Back to full frame size before thresholding: smoother edges than resizing a binary mask.
+        logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+        out[r0:r0 + len(x)] = (torch.sigmoid(logits) > p.seg_threshold)[:, 0].to(torch.uint8).cpu().numpy()
+    return out
+
+
+@torch.inference_mode()
+def embed(p: Predictor, cine: ClipCine, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Per-stack ``image``/``seg`` embeddings (S, 256) and ``image_prob`` (S,), in stack order, exactly as
+    ``usnodule embeddings --boxes predicted`` computes them for a nodule."""
+    from stages.embeddings import EmbeddingExport, build_dataset
+
+    dataset = build_dataset(cine, ClipMasks(cine), p.vit_data, p.mask_data, p.img_size, p.mask_size,
+                            predicted_boxes=True)
+    export = EmbeddingExport(p.vit, p.maskcnn)
+    parts: dict[str, list[torch.Tensor]] = {"image": [], "seg": [], "image_prob": []}
+    for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size, shuffle=False)):
+        batch = {k: v.to(p.device) for k, v in batch.items()}
+        out = export.predict_step(batch, i)
+        for key in parts:
+            parts[key].append(out[key].float().cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+@torch.inference_mode()
+def head_prob(p: Predictor, emb: dict[str, torch.Tensor]) -> float:
+    """HeadStage malignant probability of one sequence, batched as the head's DataModule batches it."""
+    item = {"image_emb": emb["image"], "seg_emb": emb["seg"], "label": torch.tensor(-1),
+            "nodule": torch.tensor(0)}
+    batch = {k: v.to(p.device) for k, v in pad_collate([item]).items()}
+    return float(p.head.predict_step(batch, 0)["prob"][0])
+
+
+def predict_clip(p: Predictor, path: str | os.PathLike, *, threshold: float = 0.5, batch_size: int = 16) -> dict:
+    """One CSV row for the clip at ``path``."""
+    frames = read_frames(path)
+    masks = segment(p, frames, batch_size)
+    cine = ClipCine(str(path), frames, masks)
+    emb = embed(p, cine, batch_size)
+    prob = head_prob(p, emb)
+    return {"clip": str(path), "n_frames": int(len(frames)), "n_stacks": int(len(emb["image"])),
+            "frames_with_mask": int(masks.reshape(len(masks), -1).any(axis=1).sum()),
+            "prob_malignant": prob, "pred": int(prob >= threshold),
+            "prob_avepool": float(emb["image_prob"].mean())}
+
+
+def predict(clips: Sequence[str | os.PathLike], *, seg=None, vit=None, maskcnn=None, head=None,
+            fold_dir: str | os.PathLike | None = None, head_variant: str = "stact",
+            out: str | os.PathLike | None = None, threshold: float = 0.5, device: str = "auto",
+            batch_size: int = 16, mask_threshold: float | None = None, progress: bool = True) -> pd.DataFrame:
+    """Predict every clip; write ``out`` (atomically, only if all succeed) when given. Returns the table."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    if not clips:
+        raise DataError(None, "no clips given")
+    for c in clips:  # fail before loading models for a plain typo
+        if not split_h5_spec(c)[0].exists():  # "clip.h5:/key" names a dataset inside clip.h5
+            raise DataError(c, "does not exist")
+    paths = resolve_checkpoints(fold_dir=fold_dir, seg=seg, vit=vit, maskcnn=maskcnn, head=head,
+                                head_variant=head_variant)
+    p = load_predictor(paths, device, mask_threshold)
+    rows = []
+    bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   disable=not (progress and sys.stdout.isatty()))
+    with bar:
+        task = bar.add_task("predict", total=len(clips))
+        for c in clips:
+            rows.append(predict_clip(p, c, threshold=threshold, batch_size=batch_size))
+            bar.advance(task)
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    if out is not None:
+        with atomic_path(out) as tmp:
+            table.to_csv(tmp, index=False)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="STACT-Time malignancy probability of new clips (DICOM, video, .npy, ...)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("clips", nargs="+", type=Path, help="clips: .dcm, .mp4/.avi, frame folder, .npy/.npz, .h5")
+    p.add_argument("--fold-dir", type=Path, default=None,
+                   help="runs/<exp>/fold<k>: seg.ckpt, vit.ckpt, maskcnn.ckpt, head_<variant>.ckpt inside it")
+    p.add_argument("--seg", type=Path, default=None, help="SegStage checkpoint (overrides --fold-dir)")
+    p.add_argument("--vit", type=Path, default=None, help="ViTStage checkpoint (overrides --fold-dir)")
+    p.add_argument("--maskcnn", type=Path, default=None, help="MaskCNNStage checkpoint (overrides --fold-dir)")
+    p.add_argument("--head", type=Path, default=None, help="HeadStage checkpoint (overrides --fold-dir)")
+    p.add_argument("--head-variant", default="stact", help="head file in --fold-dir: head_<variant>.ckpt")
+    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output CSV (default predictions.csv)")
+    p.add_argument("--threshold", type=float, default=0.5, help="decision threshold on prob_malignant")
+    p.add_argument("--mask-threshold", type=float, default=None,
+                   help="mask probability threshold (default: the SegStage's)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=16, help="frames / stacks per forward pass")
+    p.set_defaults(func=run)
+
+
+def show(table: pd.DataFrame, threshold: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"STACT-Time predictions (malignant if prob >= {threshold:g})")
+    for col in ("clip", "frames", "stacks", "masked", "prob", "pred", "avepool"):
+        t.add_column(col, justify="left" if col == "clip" else "right", overflow="fold")
+    for r in table.itertuples(index=False):
+        t.add_row(str(r.clip), str(r.n_frames), str(r.n_stacks), str(r.frames_with_mask), f"{r.prob_malignant:.3f}",
+                  "malignant" if r.pred else "benign", f"{r.prob_avepool:.3f}")
+    Console().print(t)
+
+
+def run(args: argparse.Namespace) -> None:
+    table = predict(args.clips, seg=args.seg, vit=args.vit, maskcnn=args.maskcnn, head=args.head,
+                    fold_dir=args.fold_dir, head_variant=args.head_variant, out=args.out,
+                    threshold=args.threshold, device=args.device, batch_size=args.batch_size,
+                    mask_threshold=args.mask_threshold)
+    show(table, args.threshold)
+    print(f"wrote {args.out}")

@@ -81,7 +81,12 @@ def _cli_args(paired, tmp_path: Path) -> list[str]:
 
 
 def test_cli_fit_fast_dev_run_from_demo_yaml(paired, tmp_path):
-    main(["fit", *_cli_args(paired, tmp_path), "--trainer.fast_dev_run=1"])
+    out = tmp_path / "asycmst.ckpt"
+    main(["fit", *_cli_args(paired, tmp_path), "--trainer.fast_dev_run=1", f"--ckpt_out={out}"])
+    ckpt = torch.load(out, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1  # one optimiser step happened
+    assert ckpt["hyper_parameters"]["strategy"] == "asymmetric" and ckpt["hyper_parameters"]["w1"] == 0.4
+    assert any(k.startswith("net.acmst.") for k in ckpt["state_dict"])
 
 
 def test_cli_validate_test_predict(paired, tmp_path):

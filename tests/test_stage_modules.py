@@ -241,6 +241,10 @@ def test_demo_config_runs_through_the_cli(name, tiny_chain_files):
     data = {"head": ["--data.init_args.path", f["embeddings"]]}.get(name, ["--data.init_args.h5", f["h5"]])
     if name == "maskcnn":
         data += ["--data.init_args.masks_h5", f["masks"]]
+    out = f["root"] / f"{name}.ckpt"
     main(["fit", "-c", str(ROOT / "conf" / "demo" / f"{name}.yaml"), *data,
           "--data.init_args.splits", f["splits"], "--trainer.fast_dev_run", "1",
-          "--trainer.default_root_dir", str(f["root"] / name), "--trainer.enable_progress_bar", "false"])
+          "--trainer.default_root_dir", str(f["root"] / name), "--trainer.enable_progress_bar", "false",
+          f"--ckpt_out={out}"])
+    ckpt = torch.load(out, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1 and ckpt["datamodule_hyper_parameters"]["fold"] == 0

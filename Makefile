@@ -42,7 +42,7 @@ SYNTH_ARGS ?= --nodules 250 --frames 12 --size 128 --cases 40 --prevalence 0.2 -
 HEAD_VARIANTS ?= stact vit_self seg_self
 BASELINES ?= tirads,avepool,cinetrans
 
-.PHONY: help venv data splits vit seg masks maskcnn embeddings train-head predictions report demo asycmst \
+.PHONY: FORCE help venv data splits vit seg masks maskcnn embeddings train-head predictions report demo asycmst \
         test lint bench clean clean-runs
 
 help: ## list the targets
@@ -59,9 +59,15 @@ $(STAMP): pyproject.toml
 # ---------------------------------------------------------------------------------------------- data
 data: $(SYNTH)/stanford/dataset.hdf5 ## generate the synthetic Stanford-layout and paired BUS/CEUS sets (+ preview.png)
 
-# A real DATA directory is used as it is; the synthetic one is generated on demand.
-$(SYNTH)/stanford/dataset.hdf5 $(SYNTH)/paired/manifest.csv &: | $(STAMP)
+# A real DATA directory is used as it is; the synthetic one is generated on demand, and again when
+# SYNTH_ARGS change (recorded in $(SYNTH)/.args, rewritten only when different).
+$(SYNTH)/stanford/dataset.hdf5 $(SYNTH)/paired/manifest.csv &: $(SYNTH)/.args | $(STAMP)
 	$(USNODULE) synth --out $(SYNTH) $(SYNTH_ARGS) --preview
+
+$(SYNTH)/.args: FORCE
+	@mkdir -p $(@D); echo '$(SYNTH_ARGS)' | cmp -s - $@ || echo '$(SYNTH_ARGS)' > $@
+
+FORCE:
 
 splits: $(SPLITS) $(PAIRED)/splits.json ## K folds grouped by patient, stratified by label (FOLDS=5)
 

@@ -23,7 +23,6 @@ differ), which is far less noisy on a shared CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -33,6 +32,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from datamodules.atomic import write_json
 from lightning_modules.nets.asycmst import AsyCMSTNet
 from lightning_modules.nets.asycmst_attention import STSABlock
 
@@ -170,11 +170,7 @@ def main(argv: list[str] | None = None) -> None:
               f"(of minima {r['ratio_of_min']:.2f}x)")
     suffix = "_fuse" if args.fuse_only else ""
     out = args.out or Path(__file__).parent / "results" / f"asycmst_inference{suffix}_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {write_json(result, out)}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the running pea
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from datamodules.atomic import write_json
 from lightning_modules.nets.asycmst_attention import STRATEGY_PATTERNS, CrossModalAttention, attend
 
 KEYS = {  # keys per query for each pattern (the "cross" pattern computes N + T scores, one of them masked)
@@ -238,11 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     result = run(args)
     out = args.out or Path(__file__).parent / "results" / f"cross_attention_{result['device_type']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {write_json(result, out)}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from datamodules.atomic import write_json
+
 HEADER = ["annot_id", "ti-rads_composition", "ti-rads_echogenicity", "ti-rads_shape", "ti-rads_margin",
           "ti-rads_echogenicfoci", "ti-rads_level", "histopath_diagnosis"]
 
@@ -233,8 +235,7 @@ def main() -> None:
     print(f"export loop {t['export_loop_stacks_per_s']:.1f} stacks/s, end to end "
           f"{t['export_end_to_end_stacks_per_s']:.1f}, bare forward {t['bare_forward_stacks_per_s']:.1f} -> "
           f"loop/bare {t['export_loop_vs_bare']:.2f}, end-to-end/bare {t['export_end_to_end_vs_bare']:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {write_json(result, args.out)}")
     print(f"wrote {args.out}")
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from datamodules.atomic import write_json
 from datamodules.stanford import StanfordCine, bbox_from_mask
 
 BUFFER = 5
@@ -88,9 +89,8 @@ def main() -> None:
         "reader_over_bare_throughput": bare / reader,
         "machine": f"{platform.machine()} {platform.processor() or ''} {platform.node()}".strip(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
+    print(f"wrote {write_json(result, args.out)}")
     if tmp is not None:
         tmp.cleanup()
 

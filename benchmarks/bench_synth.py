@@ -9,7 +9,6 @@ and the paired BUS/CEUS set once; writes ``benchmarks/results/synth.json`` and p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import h5py
 
+from datamodules.atomic import write_json
 from datamodules.synth import synthesize_paired, synthesize_stanford
 
 
@@ -79,8 +79,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "load_avg_1m": os.getloadavg()[0]},
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {write_json(result, args.out)}")
     print(f"wrote {args.out}")
 
 

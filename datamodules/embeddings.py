@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
-from datamodules.lazy_h5 import LazyH5
+from datamodules.lazy_h5 import LazyH5, open_checked
 from datamodules.parts import PartsDataModule
 
 
@@ -30,14 +30,8 @@ def group_name(annot_id: str) -> str:
 def read_index(path: str | os.PathLike) -> dict[str, dict]:
     """``{annot_id: {"group", "label", "S"}}`` of an embeddings file, validated (one line on any problem)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "embeddings file does not exist (run `usnodule embeddings` first)")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise DataError(path, f"not a readable HDF5 file ({e})") from None
     index = {}
-    with f:
+    with open_checked(path, missing="embeddings file does not exist (run `usnodule embeddings` first)") as f:
         for name, g in f.items():
             if not isinstance(g, h5py.Group) or "image" not in g or "seg" not in g:
                 raise DataError(path, f"'{name}' is not a nodule group with 'image' and 'seg' datasets")

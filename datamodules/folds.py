@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from datamodules.atomic import atomic_path
+from datamodules.atomic import write_json
 from datamodules.errors import DataError
 
 PARTS = ("train", "val", "test")
@@ -54,10 +54,7 @@ def make_folds(ids: Sequence[str], labels: Sequence[int], groups: Sequence[str],
 
 
 def write_splits(doc: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1))
-    return path
+    return write_json(doc, path)
 
 
 def load_splits(path: str | os.PathLike) -> dict:

@@ -7,10 +7,13 @@ keep a :class:`LazyH5` and call ``.file`` at read time.  Pickling drops the hand
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from datamodules.errors import DataError
 
 Box = tuple[int, int, int, int]
 
@@ -56,3 +59,20 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray, box: Box | None = None) -> np.
 def text(value) -> str:
     """An HDF5 bytes cell (``b'129_'``) or a str, stripped."""
     return (value.decode() if isinstance(value, bytes | np.bytes_) else str(value)).strip()
+
+
+def open_checked(path: Path, keys: Sequence[str] = (), missing: str = "file does not exist") -> h5py.File:
+    """Open an HDF5 file for reading, or raise one-line :class:`DataError`s: ``missing`` when the file is not
+    there, "not a readable HDF5 file", or the first of ``keys`` it lacks (naming the keys it has)."""
+    if not path.is_file():
+        raise DataError(path, missing)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(path, f"not a readable HDF5 file ({e})") from None
+    for key in keys:
+        if key not in f:
+            have = ", ".join(sorted(f.keys()))
+            f.close()
+            raise DataError(path, f"missing dataset '{key}' (have: {have})")
+    return f

@@ -28,7 +28,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,7 +35,7 @@ from torch.utils.data import Dataset
 
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
-from datamodules.lazy_h5 import LazyH5, read_rows, text
+from datamodules.lazy_h5 import LazyH5, open_checked, read_rows, text
 from datamodules.parts import PartsDataModule
 from datamodules.stanford import Box, StanfordCine, bbox_from_mask
 
@@ -112,16 +111,8 @@ class PredictedMasks:
 
     def _validate(self) -> None:
         path = self.path
-        if not path.is_file():
-            raise DataError(path, "masks file does not exist (run `usnodule masks` first)")
-        try:
-            f = h5py.File(path, "r")
-        except OSError as e:
-            raise DataError(path, f"not a readable HDF5 file ({e})") from None
-        with f:
-            for key in ("mask", "annot_id", "frame_num"):
-                if key not in f:
-                    raise DataError(path, f"missing dataset '{key}' (have: {', '.join(sorted(f.keys()))})")
+        missing = "masks file does not exist (run `usnodule masks` first)"
+        with open_checked(path, ("mask", "annot_id", "frame_num"), missing) as f:
             n = sum(nod.n_frames for nod in self.cine.nodules)
             want = (n, *self.cine.image_shape)
             if f["mask"].shape != want:

@@ -19,12 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 
 from datamodules.errors import DataError
-from datamodules.lazy_h5 import Box, LazyH5, read_rows, text
+from datamodules.lazy_h5 import Box, LazyH5, open_checked, read_rows, text
 
 TIRADS_FEATURES = ("composition", "echogenicity", "shape", "margin", "echogenicfoci")
 METADATA_COLUMNS = (
@@ -93,16 +92,8 @@ class StanfordCine:
     # ------------------------------------------------------------------ validation at start
     def _read_index(self) -> tuple[np.ndarray, np.ndarray, tuple[int, int], bool]:
         path = self.h5_path
-        if not path.is_file():
-            raise DataError(path, "file does not exist")
-        try:
-            f = h5py.File(path, "r")
-        except OSError as e:
-            raise DataError(path, f"not a readable HDF5 file ({e})") from None
-        with f:
-            for key in ("annot_id", "frame_num", "image") + (("mask",) if self.require_mask else ()):
-                if key not in f:
-                    raise DataError(path, f"missing dataset '{key}' (have: {', '.join(sorted(f.keys()))})")
+        keys = ("annot_id", "frame_num", "image") + (("mask",) if self.require_mask else ())
+        with open_checked(path, keys) as f:
             image = f["image"]
             if image.ndim != 3:
                 raise DataError(path, f"'image' must be (N, H, W), got shape {image.shape}")

@@ -19,6 +19,18 @@ with TI-RADS ground truth.  What it imitates, and why:
   an aspect ratio that turns across frames), so image + mask models can beat TI-RADS alone (STACT-Time
   Table 2 has TI-RADS at AUC 0.84 against 0.91 for image + segmentation).  Prevalence is set exactly by
   taking the top ``round(q n)`` of risk + logistic noise (same as solving for the logistic intercept).
+* Ground truth beside the data: each layout folder also gets ``truth.csv`` (``stanford/truth.csv`` keyed by
+  ``annot_id``, ``paired/truth.csv`` by ``case_id``; see :data:`TRUTH_COLUMNS`) with the clean risk (the
+  log-odds before the logistic noise, up to the intercept that sets the prevalence), its two parts and the
+  hidden signals.  ``tirads_risk`` is what the metadata carries: the TI-RADS descriptor points *and* the age
+  term (age is a metadata.csv column, so a model of the metadata can learn it); ``hidden_risk`` is everything
+  else: heterogeneity and shape change, and for paired cases also the CEUS pattern, time-to-peak and wash-out
+  terms (paired clips have no shape change; the column is 0).  ``risk = tirads_risk + hidden_risk`` (to
+  rounding), ``label`` = the label in metadata.csv / manifest.csv.  No reader, training stage or datamodule
+  opens truth.csv (the Stanford reader opens ``metadata.csv`` by name, the paired reader the manifest it is
+  given); only ``usnodule report --truth`` reads it, for its reference rows (Bayes ceiling, TI-RADS oracle).
+  On the demo set (``--nodules 250 --frames 12 --size 128 --cases 40 --prevalence 0.2 --seed 0``) the clean
+  risk ranks the Stanford labels at AUROC 0.90, ``tirads_risk`` alone 0.77, ``hidden_risk`` alone 0.87.
 * Paired CEUS clips: gamma-variate time-intensity curves (wash-in, peak, wash-out) for parenchyma and nodule,
   enhancement patterns (homogeneous, ring, heterogeneous, hypo), bubble speckle that changes every frame,
   aligned frame by frame with a stationary-probe BUS clip of the same nodule and its mask.
@@ -67,6 +79,32 @@ METADATA_COLUMNS = (
 # Columns that may be blank (never the id, label or patient columns a reader groups by).
 BLANKABLE = METADATA_COLUMNS[1:13]
 MANIFEST_COLUMNS = ("case_id", "patient_id", "label", "bus", "ceus", "bus_mask")
+# Generator ground truth (module docstring): no reader opens these files, only ``usnodule report --truth``.
+TRUTH_COLUMNS = ("annot_id", "risk", "tirads_risk", "hidden_risk", "heterogeneity", "shape_change", "label")
+PAIRED_TRUTH_COLUMNS = ("case_id", "risk", "tirads_risk", "hidden_risk", "heterogeneity", "shape_change",
+                        "pattern", "ttp", "washout", "label")  # fmt: skip
+
+# Risk model (log-odds, before the intercept that sets the prevalence).  Metadata part: weights of the TI-RADS
+# points and of age; hidden part: weights of the image-only signals and, for paired cases, of CEUS.
+POINT_WEIGHTS = {"composition": 0.6, "echogenicity": 0.7, "shape": 0.5, "margin": 0.65, "echogenicfoci": 0.4}
+AGE_WEIGHT, AGE_CENTER = -0.03, 56
+HIDDEN_WEIGHT = 4.5  # per unit of heterogeneity and of shape change
+CEUS_PATTERN_WEIGHT = {"homogeneous": 0.0, "ring": -1.5, "heterogeneous": 1.5, "hypo": 1.5}
+TTP_WEIGHT, TTP_CENTER = -14.0, 0.32
+WASHOUT_WEIGHT, WASHOUT_CENTER = 1.4, 2.2
+
+
+def tirads_points(
+    composition: str, echogenicity: str, taller: bool, margin: str, foci: Iterable[str]
+) -> dict[str, int]:
+    """ACR TI-RADS points of each descriptor (the metadata.csv ``ti-rads_*`` columns)."""
+    return {
+        "composition": COMPOSITION[composition],
+        "echogenicity": ECHOGENICITY[echogenicity],
+        "shape": SHAPE_TALLER if taller else 0,
+        "margin": MARGIN[margin],
+        "echogenicfoci": sum(FOCI[f] for f in foci),
+    }
 
 
 def acr_level(points: int) -> int:
@@ -98,7 +136,8 @@ class NoduleSpec:
     foci: tuple[str, ...]
     heterogeneity: float  # hidden: texture heterogeneity in [0, 1]
     shape_change: float  # hidden: shape change along the sweep in [0, 1]
-    risk: float
+    risk: float  # clean risk (log-odds before the noise; paired: with the CEUS terms), as in truth.csv
+    noisy_risk: float  # risk + logistic noise: the label is 1 for the top round(q n) of these
     label: int
     frame_nums: np.ndarray = field(repr=False)
     seed: int = 0
@@ -110,13 +149,17 @@ class NoduleSpec:
 
     @property
     def points(self) -> dict[str, int]:
-        return {
-            "composition": COMPOSITION[self.composition],
-            "echogenicity": ECHOGENICITY[self.echogenicity],
-            "shape": SHAPE_TALLER if self.taller else 0,
-            "margin": MARGIN[self.margin],
-            "echogenicfoci": sum(FOCI[f] for f in self.foci),
-        }
+        return tirads_points(self.composition, self.echogenicity, self.taller, self.margin, self.foci)
+
+    @property
+    def tirads_risk(self) -> float:
+        """The part of the risk the metadata carries (TI-RADS points and age)."""
+        return _metadata_risk(self.points, self.age)
+
+    @property
+    def hidden_risk(self) -> float:
+        """The part of the B-mode risk from the image-only signals (heterogeneity, shape change)."""
+        return _hidden_bmode_risk(self.heterogeneity, self.shape_change)
 
     @property
     def level(self) -> int:
@@ -137,6 +180,11 @@ class CaseSpec:
     @property
     def patient_id(self) -> str:
         return self.nodule.patient_id
+
+    @property
+    def hidden_risk(self) -> float:
+        """Risk from everything the manifest does not carry: B-mode hidden signals + CEUS pattern and timing."""
+        return self.nodule.hidden_risk + _ceus_risk(self.pattern, self.ttp, self.washout)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -235,12 +283,36 @@ def _frame_nums(rng: np.random.Generator, n: int, gaps: bool) -> np.ndarray:
     return np.cumsum(step).astype(np.int64)
 
 
+def _metadata_risk(p: dict[str, int], age: float) -> float:
+    """Risk part the metadata carries: weighted TI-RADS points plus the age term."""
+    w = POINT_WEIGHTS
+    return (w["composition"] * p["composition"] + w["echogenicity"] * p["echogenicity"] + w["shape"] * p["shape"]
+            + w["margin"] * p["margin"] + w["echogenicfoci"] * p["echogenicfoci"]
+            + AGE_WEIGHT * (age - AGE_CENTER))  # fmt: skip
+
+
+def _hidden_bmode_risk(heterogeneity: float, shape_change: float) -> float:
+    """Risk part from the B-mode signals metadata.csv does not carry."""
+    return HIDDEN_WEIGHT * heterogeneity + HIDDEN_WEIGHT * shape_change
+
+
+def _ceus_risk(pattern: str, ttp: float, washout: float) -> float:
+    """Risk part from CEUS: enhancement pattern, earlier peak and faster wash-out."""
+    return (CEUS_PATTERN_WEIGHT[pattern] + TTP_WEIGHT * (ttp - TTP_CENTER)
+            + WASHOUT_WEIGHT * (washout - WASHOUT_CENTER))  # fmt: skip
+
+
+def _descriptor_points(d: dict) -> dict[str, int]:
+    return tirads_points(d["composition"], d["echogenicity"], d["size_cm"][1] > d["size_cm"][0], d["margin"],
+                         d["foci"])  # fmt: skip
+
+
 def _tirads_risk(d: dict) -> float:
-    """Malignancy risk (log-odds scale, before the intercept) of one nodule's descriptors + hidden signals."""
-    p = NoduleSpec(**d, risk=0.0, label=0).points
-    return (0.6 * p["composition"] + 0.7 * p["echogenicity"] + 0.5 * p["shape"] + 0.65 * p["margin"]
-            + 0.4 * p["echogenicfoci"] - 0.03 * (d["age"] - 56)
-            + 4.5 * d["heterogeneity"] + 4.5 * d["shape_change"])  # fmt: skip
+    """Malignancy risk (log-odds scale, before the intercept) of one nodule's descriptors + hidden signals:
+    the metadata part + the hidden part, summed term by term in one fixed order (so the labels a seed gives
+    stay the same bit for bit)."""
+    return (_metadata_risk(_descriptor_points(d), d["age"])
+            + HIDDEN_WEIGHT * d["heterogeneity"] + HIDDEN_WEIGHT * d["shape_change"])  # fmt: skip
 
 
 def plan_stanford(
@@ -260,7 +332,10 @@ def plan_stanford(
     rows = _sample_nodules(rng, n_nodules, seed, "P", "{}_", counts.astype(int), frame_gaps=True)
     risk = np.array([_tirads_risk(d) for d in rows])
     label, noisy = _top_q(rng, risk, prevalence)
-    return [NoduleSpec(**d, risk=float(r), label=int(y)) for d, r, y in zip(rows, noisy, label, strict=True)]
+    return [
+        NoduleSpec(**d, risk=float(r), noisy_risk=float(v), label=int(y))
+        for d, r, v, y in zip(rows, risk, noisy, label, strict=True)
+    ]
 
 
 def plan_paired(
@@ -279,19 +354,41 @@ def plan_paired(
     pattern = rng.choice(4, size=n_cases, p=(0.35, 0.2, 0.25, 0.2))
     ttp = np.clip(0.32 - 0.06 * latent + 0.04 * rng.standard_normal(n_cases), 0.14, 0.5)
     washout = np.clip(2.2 + 0.6 * latent + 0.4 * rng.standard_normal(n_cases), 0.9, 4.5)
-    pat_w = {"homogeneous": 0.0, "ring": -1.5, "heterogeneous": 1.5, "hypo": 1.5}
+    # Same terms, in the same order, as _tirads_risk(...) + _ceus_risk(...) (kept inline: same bits as before).
+    pat_w = CEUS_PATTERN_WEIGHT
     risk = np.array([
         _tirads_risk({**d, "shape_change": 0.0}) + pat_w[CEUS_PATTERNS[p]]
-        - 14.0 * (t - 0.32) + 1.4 * (a - 2.2)
+        + TTP_WEIGHT * (t - TTP_CENTER) + WASHOUT_WEIGHT * (a - WASHOUT_CENTER)
         for d, p, t, a in zip(rows, pattern, ttp, washout, strict=True)
     ])  # fmt: skip
     label, noisy = _top_q(rng, risk, prevalence)
     return [
         CaseSpec(case_id=d["annot_id"],
-                 nodule=NoduleSpec(**{**d, "shape_change": 0.0}, risk=float(r), label=int(y)),
+                 nodule=NoduleSpec(**{**d, "shape_change": 0.0}, risk=float(r), noisy_risk=float(v),
+                                   label=int(y)),
                  pattern=CEUS_PATTERNS[p], ttp=float(t), washout=float(a), label=int(y))
-        for d, p, t, a, r, y in zip(rows, pattern, ttp, washout, noisy, label, strict=True)
+        for d, p, t, a, r, v, y in zip(rows, pattern, ttp, washout, risk, noisy, label, strict=True)
     ]  # fmt: skip
+
+
+def truth_rows(specs: list[NoduleSpec] | list[CaseSpec]) -> list[dict[str, str]]:
+    """The ``truth.csv`` rows of Stanford nodules or paired cases (columns :data:`TRUTH_COLUMNS` /
+    :data:`PAIRED_TRUTH_COLUMNS`; numbers with 6 decimals)."""
+    rows = []
+    for s in specs:
+        n = s.nodule if isinstance(s, CaseSpec) else s
+        row = {"risk": n.risk, "tirads_risk": n.tirads_risk, "hidden_risk": s.hidden_risk,
+               "heterogeneity": n.heterogeneity, "shape_change": n.shape_change}  # fmt: skip
+        if isinstance(s, CaseSpec):
+            row.update(ttp=s.ttp, washout=s.washout)
+        row = {k: f"{v:.6f}" for k, v in row.items()}
+        if isinstance(s, CaseSpec):
+            row.update(case_id=s.case_id, pattern=s.pattern)
+        else:
+            row["annot_id"] = s.annot_id
+        row["label"] = str(s.label)
+        rows.append(row)
+    return rows
 
 
 def _check_prevalence(q: float) -> None:
@@ -941,7 +1038,8 @@ def synthesize_stanford(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Write ``out_dir/dataset.hdf5`` + ``metadata.csv`` in the Stanford AIMI cine-clip layout (returned).
+    """Write ``out_dir/dataset.hdf5`` + ``metadata.csv`` in the Stanford AIMI cine-clip layout (returned), and
+    the generator's ``truth.csv`` beside them (module docstring; no reader opens it).
 
     ``frames`` is the mean clip length (``vary_frames=False``: every clip exactly that long).  Frames are
     chunked one per chunk and gzip-1 compressed.  ``workers`` > 1 renders in that many processes (same bytes
@@ -983,6 +1081,7 @@ def synthesize_stanford(
                     pool.terminate()
                     pool.join()
         _write_csv(tmp / "metadata.csv", METADATA_COLUMNS, meta)
+        _write_csv(tmp / "truth.csv", TRUTH_COLUMNS, truth_rows(specs))
     return out_dir
 
 
@@ -1004,7 +1103,8 @@ def synthesize_paired(
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write the paired BUS/CEUS layout under ``out_dir``: ``manifest.csv`` + ``bus/``, ``ceus/``,
-    ``bus_mask/`` .npy clips (T, H, W) uint8 (mask in {0, 1}); paths in the manifest are relative to it."""
+    ``bus_mask/`` .npy clips (T, H, W) uint8 (mask in {0, 1}); paths in the manifest are relative to it.
+    Also ``truth.csv`` (module docstring; no reader opens it)."""
     cases = plan_paired(n_cases, frames, prevalence, seed)
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
@@ -1021,6 +1121,7 @@ def synthesize_paired(
             if progress is not None:
                 progress(j + 1, len(cases))
         _write_csv(tmp / "manifest.csv", MANIFEST_COLUMNS, rows)
+        _write_csv(tmp / "truth.csv", PAIRED_TRUTH_COLUMNS, truth_rows(cases))
     return out_dir
 
 
@@ -1148,7 +1249,7 @@ def preview(
 
 
 __all__ = [
-    "CaseSpec", "NoduleSpec", "acr_level", "gamma_variate", "plan_paired", "plan_stanford", "preview",
-    "render_cine", "render_paired", "sweep_positions", "synthesize", "synthesize_paired",
-    "synthesize_stanford",
+    "CaseSpec", "NoduleSpec", "PAIRED_TRUTH_COLUMNS", "TRUTH_COLUMNS", "acr_level", "gamma_variate",
+    "plan_paired", "plan_stanford", "preview", "render_cine", "render_paired", "sweep_positions", "synthesize",
+    "synthesize_paired", "synthesize_stanford", "tirads_points", "truth_rows",
 ]  # fmt: skip

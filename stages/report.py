@@ -19,6 +19,19 @@ and, when present, ``stack_predictions_<backbone>.csv`` (``annot_id,stack,label,
 
 A fold whose test part holds one class has an undefined AUROC; it is left out of that mean (``n_folds`` says
 how many folds each mean used).
+
+``--truth FILE`` (a synthetic set's ``truth.csv``, written by ``usnodule synth`` and read by no other stage)
+adds two reference rows, scored on exactly the test nodules of each fold that the methods' prediction files
+list (every id must be in FILE, with the same label): **Bayes ceiling** (score = the generator's clean risk,
+the log-odds before the label noise) and **TI-RADS oracle** (score = its TI-RADS-and-age part, with the
+generator's own weights).  They show what the data allows, next to what each method reached.  Their scores are
+log-odds up to an unknown intercept, not probabilities, so the metrics at threshold 0.5 (ACC, precision,
+recall, F1, specificity) and the 95%-sensitivity threshold are NaN/"–"; AUROC (mean ± std over folds, pooled
+with its bootstrap CI) and the specificity / benign nodules spared at 95% sensitivity, which depend on the
+ranking only, are shown.  They sit in their own section of ``results.md`` ("Reference (generator truth)"),
+below the methods in the terminal table and in ``roc.png`` (dashed), and have ``reference = True`` in
+``results.csv`` (False for methods).  ``--title`` names the report (heading of ``results.md``, the terminal
+table and ``roc.png``), e.g. "STACT-Time" or "AsyCMST" when one experiment yields two reports.
 """
 
 from __future__ import annotations
@@ -44,7 +57,12 @@ HEADERS = {"acc": "Nodule ACC", "precision": "Nodule Precision", "recall": "Nodu
 NAMES = {
     "cinecnn_avepool": "CineCNN-AvePool", "cinecnn_trans": "CineCNN-Trans", "tirads": "TI-RADS",
     "seg_self": "Seg + Self", "vit_self": "ViT + Self", "joint": "Joint fusion", "stact": "STACT-Time",
+    "asycmst": "AsyCMST", "asycmst_none": "AsyCMST (no cross-attention)",
 }
+# Reference rows from a synthetic set's truth.csv (``--truth``): method key -> (display name, score column).
+REFERENCES = {"bayes_ceiling": ("Bayes ceiling", "risk"), "tirads_oracle": ("TI-RADS oracle", "tirads_risk")}
+# Metrics that need a probability (threshold 0.5): not defined for the reference rows' log-odds scores.
+THRESHOLDED = ("acc", "precision", "recall", "f1", "specificity")
 BACKBONES = {"vit": "ViT Backbone", "seg": "Segmentation Backbone", "joint": "Joint Fusion Backbone"}
 FOLD_DIR = re.compile(r"^fold(\d+)$")
 
@@ -141,6 +159,62 @@ def read_predictions(runs: str | os.PathLike, prefix: str = "predictions_") -> p
     return pd.concat(frames, ignore_index=True)
 
 
+def read_truth(path: str | os.PathLike) -> pd.DataFrame:
+    """A synthetic set's ``truth.csv`` indexed by its id column (``annot_id`` or ``case_id``): risk,
+    tirads_risk and label (other columns kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "truth file does not exist (usnodule synth writes <out>/stanford/truth.csv and "
+                              "<out>/paired/truth.csv)")
+    try:
+        df = pd.read_csv(path, dtype={"annot_id": str, "case_id": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(path, f"not a readable CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+    key = next((c for c in ("annot_id", "case_id") if c in df.columns), None)
+    need = {"risk", "tirads_risk", "label"}
+    if key is None or need - set(df.columns):
+        missing = sorted(need - set(df.columns)) + ([] if key else ["annot_id or case_id"])
+        raise DataError(path, f"missing column(s) {', '.join(missing)}")
+    if df[key].isna().any() or df[key].duplicated().any():
+        raise DataError(path, f"{key} must be unique and non-empty")
+    for c in ("risk", "tirads_risk"):
+        if not pd.api.types.is_numeric_dtype(df[c]) or df[c].isna().any():
+            raise DataError(path, f"every {c} must be a number")
+    if not df["label"].isin([0, 1]).all():
+        raise DataError(path, "labels must be 0/1")
+    return df.set_index(key)
+
+
+def reference_predictions(preds: pd.DataFrame, truth_path: str | os.PathLike) -> pd.DataFrame:
+    """The reference rows' scores (``REFERENCES``) on the (fold, annot_id) pairs of the methods' predictions, in
+    the shape of ``preds`` (``prob`` holds the risk score, not a probability)."""
+    truth = read_truth(truth_path)
+    nod = preds[["fold", "annot_id", "label"]].drop_duplicates(["fold", "annot_id"]).reset_index(drop=True)
+    missing = sorted(set(nod["annot_id"]) - set(truth.index))
+    if missing:
+        raise DataError(truth_path, f"{len(missing)} test nodule id(s) of the predictions not in it (e.g. "
+                                    f"{', '.join(missing[:3])}): the truth.csv of another data set?")
+    t = truth.loc[nod["annot_id"]]
+    differ = nod.loc[t["label"].to_numpy() != nod["label"].to_numpy(), "annot_id"]
+    if len(differ):
+        raise DataError(truth_path, f"label differs from the predictions' for {differ.nunique()} nodule(s) (e.g. "
+                                    f"{', '.join(sorted(set(differ))[:3])}): the truth.csv of another data set?")
+    frames = [nod.assign(method=m, prob=t[col].to_numpy()) for m, (_, col) in REFERENCES.items()]
+    return pd.concat(frames, ignore_index=True)[["method", "fold", "annot_id", "label", "prob"]]
+
+
+def reference_table(refs: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Rows of the reference scores: AUROC and the 95%-sensitivity point; thresholded metrics NaN."""
+    rows = []
+    for m, (name, _) in REFERENCES.items():
+        row = _method_row(refs, m, n_boot, seed)
+        row.update(name=name, reference=True, sens95_threshold=float("nan"))
+        for k in THRESHOLDED:
+            row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_folds"] = float("nan"), float("nan"), 0
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def method_order(methods) -> list[str]:
     known = [m for m in NAMES if m in set(methods)]
     return known + sorted(set(methods) - set(known))
@@ -166,7 +240,8 @@ def _method_row(preds: pd.DataFrame, m: str, n_boot: int, seed: int) -> dict:
     """Table-2 row of one method (see :func:`nodule_table`)."""
     df = preds[preds["method"] == m]
     per_fold = [binary_metrics(g["label"], g["prob"]) for _, g in df.groupby("fold")]
-    row = {"method": m, "name": NAMES.get(m, m), "n_folds": df["fold"].nunique(), "n_nodules": len(df)}
+    row = {"method": m, "name": NAMES.get(m, m), "reference": False, "n_folds": df["fold"].nunique(),
+           "n_nodules": len(df)}
     for k in METRICS:
         row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_folds"] = mean_std([f[k] for f in per_fold])
     y, p = df["label"].to_numpy(), df["prob"].to_numpy()
@@ -202,8 +277,11 @@ def pm(mean: float, std: float) -> str:
     return "-" if np.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
 
 
-def markdown(table: pd.DataFrame, stack: pd.DataFrame, runs: Path) -> str:
-    lines = [f"# Results: {runs}", "",
+def markdown(table: pd.DataFrame, stack: pd.DataFrame, runs: Path, title: str | None = None,
+             truth: Path | None = None) -> str:
+    refs = table[table["reference"]] if "reference" in table else table.iloc[:0]
+    table = table[~table["reference"]] if "reference" in table else table
+    lines = [f"# {title}: results ({runs})" if title else f"# Results: {runs}", "",
              "Nodule-level metrics, mean ± std (ddof 1) over cross-validation folds, threshold 0.5 (Table 2).", "",
              "| Method | " + " | ".join(HEADERS[k] for k in TABLE_METRICS) + " | folds |",
              "|---" * (len(TABLE_METRICS) + 2) + "|"]
@@ -223,6 +301,22 @@ def markdown(table: pd.DataFrame, stack: pd.DataFrame, runs: Path) -> str:
             op = [f"{r['sens95_threshold']:.3f}", f"{r['sens95_sensitivity']:.3f}", f"{r['sens95_specificity']:.3f}",
                   f"{int(r['sens95_benign_spared'])} / {int(r['n_benign'])}"]
         lines.append(f"| {r['name']} | {auc} | " + " | ".join(op) + " |")
+    if len(refs):
+        lines += ["", "## Reference (generator truth)", "",
+                  f"Not methods: scores from the synthetic generator's `{truth}` on the same test nodules of each "
+                  "fold. *Bayes ceiling* = the clean risk (log-odds before the label noise: what the data allows; "
+                  "a method can beat it only by chance); *TI-RADS oracle* = its TI-RADS-and-age part with the "
+                  "generator's own weights (what the metadata allows). The scores are not probabilities, so the "
+                  "metrics at threshold 0.5 are not defined (–).", "",
+                  "| Reference | Nodule AUROC | Pooled AUROC [95% CI] | Specificity @95% sens | Benign spared "
+                  "| folds | nodules |", "|---|---|---|---|---|---|---|"]
+        for _, r in refs.iterrows():
+            auc = "-" if np.isnan(r["auroc_pooled"]) else (
+                f"{r['auroc_pooled']:.3f} [{r['auroc_ci_low']:.3f}, {r['auroc_ci_high']:.3f}]")
+            spec, spared = ("-", "-") if np.isnan(r["sens95_specificity"]) else (
+                f"{r['sens95_specificity']:.3f}", f"{int(r['sens95_benign_spared'])} / {int(r['n_benign'])}")
+            lines.append(f"| *{r['name']}* | {pm(r['auroc_mean'], r['auroc_std'])} | {auc} | {spec} | {spared} "
+                         f"| {r['n_folds']} | {r['n_nodules']} |")
     if len(stack):
         lines += ["", "Backbones, stack (\"Frame\") and nodule level (nodule = mean of stack probabilities), "
                       "mean ± std over folds (Table 3).", "",
@@ -235,7 +329,7 @@ def markdown(table: pd.DataFrame, stack: pd.DataFrame, runs: Path) -> str:
     return "\n".join(lines)
 
 
-def plot_roc(preds: pd.DataFrame, path: Path) -> None:
+def plot_roc(preds: pd.DataFrame, path: Path, refs: pd.DataFrame | None = None, title: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,8 +342,16 @@ def plot_roc(preds: pd.DataFrame, path: Path) -> None:
             continue
         fpr, tpr, _ = roc_curve(df["label"], df["prob"])
         ax.plot(fpr, tpr, label=f"{NAMES.get(m, m)} (AUROC {roc_auc_score(df['label'], df['prob']):.2f})")
+    for (m, (name, _)), color in zip(REFERENCES.items(), ("black", "dimgrey"), strict=True):
+        df = refs[refs["method"] == m] if refs is not None else refs
+        if df is None or df["label"].nunique() < 2:
+            continue
+        fpr, tpr, _ = roc_curve(df["label"], df["prob"])
+        ax.plot(fpr, tpr, color=color, lw=1.0, ls=(0, (4, 2)),
+                label=f"{name}, reference (AUROC {roc_auc_score(df['label'], df['prob']):.2f})")
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC, pooled over folds", xlim=(0, 1), ylim=(0, 1))
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1),
+           title=f"{title}: ROC, pooled over folds" if title else "ROC, pooled over folds")
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -266,9 +368,16 @@ def print_table(table: pd.DataFrame, title: str) -> None:
     for k in TABLE_METRICS:
         t.add_column(HEADERS[k], justify="right")
     t.add_column("Spec @95% sens", justify="right")
-    for _, r in table.iterrows():
+    refs = table["reference"] if "reference" in table else pd.Series(False, index=table.index)
+    for _, r in table[~refs].iterrows():
         spec = "-" if np.isnan(r["sens95_specificity"]) else f"{r['sens95_specificity']:.2f}"
         t.add_row(r["name"], *[pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in TABLE_METRICS], spec)
+    if refs.any():
+        t.add_section()
+        for _, r in table[refs].iterrows():
+            spec = "-" if np.isnan(r["sens95_specificity"]) else f"{r['sens95_specificity']:.2f}"
+            cells = ["–" if k in THRESHOLDED else pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in TABLE_METRICS]
+            t.add_row(f"{r['name']} (reference)", *cells, spec, style="italic")
     import sys
 
     # Not a terminal (CI log, make output): wide enough that method names and "mean ± std" do not wrap.
@@ -304,15 +413,20 @@ def log_wandb(out: Path, exp: str, table: pd.DataFrame, stack: pd.DataFrame, pre
 
 
 def report(runs: str | os.PathLike, out: str | os.PathLike, *, n_boot: int = 1000, seed: int = 0,
-           show: bool = True, wandb: bool = False, exp: str | None = None) -> pd.DataFrame:
-    """Write the report files (module docstring) and return the nodule table; ``wandb``: also log a summary
-    run (group ``exp``, default the runs folder's name)."""
+           show: bool = True, wandb: bool = False, exp: str | None = None, truth: str | os.PathLike | None = None,
+           title: str | None = None) -> pd.DataFrame:
+    """Write the report files (module docstring) and return the nodule table (methods, then the reference rows
+    when ``truth`` names a synthetic set's truth.csv); ``wandb``: also log a summary run (group ``exp``,
+    default the runs folder's name); ``title`` heads results.md, the terminal table and roc.png."""
     runs, out = Path(runs), Path(out)
     preds = read_predictions(runs)
     if preds.empty:
         raise DataError(runs, "no fold<k>/predictions_<method>.csv files (run the stages and `usnodule baselines`)")
+    refs = reference_predictions(preds, truth) if truth is not None else None  # checked before any work
     stacks = read_predictions(runs, "stack_predictions_")
     table = nodule_table(preds, n_boot=n_boot, seed=seed)
+    if refs is not None:
+        table = pd.concat([table, reference_table(refs, n_boot=n_boot, seed=seed)], ignore_index=True)
     stack = stack_table(stacks) if len(stacks) else pd.DataFrame()
     out.mkdir(parents=True, exist_ok=True)
     for name, frame in (("results.csv", table), ("results_stack.csv", stack),
@@ -322,12 +436,13 @@ def report(runs: str | os.PathLike, out: str | os.PathLike, *, n_boot: int = 100
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(markdown(table, stack, runs))
-    plot_roc(preds, out / "roc.png")
+        tmp.write_text(markdown(table, stack, runs, title, Path(truth) if truth is not None else None))
+    plot_roc(preds, out / "roc.png", refs, title)
     if wandb:
         log_wandb(out, exp or runs.resolve().name, table, stack, preds, runs)
     if show:
-        print_table(table, f"Nodule-level results ({runs}), mean ± std over folds")
+        head = f"{title}: nodule-level results" if title else "Nodule-level results"
+        print_table(table, f"{head} ({runs}), mean ± std over folds")
     return table
 
 
@@ -341,9 +456,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wandb", action="store_true",
                    help="also log a W&B summary run (job_type report; offline unless WANDB_MODE/credentials)")
     p.add_argument("--exp", default=None, help="W&B group = experiment name (default: the --runs folder name)")
+    p.add_argument("--truth", type=Path, default=None,
+                   help="a synthetic set's truth.csv (e.g. data/synth/stanford/truth.csv): add the reference rows "
+                        "'Bayes ceiling' and 'TI-RADS oracle' on the same test nodules")
+    p.add_argument("--title", default=None, help="report title, e.g. STACT-Time or AsyCMST (results.md heading)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    report(args.runs, args.out, n_boot=args.n_boot, seed=args.seed, wandb=args.wandb, exp=args.exp)
+    report(args.runs, args.out, n_boot=args.n_boot, seed=args.seed, wandb=args.wandb, exp=args.exp,
+           truth=args.truth, title=args.title)
     print(f"wrote {args.out}/results.md, results.csv, roc.png, predictions.csv")

@@ -26,10 +26,13 @@ def _fraction(text: str) -> float:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
-        help="write synthetic data: <out>/stanford (dataset.hdf5, metadata.csv), <out>/paired (manifest.csv)",
+        help="write synthetic data: <out>/stanford (dataset.hdf5, metadata.csv), <out>/paired (manifest.csv), "
+        "each with the generator's truth.csv",
         description="Synthetic thyroid ultrasound: B-mode cine sweeps in the Stanford AIMI layout and paired "
                     "BUS/CEUS clips, labels from TI-RADS features plus image-only signals. "
-                    "Deterministic by seed.",
+                    "Deterministic by seed. Each folder also gets truth.csv (clean risk, its TI-RADS and hidden "
+                    "parts, the hidden signals, the label), which no training stage reads; "
+                    "`usnodule report --truth` uses it for reference rows.",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("data/synth"), help="output folder (default data/synth)")
     p.add_argument(
@@ -91,6 +94,7 @@ def run(args: argparse.Namespace) -> None:
                          prevalence=args.prevalence,
                          seed=args.seed, workers=args.workers, progress=progress)  # fmt: skip
     print(f"wrote {out / 'stanford' / 'dataset.hdf5'}, {out / 'stanford' / 'metadata.csv'}, "
-          f"{out / 'paired' / 'manifest.csv'}")  # fmt: skip
+          f"{out / 'paired' / 'manifest.csv'}; generator truth (read by no stage, only `report --truth`): "
+          f"{out / 'stanford' / 'truth.csv'}, {out / 'paired' / 'truth.csv'}")  # fmt: skip
     if args.preview:
         print(f"wrote {preview(out, out / 'preview.png')}")

@@ -103,3 +103,92 @@ def test_cli_prints_table(tmp_path, capsys):
     args.func(args)
     out = capsys.readouterr().out
     assert "STACT-Time" in out and "Nodule AUROC" in out
+
+
+def truth_beside(root, rng, n_extra=5):
+    """Predictions of 2 methods on 3 folds (method 'tirads' misses one nodule of fold 1) and a truth.csv holding
+    every test nodule plus ``n_extra`` nodules no fold tests; returns (truth path, truth frame)."""
+    rows = []
+    for k in range(3):
+        d = root / "runs" / f"fold{k}"
+        d.mkdir(parents=True)
+        ids = [f"{10 * k + i}_" for i in range(10)]
+        label = np.array([0, 1] * 5)
+        risk = label * 1.5 + rng.normal(0, 1, 10)
+        rows += [{"annot_id": a, "risk": r, "tirads_risk": 0.5 * r + rng.normal(0, 1), "hidden_risk": 0.0,
+                  "label": y} for a, r, y in zip(ids, risk, label, strict=True)]
+        for m in ("stact", "tirads"):
+            keep = slice(None) if (m, k) != ("tirads", 1) else slice(0, 9)
+            prob = np.clip(label * 0.4 + 0.3 + rng.normal(0, 0.3, 10), 0, 1).round(4)
+            pd.DataFrame({"annot_id": ids, "label": label, "prob": prob}).iloc[keep].to_csv(
+                d / f"predictions_{m}.csv", index=False)
+    rows += [{"annot_id": f"{900 + i}_", "risk": 9.0 * (i % 2), "tirads_risk": 0.0, "hidden_risk": 0.0,
+              "label": 1 - i % 2} for i in range(n_extra)]  # would spoil the AUROC if they were counted
+    truth = pd.DataFrame(rows)
+    truth["hidden_risk"] = truth["risk"] - truth["tirads_risk"]
+    path = root / "truth.csv"
+    truth.to_csv(path, index=False)
+    return path, truth
+
+
+def test_truth_adds_reference_rows_on_the_same_nodules(tmp_path):
+    path, truth = truth_beside(tmp_path, np.random.default_rng(0))
+    table = report(tmp_path / "runs", tmp_path / "out", n_boot=50, show=False, truth=path, title="STACT-Time")
+    csv = pd.read_csv(tmp_path / "out" / "results.csv").set_index("method")
+    assert list(table["method"]) == ["tirads", "stact", "bayes_ceiling", "tirads_oracle"]
+    assert csv["reference"].tolist() == [False, False, True, True]
+    t = truth.set_index("annot_id")
+    for m, col in (("bayes_ceiling", "risk"), ("tirads_oracle", "tirads_risk")):
+        per_fold, pooled = [], []
+        for k in range(3):  # the union of the methods' fold-k test nodules: all 10 (stact has them all)
+            ids = [f"{10 * k + i}_" for i in range(10)]
+            per_fold.append(roc_auc_score(t.loc[ids, "label"], t.loc[ids, col]))
+            pooled += ids
+        assert csv.loc[m, "auroc_mean"] == pytest.approx(np.mean(per_fold), abs=1e-5)
+        assert csv.loc[m, "auroc_std"] == pytest.approx(np.std(per_fold, ddof=1), abs=1e-5)
+        assert csv.loc[m, "auroc_pooled"] == pytest.approx(
+            roc_auc_score(t.loc[pooled, "label"], t.loc[pooled, col]), abs=1e-5)
+        assert csv.loc[m, "n_nodules"] == 30 and csv.loc[m, "n_folds"] == 3
+        assert csv.loc[m, "auroc_ci_low"] <= csv.loc[m, "auroc_pooled"] <= csv.loc[m, "auroc_ci_high"]
+        for k in ("acc", "precision", "recall", "f1", "specificity"):  # need a probability: not defined
+            assert np.isnan(csv.loc[m, f"{k}_mean"])
+        assert np.isnan(csv.loc[m, "sens95_threshold"]) and csv.loc[m, "sens95_specificity"] >= 0
+    assert csv.loc["bayes_ceiling", "name"] == "Bayes ceiling" and csv.loc["tirads_oracle", "name"] == "TI-RADS oracle"
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert md.startswith("# STACT-Time")
+    methods, refs = md.split("## Reference (generator truth)")
+    assert "Bayes ceiling" not in methods and "*Bayes ceiling*" in refs and "*TI-RADS oracle*" in refs
+    assert len(pd.read_csv(tmp_path / "out" / "predictions.csv")) == 30 + 29  # the methods' rows only
+
+
+def test_truth_missing_an_id_is_a_data_error_naming_the_file(tmp_path):
+    path, truth = truth_beside(tmp_path, np.random.default_rng(1))
+    truth[truth["annot_id"] != "13_"].to_csv(path, index=False)
+    with pytest.raises(DataError, match="1 test nodule id") as e:
+        report(tmp_path / "runs", tmp_path / "out", n_boot=10, show=False, truth=path)
+    assert e.value.path == str(path) and "13_" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+    truth.assign(label=1 - truth["label"]).to_csv(path, index=False)
+    with pytest.raises(DataError, match="label differs"):
+        report(tmp_path / "runs", tmp_path / "out", n_boot=10, show=False, truth=path)
+    truth.drop(columns="tirads_risk").to_csv(path, index=False)
+    with pytest.raises(DataError, match="missing column.*tirads_risk"):
+        report(tmp_path / "runs", tmp_path / "out", n_boot=10, show=False, truth=path)
+
+
+def test_cli_truth_and_title_print_reference_rows_below_methods(tmp_path, capsys):
+    path, _ = truth_beside(tmp_path, np.random.default_rng(2))
+    for k in range(3):  # AsyCMST prediction files carry case ids in annot_id; its names are known
+        p = tmp_path / "runs" / f"fold{k}"
+        (p / "predictions_stact.csv").rename(p / "predictions_asycmst.csv")
+        (p / "predictions_tirads.csv").rename(p / "predictions_asycmst_none.csv")
+    parser = argparse.ArgumentParser()
+    report_stage.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"),
+                              "--n-boot", "20", "--truth", str(path), "--title", "AsyCMST"])
+    args.func(args)
+    out = capsys.readouterr().out
+    assert "AsyCMST: nodule-level results" in out and "AsyCMST (no cross-attention)" in out
+    assert out.index("AsyCMST (no cross-attention)") < out.index("Bayes ceiling (reference)") < out.index(
+        "TI-RADS oracle (reference)")
+    assert len(out.splitlines()) < 20  # the table and one line naming the files

@@ -102,9 +102,11 @@ def test_prevalence_is_honoured_and_follows_risk():
         y = np.array([s.label for s in synth.plan_stanford(n, 10, q, seed=2)])
         assert y.sum() == round(q * n)
     specs = synth.plan_stanford(400, 10, 0.09, seed=2)
-    risk = np.array([s.risk for s in specs])
+    noisy = np.array([s.noisy_risk for s in specs])
     y = np.array([s.label for s in specs])
-    assert risk[y == 1].min() >= risk[y == 0].max()  # labels are the top of risk (+ noise)
+    assert noisy[y == 1].min() >= noisy[y == 0].max()  # labels are the top of risk + noise
+    risk = np.array([s.risk for s in specs])  # the clean risk is not: noise moves nodules across the cut
+    assert risk[y == 1].min() < risk[y == 0].max() and not np.allclose(risk, noisy)
     cases = synth.plan_paired(200, 8, seed=2)
     assert sum(c.label for c in cases) == 90  # 0.45 like the AsyCMST thyroid set
     assert sum(c.label for c in synth.plan_paired(10, 8, 0.5, seed=2)) == 5
@@ -241,6 +243,7 @@ def test_cli_writes_both_layouts_and_preview(tmp_path, capsys):
           "--balanced", "--seed", "1", "--preview"])  # fmt: skip
     assert (out / "stanford" / "dataset.hdf5").is_file() and (out / "stanford" / "metadata.csv").is_file()
     assert (out / "paired" / "manifest.csv").is_file()
+    assert (out / "stanford" / "truth.csv").is_file() and (out / "paired" / "truth.csv").is_file()
     assert (out / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     labels = [r["histopath_diagnosis"] for r in _rows(out / "stanford" / "metadata.csv")]
     assert labels.count("1") == 2
@@ -266,3 +269,61 @@ def test_readers_accept_synthetic_output(small):
     assert len(cases) == 4 and {c.label for c in cases} <= {0, 1}
     bus, ceus, mask, annotated = load_case(cases[0])
     assert bus.shape == ceus.shape == mask.shape == (16, 48, 48) and annotated.all()
+
+
+def test_truth_csv_beside_each_layout(small):
+    truth = _rows(small / "stanford" / "truth.csv")
+    assert tuple(truth[0]) == synth.TRUTH_COLUMNS == (
+        "annot_id", "risk", "tirads_risk", "hidden_risk", "heterogeneity", "shape_change", "label",
+    )  # fmt: skip
+    meta = {r["annot_id"]: r for r in _rows(small / "stanford" / "metadata.csv")}
+    assert sorted(r["annot_id"] for r in truth) == sorted(meta)
+    for r in truth:
+        assert r["label"] == meta[r["annot_id"]]["histopath_diagnosis"]
+        assert float(r["risk"]) == pytest.approx(float(r["tirads_risk"]) + float(r["hidden_risk"]), abs=2e-6)
+        het, shp = float(r["heterogeneity"]), float(r["shape_change"])
+        assert 0 <= het <= 1 and 0 <= shp <= 1
+        assert float(r["hidden_risk"]) == pytest.approx(4.5 * het + 4.5 * shp, abs=2e-5)
+    paired = _rows(small / "paired" / "truth.csv")
+    assert tuple(paired[0]) == synth.PAIRED_TRUTH_COLUMNS == (
+        "case_id", "risk", "tirads_risk", "hidden_risk", "heterogeneity", "shape_change", "pattern", "ttp",
+        "washout", "label",
+    )  # fmt: skip
+    manifest = {r["case_id"]: r for r in _rows(small / "paired" / "manifest.csv")}
+    assert sorted(r["case_id"] for r in paired) == sorted(manifest)
+    for r in paired:
+        assert r["label"] == manifest[r["case_id"]]["label"] and r["pattern"] in synth.CEUS_PATTERNS
+        assert float(r["risk"]) == pytest.approx(float(r["tirads_risk"]) + float(r["hidden_risk"]), abs=2e-6)
+        assert float(r["shape_change"]) == 0.0  # paired clips are drawn without shape change
+        ceus = float(r["hidden_risk"]) - 4.5 * float(r["heterogeneity"])  # the CEUS terms are hidden too
+        assert ceus == pytest.approx(
+            {"homogeneous": 0.0, "ring": -1.5, "heterogeneous": 1.5, "hypo": 1.5}[r["pattern"]]
+            - 14.0 * (float(r["ttp"]) - 0.32)
+            + 1.4 * (float(r["washout"]) - 2.2),
+            abs=2e-5,
+        )
+
+
+def test_truth_risk_parts_match_the_plan_and_clean_risk_ranks_labels(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    out = synth.synthesize_stanford(
+        tmp_path / "stanford", n_nodules=80, frames=3, size=32, prevalence=0.3, seed=1
+    )
+    truth = _rows(out / "truth.csv")
+    specs = {s.annot_id: s for s in synth.plan_stanford(80, 3, 0.3, seed=1)}
+    for r in truth:
+        s = specs[r["annot_id"]]
+        assert float(r["risk"]) == pytest.approx(s.risk, abs=1e-6) and int(r["label"]) == s.label
+        # The metadata part is the weighted TI-RADS points + the age term (age is a metadata.csv column).
+        p = s.points
+        tirads = sum(synth.POINT_WEIGHTS[k] * p[k] for k in p) - 0.03 * (s.age - 56)
+        assert float(r["tirads_risk"]) == pytest.approx(tirads, abs=1e-5)
+    y = np.array([int(r["label"]) for r in truth])
+    auc = {k: roc_auc_score(y, [float(r[k]) for r in truth]) for k in ("risk", "tirads_risk", "hidden_risk")}
+    assert auc["risk"] > 0.8  # 0.93 for this seed
+    assert auc["risk"] > max(auc["tirads_risk"], auc["hidden_risk"])  # 0.76 and 0.90: both parts matter
+    cases = synth.plan_paired(80, 3, 0.45, seed=1)
+    rows = synth.truth_rows(cases)
+    assert [r["case_id"] for r in rows] == [c.case_id for c in cases]
+    assert roc_auc_score([c.label for c in cases], [float(r["risk"]) for r in rows]) > 0.8  # 0.92

@@ -232,7 +232,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    run_baselines(cine=args.cine, splits=args.splits, runs=args.runs, methods=methods, folds=args.folds,
-                  embeddings=args.embeddings, heads=dict(args.head), seed=args.seed,
-                  n_estimators=args.n_estimators, trans_epochs=args.trans_epochs, trans_lr=args.trans_lr,
-                  metadata=args.metadata)
+    written = run_baselines(cine=args.cine, splits=args.splits, runs=args.runs, methods=methods,
+                            folds=args.folds, embeddings=args.embeddings, heads=dict(args.head), seed=args.seed,
+                            n_estimators=args.n_estimators, trans_epochs=args.trans_epochs,
+                            trans_lr=args.trans_lr, metadata=args.metadata)
+    names = {p.name for p in written if p.name.startswith("predictions_")}
+    folds = {p.parent for p in written}
+    print(f"RESULT methods={len(names)} folds={len(folds)}")  # the key numbers for `python -m stages.step`

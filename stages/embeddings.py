@@ -360,3 +360,6 @@ def run(args: argparse.Namespace) -> None:
                  precision=args.precision, boxes=args.boxes)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"wrote {out}")
+        with h5py.File(out, "r") as f:  # the key numbers for `python -m stages.step`
+            groups = [g for g in f.values() if isinstance(g, h5py.Group)]
+            print(f"RESULT nodules={len(groups)} stacks={sum(g['image'].shape[0] for g in groups)}")

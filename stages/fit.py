@@ -132,6 +132,9 @@ class UsnoduleCLI(LightningCLI):
         trainer = self.trainer
         if trainer.interrupted:
             return
+        line = result_line(trainer)
+        if line and trainer.is_global_zero:  # the key metric for `python -m stages.step` (one line per step)
+            print(line, flush=True)
         stamp = Path(trainer.default_root_dir) / "checkpoints" / "experiment.sha"
         if trainer.is_global_zero and stamp.is_file():  # finished: a rerun starts afresh, never resumes
             stamp.unlink()
@@ -151,6 +154,22 @@ class UsnoduleCLI(LightningCLI):
         trainer.save_checkpoint(tmp)
         if trainer.is_global_zero:
             os.replace(tmp, out)
+
+
+def result_line(trainer: Trainer) -> str | None:
+    """``RESULT <monitor>=<best score>`` of the fit's monitored checkpoint callback, falling back to the last
+    logged value of the monitored key; ``None`` without a monitor or a value."""
+    cb = trainer.checkpoint_callback
+    monitor = getattr(cb, "monitor", None)
+    if not monitor:
+        return None
+    score = getattr(cb, "best_model_score", None)
+    if score is None:
+        score = trainer.callback_metrics.get(monitor, trainer.logged_metrics.get(monitor))
+    if score is None:
+        return None
+    value = float(score)
+    return f"RESULT {monitor}={value:.6g}"
 
 
 def main(args: ArgsType = None) -> None:

@@ -122,3 +122,13 @@ def run(args: argparse.Namespace) -> None:
                         num_workers=args.num_workers, device=args.device, threshold=args.threshold,
                         metadata=args.metadata)
     print(f"wrote {out}")
+    frames, foreground = _mask_summary(out)
+    print(f"RESULT frames={frames} foreground={foreground:.4g}")  # the key numbers for `python -m stages.step`
+
+
+def _mask_summary(path: Path, block: int = 256) -> tuple[int, float]:
+    """Frames in a masks file and the mean fraction of foreground pixels (0: the MSU-Net found nothing)."""
+    with h5py.File(path, "r") as f:
+        ds = f["mask"]
+        on = sum(int(np.count_nonzero(ds[r:r + block])) for r in range(0, ds.shape[0], block))
+        return ds.shape[0], on / max(1, ds.size)

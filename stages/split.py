@@ -25,6 +25,7 @@ def run(args: argparse.Namespace) -> None:
     out = write_splits(doc, args.out or args.data.with_name("splits.json"))
     n_groups = len(set(groups))
     print(f"wrote {out}: {len(ids)} cases ({sum(labels)} malignant) in {n_groups} groups, {args.folds} folds")
+    print(f"RESULT cases={len(ids)} malignant={sum(labels)} folds={args.folds}")  # for `python -m stages.step`
 
 
 def _cases(data: Path, metadata: Path | None) -> tuple[list[str], list[int], list[str]]:

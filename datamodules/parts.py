@@ -21,9 +21,13 @@ class PartsDataModule(L.LightningDataModule):
 
     def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
-        return DataLoader(self.datasets[part], batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
+        data = self.datasets[part]
+        # A last training batch of one sample would crash every BatchNorm net ("Expected more than 1 value per
+        # channel"): drop it then, and only then (tiny sets keep all their samples).
+        drop_last = part == "train" and len(data) % hp.batch_size == 1
+        return DataLoader(data, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
                           collate_fn=self.collate_fn, persistent_workers=hp.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), drop_last=drop_last)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

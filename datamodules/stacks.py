@@ -186,6 +186,7 @@ class StackDataset(Dataset):
         std: Sequence[float] | None = None,
         mask_roi: bool = False,
         transform=None,
+        cache: bool = False,
     ) -> None:
         if kind not in ("image", "mask"):
             raise ValueError(f"kind must be 'image' or 'mask', got {kind!r}")
@@ -215,6 +216,10 @@ class StackDataset(Dataset):
             self.index += [(j, s, pos) for s, pos in enumerate(windows)]
         self.labels = [self.cine.by_id[n].label for n in self.nodule_ids]
         self._fallback: dict[str, Box | None] = {}  # per-process cache of nodule union boxes
+        # ``cache``: keep each decoded stack (the uint8 crop before augmentation and resizing) after its first
+        # read, so epochs after the first cost no HDF5 decompression or box computation; per process (each
+        # DataLoader worker fills its own).  For data sets that fit in memory (the demo; ROI crops are small).
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -256,7 +261,10 @@ class StackDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         j, s, _ = self.index[i]
-        x = self.read(i)
+        if self._cache is None:
+            x = self.read(i)
+        elif (x := self._cache.get(i)) is None:
+            x = self._cache[i] = self.read(i)
         if self.kind == "mask":
             x = x * np.uint8(255)  # {0, 255}: resizing in uint8 keeps soft edges at 1/255 steps
         if self.transform is not None:
@@ -300,21 +308,32 @@ class FrameDataset(Dataset):
     """
 
     def __init__(self, cine: StanfordCine | str | os.PathLike, nodule_ids: Sequence[str] | None = None,
-                 size: int | Sequence[int] = 256, transform=None) -> None:
+                 size: int | Sequence[int] = 256, transform=None, cache: bool = False) -> None:
         self.cine = _as_cine(cine)
         ids = [n.annot_id for n in self.cine.nodules] if nodule_ids is None else nodule_ids
         self.nodule_ids = sorted(_check_ids(self.cine, ids))
         self.size = _size2(size)
         self.transform = transform  # albumentations-style: same parameters for image and mask
         self.index = [(j, p) for j, nid in enumerate(self.nodule_ids) for p in range(self.cine.by_id[nid].n_frames)]
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None  # as StackDataset's
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frame ``i`` and its mask, (H, W) uint8 each, as stored."""
         j, p = self.index[i]
         nid = self.nodule_ids[j]
-        img, mask = self.cine.frames(nid, [p])[0], self.cine.masks(nid, [p])[0]
+        return self.cine.frames(nid, [p])[0], self.cine.masks(nid, [p])[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j, p = self.index[i]
+        if self._cache is None:
+            img, mask = self.read(i)
+        elif (hit := self._cache.get(i)) is None:
+            img, mask = self._cache[i] = self.read(i)
+        else:
+            img, mask = hit
         if self.transform is not None:
             out = self.transform(image=img, mask=mask)
             img, mask = out["image"], out["mask"]
@@ -351,6 +370,7 @@ class StackDataModule(PartsDataModule):
     ``masks_h5``). ``predict_ids``: ``"all"`` (default), a part name, or a list of ids. ``normalize``:
     ``"imagenet"`` (timm's default mean/std), ``"half"`` (mean = std = 0.5, e.g. augreg ViTs) or ``None``
     ([0, 1]); image kind only. ``augment``: horizontal flip (+ brightness/contrast for images), train only.
+    ``cache``: keep decoded stacks in memory after their first read (data sets that fit in memory).
     """
 
     def __init__(
@@ -370,6 +390,7 @@ class StackDataModule(PartsDataModule):
         normalize: str | None = "imagenet",
         mask_roi: bool = False,
         augment: bool = False,
+        cache: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -387,7 +408,8 @@ class StackDataModule(PartsDataModule):
             self.pred = PredictedMasks(hp.masks_h5, self.cine)
         return StackDataset(self.cine, ids, kind=hp.kind, masks_h5=self.pred, img_size=hp.img_size,
                             buffer=hp.buffer, use_predicted_boxes=hp.use_predicted_boxes, mean=mean, std=std,
-                            mask_roi=hp.mask_roi, transform=_augment(hp.kind) if (train and hp.augment) else None)
+                            mask_roi=hp.mask_roi, transform=_augment(hp.kind) if (train and hp.augment) else None,
+                            cache=hp.cache)
 
     def setup(self, stage: str | None = None) -> None:
         if self.cine is None:
@@ -418,6 +440,7 @@ class FrameDataModule(PartsDataModule):
         num_workers: int = 0,
         metadata: str | None = None,
         augment: bool = False,
+        cache: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -437,6 +460,7 @@ class FrameDataModule(PartsDataModule):
         for part in ("train", "val", "test"):
             if part not in self.datasets:
                 self.datasets[part] = FrameDataset(self.cine, self.split[part], hp.size,
-                                                   transform=transform if part == "train" else None)
+                                                   transform=transform if part == "train" else None,
+                                                   cache=hp.cache)
         if "predict" not in self.datasets:
             self.datasets["predict"] = FrameDataset(self.cine, None, hp.size)

@@ -100,8 +100,11 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def vit_input_size(vit: L.LightningModule) -> int:
-    """Input side of the ViT backbone: the stage's ``img_size`` or timm's pretrained config."""
+def vit_input_size(vit: L.LightningModule, vit_data: dict | None = None) -> int:
+    """Input side the image encoder was trained at: the training data's ``img_size`` (what a CNN, which takes
+    no ``img_size`` itself, saw), else the stage's ``img_size``, else timm's pretrained config."""
+    if vit_data and vit_data.get("img_size"):
+        return int(vit_data["img_size"])
     if vit.hparams.get("img_size"):
         return int(vit.hparams["img_size"])
     size = getattr(vit.net.backbone, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
@@ -278,7 +281,7 @@ def export(*, cine: str | os.PathLike, masks: str | os.PathLike, vit: str | os.P
     out = Path(out)
     vit_model, mask_model = load_stage(ViTStage, vit), load_stage(MaskCNNStage, maskcnn)
     vit_data, mask_data = data_hparams(vit), data_hparams(maskcnn)
-    img_size = img_size or vit_input_size(vit_model)
+    img_size = img_size or vit_input_size(vit_model, vit_data)
     mask_size = mask_size or mask_data.get("img_size") or img_size
     if boxes not in ("auto", "annotated", "predicted"):
         raise DataError(None, f"boxes must be auto, annotated or predicted, got {boxes!r}")

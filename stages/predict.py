@@ -179,7 +179,7 @@ def load_predictor(paths: dict[str, Path], device: str = "auto", mask_threshold:
     vit, maskcnn = load_stage(ViTStage, paths["vit"]), load_stage(MaskCNNStage, paths["maskcnn"])
     head = load_stage(HeadStage, paths["head"])
     vit_data, mask_data = data_hparams(paths["vit"]), data_hparams(paths["maskcnn"])
-    img_size = vit_input_size(vit)
+    img_size = vit_input_size(vit, vit_data)
     dev = pick_device(device)
     return Predictor(
         seg=seg.to(dev), vit=vit.to(dev), maskcnn=maskcnn.to(dev), head=head.to(dev),

@@ -34,23 +34,41 @@ def create_backbone(
     in_chans: int = 3,
     **kwargs: Any,
 ) -> nn.Module:
-    """timm backbone without classifier (``num_classes=0``).
+    """timm backbone without classifier (``num_classes=0``): any timm family (ViT, hybrid, CNN).
 
-    ``pretrained=True`` downloads timm's weights (needs a network); ``checkpoint_path`` instead loads a local
-    weights file (timm/ImageNet state dict, .pth/.bin/.safetensors) through timm's own loader, which drops the
-    ImageNet classifier and resamples ViT position embeddings when ``img_size`` differs. Neither: random init.
+    ``img_size`` reaches only models whose constructor takes it (ViT-like models size their position
+    embeddings by it); CNNs are size-agnostic, so for them it is dropped and the data's ``img_size`` alone sets
+    the input side.  ``pretrained=True`` downloads timm's weights (needs a network); ``checkpoint_path`` instead
+    loads a local weights file (timm/ImageNet state dict, .pth/.bin/.safetensors) through timm's own loader,
+    which drops the ImageNet classifier and resamples ViT position embeddings when ``img_size`` differs.
+    Neither: random init.
     """
-    if img_size is not None:
-        kwargs["img_size"] = img_size  # only ViT-like models take img_size; CNNs do not need it
     if checkpoint_path is not None:
         path = Path(checkpoint_path)
         if not path.is_file():
             raise DataError(path, "backbone checkpoint not found")
-        return timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, num_classes=0,
-            in_chans=in_chans, **kwargs,
-        )
-    return timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs)
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    else:
+        kwargs["pretrained"] = pretrained
+    kwargs.update(num_classes=0, in_chans=in_chans)
+    if img_size is not None and takes_img_size(name):
+        kwargs["img_size"] = img_size
+    return timm.create_model(name, **kwargs)
+
+
+def takes_img_size(name: str) -> bool:
+    """Whether timm model ``name`` accepts ``img_size``: built on the meta device (no memory, no weights), so
+    the answer comes from the model's own constructor rather than a list of families."""
+    import torch
+
+    with torch.device("meta"):
+        try:
+            timm.create_model(name, pretrained=False, num_classes=0, img_size=224)
+        except TypeError as e:
+            if "img_size" in str(e):
+                return False
+            raise
+    return True
 
 
 class StackClassifier(nn.Module):

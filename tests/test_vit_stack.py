@@ -49,3 +49,26 @@ def test_mask_cnn_shapes():
     assert net(x).shape == (4, 2)
     assert net.embed(x).shape == (4, 256)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 2
+
+
+@pytest.mark.parametrize(
+    ("backbone", "takes"),
+    [("test_vit", True), ("vit_small_r26_s32_224", True), ("test_resnet", False), ("test_byobnet", True),
+     ("test_efficientnet", False), ("test_convnext", False)],
+)
+def test_any_timm_family_builds_at_the_data_size(backbone, takes):
+    """ViT, hybrid and CNN backbones all build with the data's ``img_size``; only models that take it get it."""
+    from lightning_modules.nets.vit_stack import takes_img_size
+
+    assert takes_img_size(backbone) is takes
+    net = StackClassifier(backbone=backbone, img_size=64, freeze_backbone=False)
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+    if hasattr(net.backbone, "patch_embed"):  # ViT position tables sized for 64 px, not the model's default
+        assert net.backbone.patch_embed.img_size == (64, 64)
+
+
+def test_a_constructor_error_other_than_img_size_still_raises():
+    from lightning_modules.nets.vit_stack import takes_img_size
+
+    with pytest.raises(RuntimeError, match="Unknown model"):
+        takes_img_size("no_such_model_anywhere")

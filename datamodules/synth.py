@@ -70,6 +70,16 @@ FOCI = {"comet-tail": 0, "macro": 1, "rim": 2, "punctate": 3}
 SHAPE_TALLER = 3
 LOCATIONS = ("Right lobe", "Left lobe", "Isthmus")
 CEUS_PATTERNS = ("homogeneous", "ring", "heterogeneous", "hypo")
+# Visibility of the hidden signals (gray levels / relative radius at full strength).  They set how easily a
+# model can *see* a signal, not how much it weighs in the label (the risk model's weights do that), so the
+# ceiling in truth.csv does not move with them.  Heterogeneity was 26 (std of the blotches at h = 1): a CNN
+# regressing h from 32-64 px crops reached Spearman 0.49-0.55 (fold 0, 400 nodules), below what the demo
+# needs; at 55 it stands out of the speckle as the radiologists' "heterogeneous echotexture" does.
+HETEROGENEITY_GRAY = 80.0
+# Shape change along the sweep at shape_change = 1: aspect-ratio turn and mid-sweep lobulation, as fractions
+# of the radius (were 0.28 and 0.38; raised so that a mask CNN at 32-48 px sees them).
+SHAPE_ASPECT = 0.45
+SHAPE_LOBES = 0.55
 
 METADATA_COLUMNS = (
     "annot_id", "age", "sex", "location", "size_x", "size_y", "size_z",
@@ -88,7 +98,7 @@ PAIRED_TRUTH_COLUMNS = ("case_id", "risk", "tirads_risk", "hidden_risk", "hetero
 # points and of age; hidden part: weights of the image-only signals and, for paired cases, of CEUS.
 POINT_WEIGHTS = {"composition": 0.6, "echogenicity": 0.7, "shape": 0.5, "margin": 0.65, "echogenicfoci": 0.4}
 AGE_WEIGHT, AGE_CENTER = -0.03, 56
-HIDDEN_WEIGHT = 4.5  # per unit of heterogeneity and of shape change
+HIDDEN_WEIGHT = 7.0  # per unit of heterogeneity and of shape change (see the note above HETEROGENEITY_GRAY)
 CEUS_PATTERN_WEIGHT = {"homogeneous": 0.0, "ring": -1.5, "heterogeneous": 1.5, "hypo": 1.5}
 TTP_WEIGHT, TTP_CENTER = -14.0, 0.32
 WASHOUT_WEIGHT, WASHOUT_CENTER = 1.4, 2.2
@@ -195,11 +205,15 @@ def _ordinal(rng: np.random.Generator, latent: np.ndarray, probs: Iterable[float
     return np.searchsorted(cuts, v)
 
 
-def _top_q(rng: np.random.Generator, risk: np.ndarray, prevalence: float) -> tuple[np.ndarray, np.ndarray]:
+def _top_q(
+    rng: np.random.Generator, risk: np.ndarray, prevalence: float, label_noise: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Labels = the top ``round(q n)`` of risk + logistic noise, i.e. a logistic model whose intercept is
-    solved so the realised prevalence is exactly q (at least one of each class when n >= 2 and 0 < q < 1)."""
+    solved so the realised prevalence is exactly q (at least one of each class when n >= 2 and 0 < q < 1).
+    ``label_noise`` scales the logistic noise (1: the logistic model; smaller: labels follow the risk more
+    closely, e.g. for tests that must see a model learn); the same draws either way."""
     n = len(risk)
-    noisy = risk + rng.logistic(size=n)
+    noisy = risk + label_noise * rng.logistic(size=n)
     k = int(round(prevalence * n))
     if 0 < prevalence < 1 and n >= 2:
         k = min(max(k, 1), n - 1)
@@ -316,7 +330,12 @@ def _tirads_risk(d: dict) -> float:
 
 
 def plan_stanford(
-    n_nodules: int = 192, frames: int = 90, prevalence: float = 0.09, seed: int = 0, vary_frames: bool = True
+    n_nodules: int = 192,
+    frames: int = 90,
+    prevalence: float = 0.09,
+    seed: int = 0,
+    vary_frames: bool = True,
+    label_noise: float = 1.0,
 ) -> list[NoduleSpec]:
     """Draw every nodule of the Stanford-layout set (descriptors, hidden signals, label, frame numbers).
 
@@ -331,7 +350,7 @@ def plan_stanford(
         counts = np.full(n_nodules, max(frames, 1))
     rows = _sample_nodules(rng, n_nodules, seed, "P", "{}_", counts.astype(int), frame_gaps=True)
     risk = np.array([_tirads_risk(d) for d in rows])
-    label, noisy = _top_q(rng, risk, prevalence)
+    label, noisy = _top_q(rng, risk, prevalence, label_noise)
     return [
         NoduleSpec(**d, risk=float(r), noisy_risk=float(v), label=int(y))
         for d, r, v, y in zip(rows, risk, noisy, label, strict=True)
@@ -339,7 +358,7 @@ def plan_stanford(
 
 
 def plan_paired(
-    n_cases: int = 48, frames: int = 32, prevalence: float = 0.45, seed: int = 0
+    n_cases: int = 48, frames: int = 32, prevalence: float = 0.45, seed: int = 0, label_noise: float = 1.0
 ) -> list[CaseSpec]:
     """Draw every paired case: B-mode descriptors, CEUS pattern and curve timing, and the label.
 
@@ -361,7 +380,7 @@ def plan_paired(
         + TTP_WEIGHT * (t - TTP_CENTER) + WASHOUT_WEIGHT * (a - WASHOUT_CENTER)
         for d, p, t, a in zip(rows, pattern, ttp, washout, strict=True)
     ])  # fmt: skip
-    label, noisy = _top_q(rng, risk, prevalence)
+    label, noisy = _top_q(rng, risk, prevalence, label_noise)
     return [
         CaseSpec(case_id=d["annot_id"],
                  nodule=NoduleSpec(**{**d, "shape_change": 0.0}, risk=float(r), noisy_risk=float(v),
@@ -640,7 +659,7 @@ def _nodule(spec: NoduleSpec, scene: _Scene, rng: np.random.Generator, pattern: 
         harmonics += [(k, 0.035 * rng.uniform(0.3, 1.0), rng.uniform(0, 6.3)) for k in range(7, 15)]
     edge_px = {"ill-defined": 0.3 * min(a0, b0)}.get(spec.margin, 1.5)
     # Patch large enough for the biggest boundary any frame can have (see _frame_nodule).
-    ext = 1.0 + sum(a for _, a, _ in harmonics) + 0.66 * g + edge_px / min(a0, b0) + 0.2
+    ext = 1.0 + sum(a for _, a, _ in harmonics) + (SHAPE_ASPECT + SHAPE_LOBES) * g + edge_px / min(a0, b0) + 0.2
     rho, theta, v, hy, hx = _polar(a0, b0, ext)
     static = np.ones_like(rho)
     for k, amp, ph in harmonics:
@@ -658,8 +677,8 @@ def _nodule(spec: NoduleSpec, scene: _Scene, rng: np.random.Generator, pattern: 
     h = spec.heterogeneity
     # Heterogeneity: coarse blotches inside the nodule (hidden signal), on top of a fine texture.
     solid = level + 5.0 * _smooth_noise(rng, shape, max(2.0, scale / 3))
-    het1 = 26.0 * h * _smooth_noise(rng, shape, scale)
-    het2 = 26.0 * h * _smooth_noise(rng, shape, scale)
+    het1 = HETEROGENEITY_GRAY * h * _smooth_noise(rng, shape, scale)
+    het2 = HETEROGENEITY_GRAY * h * _smooth_noise(rng, shape, scale)
     fluid1 = fluid2 = None
     thr = 0.0
     if spec.composition in ("mixed", "cystic", "spongiform"):
@@ -741,8 +760,8 @@ def _frame_nodule(
     s = math.sqrt(max(0.0, 1.0 - z * z))
     if s <= 0.0:
         return None
-    a_t = g * 0.28 * math.tanh((z - zg) / 0.35)  # aspect turns across the sweep
-    b_t = g * 0.38 * math.exp(-(((z - zg) / 0.3) ** 2))  # lobulation only mid-sweep
+    a_t = g * SHAPE_ASPECT * math.tanh((z - zg) / 0.35)  # aspect turns across the sweep
+    b_t = g * SHAPE_LOBES * math.exp(-(((z - zg) / 0.3) ** 2))  # lobulation only mid-sweep
     r = s * (nod.static_max + abs(a_t) + b_t) + nod.edge + 0.08
     ry = min(nod.hy, int(math.ceil(r * scene.b0)) + 2)
     rx = min(nod.hx, int(math.ceil(r * scene.a0)) + 2)
@@ -1037,6 +1056,7 @@ def synthesize_stanford(
     vary_frames: bool = True,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    label_noise: float = 1.0,
 ) -> Path:
     """Write ``out_dir/dataset.hdf5`` + ``metadata.csv`` in the Stanford AIMI cine-clip layout (returned), and
     the generator's ``truth.csv`` beside them (module docstring; no reader opens it).
@@ -1046,7 +1066,7 @@ def synthesize_stanford(
     as ``workers=0``); None picks 2 for big sets when a core is idle.  ``progress(done, total)`` is called
     after each nodule.  The directory is written under a temporary name and renamed when complete.
     """
-    specs = plan_stanford(n_nodules, frames, prevalence, seed, vary_frames)
+    specs = plan_stanford(n_nodules, frames, prevalence, seed, vary_frames, label_noise)
     rng = np.random.default_rng([seed, 0x1A7])
     rows, n_rows = _layout(specs, rng)
     meta = _metadata_rows(specs, rng)
@@ -1101,11 +1121,12 @@ def synthesize_paired(
     prevalence: float = 0.45,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    label_noise: float = 1.0,
 ) -> Path:
     """Write the paired BUS/CEUS layout under ``out_dir``: ``manifest.csv`` + ``bus/``, ``ceus/``,
     ``bus_mask/`` .npy clips (T, H, W) uint8 (mask in {0, 1}); paths in the manifest are relative to it.
     Also ``truth.csv`` (module docstring; no reader opens it)."""
-    cases = plan_paired(n_cases, frames, prevalence, seed)
+    cases = plan_paired(n_cases, frames, prevalence, seed, label_noise)
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
         for sub in ("bus", "ceus", "bus_mask"):
@@ -1138,6 +1159,7 @@ def synthesize(
     seed: int = 0,
     workers: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    label_noise: float = 1.0,
 ) -> Path:
     """Both layouts: ``out_dir/stanford`` (Stanford cine clips) and ``out_dir/paired`` (BUS/CEUS).
 
@@ -1149,11 +1171,11 @@ def synthesize(
     cb = (lambda name: lambda d, n: progress(name, d, n)) if progress else (lambda name: None)
     synthesize_stanford(out_dir / "stanford", n_nodules=n_nodules, frames=frames, size=size,
                         prevalence=0.09 if prevalence is None else prevalence, seed=seed, workers=workers,
-                        progress=cb("stanford"))  # fmt: skip
+                        progress=cb("stanford"), label_noise=label_noise)  # fmt: skip
     synthesize_paired(out_dir / "paired", n_cases=n_cases, frames=paired_frames or min(frames, 32),
                       size=paired_size or min(size, 128),
                       prevalence=0.45 if prevalence is None else prevalence,
-                      seed=seed, progress=cb("paired"))  # fmt: skip
+                      seed=seed, progress=cb("paired"), label_noise=label_noise)  # fmt: skip
     return out_dir
 
 

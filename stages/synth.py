@@ -65,6 +65,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="fraction malignant for both layouts (default 0.09 Stanford, 0.45 paired)",
     )
     g.add_argument("--balanced", action="store_const", const=0.5, dest="prevalence", help="prevalence 0.5")
+    p.add_argument(
+        "--label-noise",
+        type=float,
+        default=1.0,
+        help="scale of the label model's logistic noise (default 1; below 1 labels follow the planted signals "
+        "more closely, and truth.csv's ceiling rises with them)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")
     p.add_argument(
         "--workers",
@@ -91,7 +98,7 @@ def run(args: argparse.Namespace) -> None:
 
         out = synthesize(args.out, n_nodules=args.nodules, frames=args.frames, size=args.size,
                          n_cases=args.cases, paired_frames=args.paired_frames, paired_size=args.paired_size,
-                         prevalence=args.prevalence,
+                         prevalence=args.prevalence, label_noise=args.label_noise,
                          seed=args.seed, workers=args.workers, progress=progress)  # fmt: skip
     print(f"wrote {out / 'stanford' / 'dataset.hdf5'}, {out / 'stanford' / 'metadata.csv'}, "
           f"{out / 'paired' / 'manifest.csv'}; generator truth (read by no stage, only `report --truth`): "

@@ -327,3 +327,18 @@ def test_truth_risk_parts_match_the_plan_and_clean_risk_ranks_labels(tmp_path):
     rows = synth.truth_rows(cases)
     assert [r["case_id"] for r in rows] == [c.case_id for c in cases]
     assert roc_auc_score([c.label for c in cases], [float(r["risk"]) for r in rows]) > 0.8  # 0.92
+
+
+def test_label_noise_scales_the_logistic_noise_only():
+    """label_noise 0: labels are exactly the top-q of the clean risk; the descriptors are the same draws."""
+    from sklearn.metrics import roc_auc_score
+
+    from datamodules.synth import plan_stanford
+
+    base = plan_stanford(60, 6, 0.3, seed=5)
+    exact = plan_stanford(60, 6, 0.3, seed=5, label_noise=0.0)
+    assert [s.risk for s in exact] == [s.risk for s in base]
+    assert [s.heterogeneity for s in exact] == [s.heterogeneity for s in base]
+    labels = [s.label for s in exact]
+    assert roc_auc_score(labels, [s.risk for s in exact]) == 1.0
+    assert roc_auc_score([s.label for s in base], [s.risk for s in base]) < 1.0

@@ -1160,11 +1160,13 @@ def synthesize(
     workers: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     label_noise: float = 1.0,
+    paired_prevalence: float | None = None,
 ) -> Path:
     """Both layouts: ``out_dir/stanford`` (Stanford cine clips) and ``out_dir/paired`` (BUS/CEUS).
 
     ``prevalence`` None keeps each layout's default (0.09 like Stanford, 0.45 like the AsyCMST thyroid set);
-    a number sets both.  Paired clips default to min(frames, 32) frames of min(size, 128) pixels.  Each
+    a number sets both (``paired_prevalence`` overrides it for the paired set).  Paired clips default to
+    min(frames, 32) frames of min(size, 128) pixels.  Each
     sub-directory is written atomically (a failure leaves no half directory).
     """
     out_dir = Path(out_dir)
@@ -1174,7 +1176,7 @@ def synthesize(
                         progress=cb("stanford"), label_noise=label_noise)  # fmt: skip
     synthesize_paired(out_dir / "paired", n_cases=n_cases, frames=paired_frames or min(frames, 32),
                       size=paired_size or min(size, 128),
-                      prevalence=0.45 if prevalence is None else prevalence,
+                      prevalence=next(q for q in (paired_prevalence, prevalence, 0.45) if q is not None),
                       seed=seed, progress=cb("paired"), label_noise=label_noise)  # fmt: skip
     return out_dir
 

@@ -65,6 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="fraction malignant for both layouts (default 0.09 Stanford, 0.45 paired)",
     )
     g.add_argument("--balanced", action="store_const", const=0.5, dest="prevalence", help="prevalence 0.5")
+    p.add_argument("--paired-prevalence", type=_fraction, default=None,
+                   help="fraction malignant of the paired set alone (default: --prevalence, else 0.45)")
     p.add_argument(
         "--label-noise",
         type=float,
@@ -99,6 +101,7 @@ def run(args: argparse.Namespace) -> None:
         out = synthesize(args.out, n_nodules=args.nodules, frames=args.frames, size=args.size,
                          n_cases=args.cases, paired_frames=args.paired_frames, paired_size=args.paired_size,
                          prevalence=args.prevalence, label_noise=args.label_noise,
+                         paired_prevalence=args.paired_prevalence,
                          seed=args.seed, workers=args.workers, progress=progress)  # fmt: skip
     print(f"wrote {out / 'stanford' / 'dataset.hdf5'}, {out / 'stanford' / 'metadata.csv'}, "
           f"{out / 'paired' / 'manifest.csv'}; generator truth (read by no stage, only `report --truth`): "

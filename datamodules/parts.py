@@ -14,6 +14,9 @@ class PartsDataModule(L.LightningDataModule):
     ``batch_size`` and ``num_workers`` among their hyper-parameters; training batches are shuffled."""
 
     collate_fn: Callable | None = None  # a staticmethod in subclasses that pad variable-length items
+    # Data for BatchNorm nets: a last training batch of one sample would crash them ("Expected more than 1
+    # value per channel"), so it is dropped then, and only then (tiny sets keep all their samples).
+    drop_single_last: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -22,9 +25,7 @@ class PartsDataModule(L.LightningDataModule):
     def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
         data = self.datasets[part]
-        # A last training batch of one sample would crash every BatchNorm net ("Expected more than 1 value per
-        # channel"): drop it then, and only then (tiny sets keep all their samples).
-        drop_last = part == "train" and len(data) % hp.batch_size == 1
+        drop_last = self.drop_single_last and part == "train" and len(data) % hp.batch_size == 1
         return DataLoader(data, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
                           collate_fn=self.collate_fn, persistent_workers=hp.num_workers > 0,
                           pin_memory=torch.cuda.is_available(), drop_last=drop_last)

@@ -373,6 +373,8 @@ class StackDataModule(PartsDataModule):
     ``cache``: keep decoded stacks in memory after their first read (data sets that fit in memory).
     """
 
+    drop_single_last = True  # CNN encoders with BatchNorm
+
     def __init__(
         self,
         h5: str,
@@ -429,6 +431,8 @@ class StackDataModule(PartsDataModule):
 
 class FrameDataModule(PartsDataModule):
     """Frames + annotated masks of one fold for the segmentation stage (every frame, empty masks included)."""
+
+    drop_single_last = True  # MSU-Net has BatchNorm
 
     def __init__(
         self,

@@ -30,17 +30,20 @@ RUNS     := runs/$(EXP)
 REPORT   := reports/$(EXP)
 FOLD_IDS := $(shell seq 0 $$(( $(FOLDS) - 1 )))
 PER_FOLD  = $(foreach k,$(FOLD_IDS),$(RUNS)/fold$(k)/$(1))
-# Demo-size synthetic set: 20% malignant so each of 5 test folds holds 10 malignant nodules
-# (the issue's benchmark set is 192 nodules x ~90 frames x 256 px, 9% malignant: `usnodule synth` defaults).
-# Many short sweeps rather than few long ones (250 x 12 = the same ~3,000 frames as 100 x 30, so the same
-# compute): labels are per nodule; with 12 malignant training nodules the fold-0 ViT was at chance (val
-# AUROC 0.42), with 40 (300 x 12) 0.67-0.70, and 50-nodule test folds make the AUROCs less noisy.
-SYNTH_ARGS ?= --nodules 250 --frames 12 --size 128 --cases 40 --prevalence 0.2 --seed $(SEED)
+# Demo-size synthetic set.  Stanford layout: 400 sweeps of ~9 frames (25% malignant, so each of 5 test folds
+# holds 20 malignant nodules; more nodules of fewer frames taught the image encoder more than long sweeps,
+# BENCHMARKS.md "Demo recipe").  Paired BUS/CEUS: 3,000 short 64 px clips (45% malignant like the AsyCMST
+# thyroid set): AsyCMST learns from many fresh clips, not from repeats of few.
+# (The issue's benchmark set is 192 nodules x ~90 frames x 256 px, 9% malignant: `usnodule synth` defaults.)
+SYNTH_ARGS ?= --nodules 400 --frames 9 --size 128 --prevalence 0.25 \
+  --cases 3000 --paired-frames 12 --paired-size 64 --paired-prevalence 0.45 --seed $(SEED)
 
 # Attention-head variants trained per fold: STACT-Time Table 4 (add `joint`, the joint-fusion backbone of
 # Table 3, with HEAD_VARIANTS="stact vit_self seg_self joint").
 HEAD_VARIANTS ?= stact vit_self seg_self
 BASELINES ?= tirads,avepool,cinetrans
+# CineCNN-Trans at demo size: 20 epochs at lr 1e-3 (the default 50 at 1e-4 is the paper-size schedule).
+BASELINE_ARGS ?= $(if $(filter conf/demo,$(CONF)),--trans-epochs 20 --trans-lr 1e-3)
 
 .PHONY: FORCE help venv data splits vit seg masks maskcnn embeddings train-head predictions report demo asycmst \
         test lint bench clean clean-runs
@@ -57,12 +60,21 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # ---------------------------------------------------------------------------------------------- data
+# Quiet steps: each recipe runs through `python -m stages.step` (stdlib only, adds ~20 ms), which appends
+# the command's output to $(RUNS)/logs/<step>[_fold<k>].log and prints one line when it ends (step, fold,
+# seconds, the key metric of the command's `RESULT k=v` line); a failing step prints its last 20 log lines and
+# the log path, and exits with the command's status.  `make -n` still shows every command.
+# VERBOSE=1: no runner, commands echoed, their output on the terminal (progress bars included).
+VERBOSE ?=
+Q     := $(if $(filter-out 0 no false,$(VERBOSE)),,@)
+STEP   = $(if $(Q),$(PY) -m stages.step --log $(RUNS)/logs/$(1)$(if $(2),_fold$(2)).log --name $(1)$(if $(2), --fold $(2)) --)
+
 data: $(SYNTH)/stanford/dataset.hdf5 ## generate the synthetic Stanford-layout and paired BUS/CEUS sets (+ preview.png)
 
 # A real DATA directory is used as it is; the synthetic one is generated on demand, and again when
 # SYNTH_ARGS change (recorded in $(SYNTH)/.args, rewritten only when different).
 $(SYNTH)/stanford/dataset.hdf5 $(SYNTH)/paired/manifest.csv &: $(SYNTH)/.args | $(STAMP)
-	$(USNODULE) synth --out $(SYNTH) $(SYNTH_ARGS) --preview
+	$(Q)$(call STEP,data) $(USNODULE) synth --out $(SYNTH) $(SYNTH_ARGS) --preview
 
 $(SYNTH)/.args: FORCE
 	@mkdir -p $(@D); echo '$(SYNTH_ARGS)' | cmp -s - $@ || echo '$(SYNTH_ARGS)' > $@
@@ -72,10 +84,10 @@ FORCE:
 splits: $(SPLITS) $(PAIRED)/splits.json ## K folds grouped by patient, stratified by label (FOLDS=5)
 
 $(SPLITS): $(H5) | $(STAMP)
-	$(USNODULE) split $(H5) -k $(FOLDS) --seed $(SEED) --out $@
+	$(Q)$(call STEP,splits) $(USNODULE) split $(H5) -k $(FOLDS) --seed $(SEED) --out $@
 
 $(PAIRED)/splits.json: $(PAIRED)/manifest.csv | $(STAMP)
-	$(USNODULE) split $< -k $(FOLDS) --seed $(SEED) --out $@
+	$(Q)$(call STEP,splits_paired) $(USNODULE) split $< -k $(FOLDS) --seed $(SEED) --out $@
 
 # ---------------------------------------------------------------------------------------------- STACT-Time
 # Every stage of fold k fits only on fold k's training nodules (splits.json); outputs live in runs/<EXP>/fold<k>/.
@@ -92,62 +104,94 @@ embeddings: $(call PER_FOLD,embeddings.h5) ## stage 4: image + segmentation embe
 train-head: $(foreach v,$(HEAD_VARIANTS),$(call PER_FOLD,head_$(v).ckpt)) ## stage 5: attention heads (HEAD_VARIANTS)
 
 $(RUNS)/fold%/vit.ckpt: $(CONF)/vit.yaml $(SPLITS) | $(STAMP)
-	$(FIT) -c $< $(FIT_ARGS) --data.init_args.h5=$(H5) --trainer.default_root_dir=$(@D)/vit --ckpt_out=$@
+	$(Q)$(call STEP,vit,$*) $(FIT) -c $< $(FIT_ARGS) --data.init_args.h5=$(H5) --trainer.default_root_dir=$(@D)/vit \
+	  --ckpt_out=$@
 
 $(RUNS)/fold%/seg.ckpt: $(CONF)/seg.yaml $(SPLITS) | $(STAMP)
-	$(FIT) -c $< $(FIT_ARGS) --data.init_args.h5=$(H5) --trainer.default_root_dir=$(@D)/seg --ckpt_out=$@
+	$(Q)$(call STEP,seg,$*) $(FIT) -c $< $(FIT_ARGS) --data.init_args.h5=$(H5) --trainer.default_root_dir=$(@D)/seg \
+	  --ckpt_out=$@
 
 $(RUNS)/fold%/masks.h5: $(RUNS)/fold%/seg.ckpt | $(STAMP)
-	$(USNODULE) masks --cine $(H5) --seg $< --out $@
+	$(Q)$(call STEP,masks,$*) $(USNODULE) masks --cine $(H5) --seg $< --out $@
 
 $(RUNS)/fold%/maskcnn.ckpt: $(CONF)/maskcnn.yaml $(RUNS)/fold%/masks.h5 | $(STAMP)
-	$(FIT) -c $< $(FIT_ARGS) --data.init_args.h5=$(H5) --data.init_args.masks_h5=$(@D)/masks.h5 \
-	  --trainer.default_root_dir=$(@D)/maskcnn --ckpt_out=$@
+	$(Q)$(call STEP,maskcnn,$*) $(FIT) -c $< $(FIT_ARGS) --data.init_args.h5=$(H5) \
+	  --data.init_args.masks_h5=$(@D)/masks.h5 --trainer.default_root_dir=$(@D)/maskcnn --ckpt_out=$@
 
 $(RUNS)/fold%/embeddings.h5: $(RUNS)/fold%/vit.ckpt $(RUNS)/fold%/maskcnn.ckpt $(RUNS)/fold%/masks.h5 | $(STAMP)
-	$(USNODULE) embeddings --cine $(H5) --masks $(@D)/masks.h5 --vit $(@D)/vit.ckpt --maskcnn $(@D)/maskcnn.ckpt \
-	  --splits $(SPLITS) --fold $* --out $@
+	$(Q)$(call STEP,embeddings,$*) $(USNODULE) embeddings --cine $(H5) --masks $(@D)/masks.h5 --vit $(@D)/vit.ckpt \
+	  --maskcnn $(@D)/maskcnn.ckpt --splits $(SPLITS) --fold $* --out $@
 
 define HEAD_RULE
 $$(RUNS)/fold%/head_$(1).ckpt: $$(CONF)/head.yaml $$(RUNS)/fold%/embeddings.h5 | $$(STAMP)
-	$$(FIT) -c $$< $$(FIT_ARGS) --data.init_args.path=$$(@D)/embeddings.h5 --model.init_args.variant=$(1) \
-	  --trainer.default_root_dir=$$(@D)/head_$(1) --ckpt_out=$$@
+	$$(Q)$$(call STEP,head_$(1),$$*) $$(FIT) -c $$< $$(FIT_ARGS) --data.init_args.path=$$(@D)/embeddings.h5 \
+	  --model.init_args.variant=$(1) --trainer.default_root_dir=$$(@D)/head_$(1) --ckpt_out=$$@
 endef
 $(foreach v,$(HEAD_VARIANTS),$(eval $(call HEAD_RULE,$(v))))
 
 predictions: $(RUNS)/predictions.done ## per-fold test predictions of every head and baseline
 $(RUNS)/predictions.done: $(call PER_FOLD,embeddings.h5) $(foreach v,$(HEAD_VARIANTS),$(call PER_FOLD,head_$(v).ckpt))
-	$(USNODULE) baselines --cine $(H5) --splits $(SPLITS) --runs $(RUNS) --methods $(BASELINES) --seed $(SEED) \
-	  $(foreach v,$(HEAD_VARIANTS),--head $(v)={runs}/fold{fold}/head_$(v).ckpt)
-	touch $@
+	$(Q)$(call STEP,predictions) $(USNODULE) baselines --cine $(H5) --splits $(SPLITS) --runs $(RUNS) \
+	  --methods $(BASELINES) --seed $(SEED) $(BASELINE_ARGS) $(foreach v,$(HEAD_VARIANTS),--head $(v)={runs}/fold{fold}/head_$(v).ckpt)
+	$(Q)touch $@
 
 report: $(REPORT)/results.md ## Table-2-style report: results.md/.csv, ROC curves, per-nodule predictions
+	@echo && cat $(REPORT)/results.md
+# Synthetic sets carry truth.csv (the generator's clean risk): the report adds the Bayes-ceiling and TI-RADS-oracle
+# rows from it; a real data set has none (tested when the recipe runs, since the data may not exist yet).
+TRUTH = $$(test -f $(1)/truth.csv && echo --truth $(1)/truth.csv)
 $(REPORT)/results.md: $(RUNS)/predictions.done
-	$(USNODULE) report --runs $(RUNS) --out $(REPORT) --exp $(EXP) $(REPORT_ARGS)
+	$(Q)$(call STEP,report) $(USNODULE) report --runs $(RUNS) --out $(REPORT) --exp $(EXP) --title STACT-Time \
+	  $(call TRUTH,$(DATA)) $(REPORT_ARGS)
 
-# The demo runs independent folds two at a time (one torch thread each): most of a CPU-size fit is Python
-# start-up, which a second core hides.
+# The demo runs independent folds two at a time (one torch thread each): much of a CPU-size fit is Python
+# start-up, which a second core hides.  W&B is off in the demo (its start-up costs seconds per fit, 50 fits):
+# `make demo DEMO_WANDB=offline` keeps the offline runs.
 JOBS ?= 2
-demo: | $(STAMP) ## the whole STACT-Time chain on synthetic data at CPU size, then the result table
+DEMO_WANDB ?= disabled
+demo: | $(STAMP) ## both chains (STACT-Time, AsyCMST) on synthetic data at CPU size, then their result tables
 	@start=$$(date +%s); \
-	OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j$(JOBS) --output-sync=target $(REPORT)/results.md && \
-	cat $(REPORT)/results.md && echo && echo "demo: $$(( $$(date +%s) - start )) s (EXP=$(EXP), FOLDS=$(FOLDS), JOBS=$(JOBS))"
+	WANDB_MODE=$${WANDB_MODE:-$(DEMO_WANDB)} OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j$(JOBS) --output-sync=target \
+	  report asycmst-report && \
+	echo && echo "demo: $$(( $$(date +%s) - start )) s (EXP=$(EXP), FOLDS=$(FOLDS), JOBS=$(JOBS); logs in $(RUNS)/logs/)"
 
 # ---------------------------------------------------------------------------------------------- AsyCMST
-# End to end on the paired BUS/CEUS set, per fold of $(PAIRED)/splits.json (grouped by patient); each fold is
-# fitted, then tested on its held-out part (metrics printed, roc_test.png beside the logs).
-# Paper size: make asycmst CONF=conf EXP=paper PAIRED=/data/bus_ceus
+# End to end on the paired BUS/CEUS set, per fold of $(PAIRED)/splits.json (grouped by patient), one process per
+# fold: `lightning fit` with test_after_fit fits, tests the best checkpoint on the held-out fold and writes
+# $(RUNS)/asycmst/fold<k>/{asycmst.ckpt, predictions_asycmst.csv, roc_test.png}; `make asycmst-report` pools
+# the folds into $(REPORT)/asycmst/results.md, with the generator's reference rows when $(PAIRED)/truth.csv
+# exists (synthetic data).  ASYCMST_METHODS="asycmst asycmst_none" adds the strategy: none comparison
+# (cross-modal attention off, same folds and recipe) to the same report.
+# Paper size: make asycmst-report CONF=conf EXP=paper PAIRED=/data/bus_ceus
 ASYCMST_CONF ?= $(CONF)/asycmst.yaml
+ASYCMST_RUNS := $(RUNS)/asycmst
+ASYCMST_METHODS ?= asycmst
 ASYCMST_ARGS = --exp $(EXP) --data.init_args.manifest=$(PAIRED)/manifest.csv \
-  --data.init_args.splits=$(PAIRED)/splits.json --data.init_args.fold=$* --trainer.default_root_dir=$(@D)/asycmst \
+  --data.init_args.splits=$(PAIRED)/splits.json --data.init_args.fold=$* --model.init_args.test_after_fit=true \
   $(TRAINER_ARGS)
+ASYCMST_PRED = $(foreach m,$(1),$(foreach k,$(FOLD_IDS),$(ASYCMST_RUNS)/fold$(k)/predictions_$(m).csv))
 
-asycmst: $(call PER_FOLD,asycmst.ckpt) ## AsyCMST on the paired BUS/CEUS set, every fold (ASYCMST_CONF=...)
+.PHONY: asycmst-none asycmst-report
+asycmst: $(call ASYCMST_PRED,asycmst) ## AsyCMST on the paired BUS/CEUS set, every fold: checkpoint + test predictions
+asycmst-none: $(call ASYCMST_PRED,asycmst_none) ## the same with strategy: none (no cross-modal attention), every fold
+asycmst-report: $(REPORT)/asycmst/results.md ## AsyCMST cross-fold report (ASYCMST_METHODS="asycmst asycmst_none")
+	@echo && cat $<
 
-$(RUNS)/fold%/asycmst.ckpt: $(ASYCMST_CONF) $(PAIRED)/splits.json | $(STAMP)
-	$(FIT) -c $(ASYCMST_CONF) $(ASYCMST_ARGS) --ckpt_out=$@.tmp.ckpt
-	$(VENV)/bin/lightning test -c $(ASYCMST_CONF) $(ASYCMST_ARGS) --ckpt_path=$@.tmp.ckpt
-	mv $@.tmp.ckpt $@
+$(ASYCMST_RUNS)/fold%/predictions_asycmst.csv $(ASYCMST_RUNS)/fold%/asycmst.ckpt: $(ASYCMST_CONF) \
+  $(PAIRED)/splits.json | $(STAMP)
+	$(Q)$(call STEP,asycmst,$*) $(FIT) -c $(ASYCMST_CONF) $(ASYCMST_ARGS) --trainer.default_root_dir=$(@D) \
+	  --ckpt_out=$(@D)/asycmst.ckpt
+
+# strategy: none writes its predictions beside AsyCMST's (same fold folder), its logs and checkpoints under none/
+$(ASYCMST_RUNS)/fold%/predictions_asycmst_none.csv $(ASYCMST_RUNS)/fold%/asycmst_none.ckpt: $(ASYCMST_CONF) \
+  $(PAIRED)/splits.json | $(STAMP)
+	$(Q)$(call STEP,asycmst_none,$*) $(FIT) -c $(ASYCMST_CONF) $(ASYCMST_ARGS) --model.init_args.strategy=none \
+	  --model.init_args.method=asycmst_none --model.init_args.predictions_dir=$(@D) \
+	  --trainer.default_root_dir=$(@D)/none --ckpt_out=$(@D)/asycmst_none.ckpt
+
+$(REPORT)/asycmst/results.md: $(call ASYCMST_PRED,$(ASYCMST_METHODS))
+	$(Q)$(call STEP,asycmst_report) $(USNODULE) report --runs $(ASYCMST_RUNS) --out $(@D) --exp $(EXP) \
+	  --title AsyCMST $$(test -f $(PAIRED)/truth.csv && echo --truth $(PAIRED)/truth.csv) $(REPORT_ARGS)
 
 # ---------------------------------------------------------------------------------------------- checks
 test: $(STAMP) ## run the whole test suite

@@ -58,6 +58,35 @@ def build_transform(size: int, augment: bool) -> A.Compose:
     )
 
 
+def roi_box(mask: np.ndarray, valid: np.ndarray, context: float) -> tuple[int, int, int, int] | None:
+    """Square crop ``(y0, y1, x0, x1)`` around the annotated nodule: the bounding box of the drawn masks of the
+    clip (``valid`` frames, union), its longer side times ``context``, centred on the box and shifted to lie
+    inside the frame (at most the whole frame's shorter side).  ``None`` when no frame has a drawn, non-empty
+    mask (then the whole frame is used)."""
+    drawn = mask[np.asarray(valid, dtype=bool)]
+    if not drawn.size or not drawn.any():
+        return None
+    ys, xs = np.nonzero(drawn.max(axis=0))
+    h, w = mask.shape[1:]
+    side = int(min(round(max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) * context), h, w))
+    cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
+    y0 = int(np.clip(round(cy - side / 2), 0, h - side))
+    x0 = int(np.clip(round(cx - side / 2), 0, w - side))
+    return y0, y0 + side, x0, x0 + side
+
+
+def _resize_frames(frames: np.ndarray, size: int, interpolation: int) -> np.ndarray:
+    """``(N, H, W)`` uint8 -> ``(N, size, size)``: the frames as the channels of one image, so one cv2 call
+    resizes them all (cv2 takes up to 512 channels; each channel is interpolated on its own)."""
+    if frames.shape[1:] == (size, size):
+        return frames
+    out = [
+        cv2.resize(np.ascontiguousarray(chunk.transpose(1, 2, 0)), (size, size), interpolation=interpolation)
+        for chunk in np.array_split(frames, -(-len(frames) // 512))
+    ]
+    return np.concatenate([o.reshape(size, size, -1).transpose(2, 0, 1) for o in out])
+
+
 def _normalise(frames: np.ndarray) -> torch.Tensor:
     """``(T, H, W)`` uint8 gray -> ``(T, 3, H, W)`` float, ImageNet-normalised."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255.0)
@@ -76,21 +105,45 @@ class PairedVideoDataset(Dataset):
         frames: T frames per sample.
         size: output side in pixels.
         augment: random augmentation (training) or a plain resize.
+        cache: keep each sample in memory after its first read when it is deterministic (``augment=False``),
+            so later epochs skip decoding and resizing (a CPU-size set fits in RAM; each DataLoader worker
+            holds its own copy).
+        roi: crop every frame of both modalities (and the mask) to the annotated nodule before resizing: a
+            square of ``roi`` times the longer side of the masks' bounding box (:func:`roi_box`); ``None``
+            keeps the whole frame.  Clips without a drawn mask keep the whole frame.
     """
 
     def __init__(
-        self, cases: Sequence[PairedCase], n_frames: Sequence[int], *, frames: int, size: int, augment: bool
+        self,
+        cases: Sequence[PairedCase],
+        n_frames: Sequence[int],
+        *,
+        frames: int,
+        size: int,
+        augment: bool,
+        cache: bool = False,
+        roi: float | None = None,
     ):
         if len(cases) != len(n_frames):
             raise ValueError("cases and n_frames differ in length")
+        if roi is not None and roi < 1:
+            raise ValueError(f"roi must be >= 1 (context around the nodule box), got {roi}")
         self.cases, self.n_frames = list(cases), list(n_frames)
-        self.frames, self.size, self.augment = frames, size, augment
+        self.frames, self.size, self.augment, self.roi = frames, size, augment, roi
         self.transform = build_transform(size, augment)
+        self._cache: dict[int, dict[str, torch.Tensor]] | None = {} if cache and not augment else None
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self._cache is None:
+            return self._load(i)
+        if i not in self._cache:
+            self._cache[i] = self._load(i)
+        return self._cache[i]
+
+    def _load(self, i: int) -> dict[str, torch.Tensor]:
         case = self.cases[i]
         idx = sample_indices(self.n_frames[i], self.frames)
         bus = read_clip(case.bus, idx)
@@ -101,15 +154,24 @@ class PairedVideoDataset(Dataset):
             mask, valid = read_mask_clip(case.bus_mask, idx)
         else:
             mask, valid = np.zeros_like(bus), np.zeros(self.frames, dtype=bool)
-        # one random draw for all 2T images and T masks; torch's RNG seeds it, so seed_everything and
-        # DataLoader worker seeding make it reproducible and different per worker and per epoch
-        self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-        out = self.transform(images=np.concatenate([bus, ceus]), masks=mask)
-        images, mask = out["images"], out["masks"]
+        box = roi_box(mask, valid, self.roi) if self.roi is not None else None
+        if box is not None:
+            y0, y1, x0, x1 = box
+            bus, ceus, mask = (a[:, y0:y1, x0:x1] for a in (bus, ceus, mask))
+        if self.augment:
+            # one random draw for all 2T images and T masks; torch's RNG seeds it, so seed_everything and
+            # DataLoader worker seeding make it reproducible and different per worker and per epoch
+            self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+            out = self.transform(images=np.concatenate([bus, ceus]), masks=mask)
+            images, mask = out["images"], out["masks"]
+        else:  # the plain resize of build_transform(augment=False), in two cv2 calls instead of 3T
+            images = _resize_frames(np.concatenate([bus, ceus]), self.size, cv2.INTER_LINEAR)
+            mask = _resize_frames(mask, self.size, cv2.INTER_NEAREST)
         t = self.frames
+        images = _normalise(images)
         return {
-            "bus": _normalise(images[:t]),
-            "ceus": _normalise(images[t:]),
+            "bus": images[:t],
+            "ceus": images[t:],
             "mask": torch.from_numpy(np.ascontiguousarray(mask)).float()[:, None],
             "mask_valid": torch.from_numpy(np.asarray(valid, dtype=bool)),
             "label": torch.tensor(case.label, dtype=torch.long),
@@ -148,6 +210,10 @@ class PairedVideoDataModule(LightningDataModule):
         split_ratio: train:val:test proportions when there is no splits file (paper Sec. 4.1.2: 5:2:3).
         seed: seed of the ratio split.
         augment: augment training clips (validation/test/predict are only resized).
+        cache: keep un-augmented samples in memory after their first read (validation, test, predict, and
+            training when ``augment`` is off): at CPU demo size the epochs then cost only the model.
+        roi: crop both modalities to the annotated nodule (the BUS mask's box times ``roi``, e.g. 1.5) before
+            resizing, in every part, as STACT-Time's ROI crops do; ``None`` (the paper's input): whole frames.
 
     ``setup`` validates every case it uses (:func:`datamodules.paired.check_case`), so bad files raise
     :class:`DataError` in the main process, never from a worker.
@@ -165,6 +231,8 @@ class PairedVideoDataModule(LightningDataModule):
         split_ratio: tuple[float, float, float] = (5, 2, 3),
         seed: int = 0,
         augment: bool = True,
+        cache: bool = False,
+        roi: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -201,6 +269,8 @@ class PairedVideoDataModule(LightningDataModule):
                 frames=hp.frames,
                 size=hp.size,
                 augment=hp.augment and part == "train",
+                cache=hp.cache,
+                roi=hp.roi,
             )
         # prediction: the held-out test cases, or every case when there is no test part (fold=None)
         predict_cases = parts["test"] or cases
@@ -210,6 +280,8 @@ class PairedVideoDataModule(LightningDataModule):
             frames=hp.frames,
             size=hp.size,
             augment=False,
+            cache=hp.cache,
+            roi=hp.roi,
         )
 
     def _loader(self, part: str, shuffle: bool) -> DataLoader:

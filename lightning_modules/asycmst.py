@@ -19,6 +19,21 @@ Logged: ``{train,val,test}/loss`` (the total), ``.../loss_diag``, ``.../loss_fss
 ``{val,test}/{acc,precision,recall,specificity,f1,auroc}`` (torchmetrics, binary, threshold 0.5 on the
 malignant probability).  ``validate`` and ``test`` runs also write ``roc_<stage>.png`` into the logger's (else
 the trainer's) directory.
+
+Per-case predictions: every ``test`` run writes ``predictions_<method>.csv`` (``annot_id,label,prob``, one row
+per test case, ``annot_id`` = the manifest's ``case_id``; the format ``usnodule report`` reads) into
+``predictions_dir`` (default: the trainer's ``default_root_dir``), atomically.  With ``test_after_fit`` a
+``fit`` ends by testing its best checkpoint on the held-out part in the same process (the Makefile's one
+process per fold: fit, test metrics, predictions CSV).
+
+Why the test FSS loss was ~25 against ~0.7 in training (issue 8): with RMSprop at lr 1e-3 and momentum 0.9
+for 3 epochs, the frame encoders' weights changed so much per step that BatchNorm's running statistics (an
+exponential average over past steps) no longer described the current features; in eval mode (validation, test)
+the features came out ~100x too large and the sort scores (and logits) were huge and confidently wrong, on
+training clips as much as on unseen ones (train-mode FSS on the test clips was 0.55).  Not a data bug: frame
+sampling, order and normalisation are the same in every split.  A schedule that anneals the learning rate
+(conf/demo/asycmst.yaml: AdamW + cosine) lets the running statistics catch up; at paper length (100 epochs,
+x0.97 per epoch) the rate has decayed 20-fold by the end.
 """
 
 from __future__ import annotations
@@ -116,8 +131,8 @@ class AsyCMST(L.LightningModule):
     """AsyCMST trained end to end (all args plain, so LightningCLI YAML can set every switch).
 
     Args (the network's, see :class:`~lightning_modules.nets.asycmst.AsyCMSTNet`): ``dim, depth, heads,
-    num_frames, img_size, mlp_ratio, dropout, strategy, acmst_layers, fss, ns, backbone, pretrained,
-    share_encoders, decoder_width``.  Loss and data wiring:
+    num_frames, img_size, mlp_ratio, dropout, strategy, acmst_layers, fss, ns, backbone, backbone_args,
+    pretrained, share_encoders, decoder_width``.  Loss and data wiring:
 
     Args:
         w1: weight of L_FSS (Eq. 14), 0.4.
@@ -125,6 +140,16 @@ class AsyCMST(L.LightningModule):
         phi: FSS clamp threshold (Eq. 4), 0.9.
         streams: ``(upper, lower)`` batch keys: ``("ceus", "bus")`` in the paper, ``("bus", "ceus")``,
             ``("ceus", "ceus")`` or ``("bus", "bus")`` for Fig. 9.
+        method: name in ``predictions_<method>.csv`` and in the report (``asycmst``; ``asycmst_none`` for the
+            ``strategy: none`` comparison).
+        predictions_dir: folder of the predictions CSV; ``None`` = the trainer's ``default_root_dir``.
+        test_after_fit: at the end of ``fit``, test the best checkpoint (else the last weights) on the
+            datamodule's test part in the same process.
+        lr_per_step: step the YAML's ``lr_scheduler`` after every optimiser step instead of every epoch (LightningCLI
+            steps it per epoch); a ``CosineAnnealingLR`` then spans the whole fit (its ``T_max`` is set to the
+            fit's number of optimiser steps), so a fit of one or two epochs still ends at a small rate.
+        seg_frames: in training, decode (and Dice-supervise) at most this many annotated frames per clip, drawn
+            at random each step; ``None`` = every annotated frame (the paper).  Evaluation uses every one.
     """
 
     def __init__(
@@ -142,6 +167,7 @@ class AsyCMST(L.LightningModule):
         fss: bool = True,
         ns: bool = True,
         backbone: str = "resnet18",
+        backbone_args: dict[str, Any] | None = None,
         pretrained: bool = False,
         share_encoders: bool = False,
         decoder_width: int = 128,
@@ -149,6 +175,11 @@ class AsyCMST(L.LightningModule):
         w2: float = 0.4,
         phi: float = 0.9,
         streams: Sequence[str] = ("ceus", "bus"),
+        method: str = "asycmst",
+        predictions_dir: str | None = None,
+        test_after_fit: bool = False,
+        lr_per_step: bool = False,
+        seg_frames: int | None = None,
     ) -> None:
         super().__init__()
         streams = tuple(streams)
@@ -170,22 +201,35 @@ class AsyCMST(L.LightningModule):
             fss=fss,
             ns=ns,
             backbone=backbone,
+            backbone_args=backbone_args,
             pretrained=pretrained,
             share_encoders=share_encoders,
             decoder_width=decoder_width,
         )
         self.w1, self.w2, self.phi = w1, w2, phi
+        self.method, self.predictions_dir, self.test_after_fit = method, predictions_dir, test_after_fit
+        self.lr_per_step, self.seg_frames = lr_per_step, seg_frames
         self.val_scores, self.test_scores = Scores(), Scores()
 
     # -- model ---------------------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Tensor], *, with_masks: bool = False) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Tensor], *, mask_frames: Tensor | None = None) -> dict[str, Tensor]:
+        """The net on a batch; ``mask_frames`` ``(B, T)`` bool: decode masks for these lower-branch frames."""
         upper, lower = (batch[s] for s in self.streams)
-        frames = batch.get("mask_valid") if with_masks else None
-        return self.net(upper, lower, mask_frames=frames)
+        return self.net(upper, lower, mask_frames=mask_frames)
+
+    def seg_frame_mask(self, valid: Tensor) -> Tensor:
+        """The annotated frames the Dice term uses: all of them, or in training at most ``seg_frames`` per clip
+        drawn at random (the rest are left out of the decoder)."""
+        if self.seg_frames is None or not self.training or valid.shape[1] <= self.seg_frames:
+            return valid
+        draw = torch.rand(valid.shape, device=valid.device).masked_fill(~valid, -1.0)
+        keep = torch.zeros_like(valid).scatter_(1, draw.topk(self.seg_frames, dim=1).indices, True)
+        return keep & valid
 
     def losses(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """``({"loss", "loss_diag", "loss_fss", "loss_seg"}, logits)`` for one batch (Eq. 14)."""
-        out = self(batch, with_masks=self.net.decoder is not None)
+        frames = self.seg_frame_mask(batch["mask_valid"]) if self.net.decoder is not None else None
+        out = self(batch, mask_frames=frames)
         logits = out["logits"]
         parts = {"loss_diag": F.cross_entropy(logits.float(), batch["label"].long())}
         total = parts["loss_diag"]
@@ -193,7 +237,7 @@ class AsyCMST(L.LightningModule):
             parts["loss_fss"] = fss_loss(out["sort_scores"].float(), phi=self.phi)
             total = total + self.w1 * parts["loss_fss"]
         if "mask_logits" in out:
-            target = batch["mask"][batch["mask_valid"]]
+            target = batch["mask"][frames]
             parts["loss_seg"] = dice_loss(out["mask_logits"], target)
             total = total + self.w2 * parts["loss_seg"]
         parts["loss"] = total
@@ -202,6 +246,14 @@ class AsyCMST(L.LightningModule):
     @staticmethod
     def malignant_prob(logits: Tensor) -> Tensor:
         return logits.float().softmax(dim=-1)[:, 1]
+
+    def on_train_start(self) -> None:
+        if not self.lr_per_step:
+            return
+        for config in self.trainer.lr_scheduler_configs:
+            config.interval, config.frequency = "step", 1
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                config.scheduler.T_max = max(1, int(self.trainer.estimated_stepping_batches))
 
     # -- steps -----------------------------------------------------------------------------------------------------
     def _log_losses(self, parts: dict[str, Tensor], stage: str, batch_size: int) -> None:
@@ -254,6 +306,10 @@ class AsyCMST(L.LightningModule):
             wandb_media.log_classification(run, stage, names, prob, label, self.global_step)
         if roc and self.trainer.is_global_zero and label.min() != label.max():
             save_roc_png(prob, label, self.run_dir() / f"roc_{stage}.png", f"ROC ({stage}, n={len(label)})")
+        if stage == "test" and self.trainer.is_global_zero:
+            self.write_predictions(prob, label, index)
+            if label.min() != label.max():  # the key metric for `python -m stages.step` (one line per step)
+                print(f"RESULT test/auroc={binary_auroc(prob, label).item():.4f}", flush=True)
 
     def on_validation_epoch_end(self) -> None:
         # the ROC plot only for a `validate` run: during fit it would be redrawn every epoch
@@ -261,6 +317,35 @@ class AsyCMST(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test", roc=True)
+
+    def predictions_path(self) -> Path:
+        return Path(self.predictions_dir or self.trainer.default_root_dir) / f"predictions_{self.method}.csv"
+
+    def write_predictions(self, prob: Tensor, label: Tensor, index: Tensor) -> Path:
+        """``annot_id,label,prob`` of the test cases (``annot_id`` = the manifest's ``case_id``, looked up by
+        dataset index), in dataset order, written atomically."""
+        import csv
+
+        cases = getattr(self.trainer.test_dataloaders.dataset, "cases", None)
+        order = torch.argsort(index.cpu())
+        path = self.predictions_path()
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["annot_id", "label", "prob"])
+            for j in order.tolist():
+                i = int(index[j])
+                case_id = cases[i].case_id if cases is not None else str(i)
+                w.writerow([case_id, int(label[j]), f"{float(prob[j]):.6f}"])
+        return path
+
+    def on_fit_end(self) -> None:
+        """``test_after_fit``: test in the same process (saves a second start-up of Python and Lightning)."""
+        trainer = self.trainer
+        if not self.test_after_fit or trainer.interrupted or trainer.datamodule is None:
+            return
+        cb = trainer.checkpoint_callback
+        ckpt = (cb.best_model_path or cb.last_model_path) if cb is not None else ""
+        trainer.test(self, datamodule=trainer.datamodule, ckpt_path=ckpt or None)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         logits = self(batch)["logits"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,6 @@ def _cli_args(paired, tmp_path: Path) -> list[str]:
         "-c", str(ROOT / "conf/demo/asycmst.yaml"),
         f"--data.init_args.manifest={manifest}",
         f"--data.init_args.splits={splits}",
-        "--model.init_args.backbone=test_resnet",  # the demo's resnet18, shrunk for test time
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.logger=false",
         "--trainer.enable_progress_bar=false",
@@ -89,19 +89,60 @@ def test_cli_fit_fast_dev_run_from_demo_yaml(paired, tmp_path):
     assert any(k.startswith("net.acmst.") for k in ckpt["state_dict"])
 
 
+def _test_ids(paired) -> list[str]:
+    from datamodules.folds import load_fold
+
+    return list(load_fold(paired[1], 0)["test"])
+
+
+def _read_predictions(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def test_cli_validate_test_predict(paired, tmp_path):
     # fold 0 of the 3-fold test splits holds both classes, so the ROC is defined
     main(["test", *_cli_args(paired, tmp_path)])
     assert (tmp_path / "roc_test.png").stat().st_size > 1000
+    # per-case predictions in the report's format, keyed by the manifest's case_id
+    rows = _read_predictions(tmp_path / "predictions_asycmst.csv")
+    assert list(rows[0]) == ["annot_id", "label", "prob"]
+    assert sorted(r["annot_id"] for r in rows) == sorted(_test_ids(paired))
+    assert all(0.0 <= float(r["prob"]) <= 1.0 and r["label"] in ("0", "1") for r in rows)
     main(["validate", *_cli_args(paired, tmp_path), "--trainer.fast_dev_run=1"])
     main(["predict", *_cli_args(paired, tmp_path), "--trainer.fast_dev_run=1"])
+
+
+def test_cli_fit_then_test_in_one_process(paired, tmp_path):
+    """``test_after_fit``: one ``lightning fit`` call leaves the checkpoint, the test ROC and the predictions CSV
+    (here the strategy-none comparison, written beside the main run's folder as the Makefile does)."""
+    out, preds = tmp_path / "fold0" / "asycmst_none.ckpt", tmp_path / "fold0"
+    main(["fit", *_cli_args(paired, tmp_path / "fold0" / "none"), "--trainer.max_epochs=1",
+          "--model.init_args.test_after_fit=true", "--model.init_args.strategy=none",
+          "--model.init_args.method=asycmst_none", f"--model.init_args.predictions_dir={preds}", f"--ckpt_out={out}"])
+    assert out.is_file()
+    rows = _read_predictions(preds / "predictions_asycmst_none.csv")
+    assert sorted(r["annot_id"] for r in rows) == sorted(_test_ids(paired))
+    assert (tmp_path / "fold0" / "none" / "roc_test.png").is_file()
+    assert not list(preds.glob(".*partial*"))  # written atomically, no temporary left
+
+
+def test_lr_per_step_spans_the_fit(paired, tmp_path):
+    """``lr_per_step``: the cosine schedule is stepped per optimiser step and spans the fit's steps."""
+    out = tmp_path / "last.ckpt"
+    main(["fit", *_cli_args(paired, tmp_path), "--trainer.max_steps=3", "--model.init_args.lr_per_step=true",
+          "--lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR", "--lr_scheduler.T_max=1000",
+          f"--ckpt_out={out}", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"])
+    ckpt = torch.load(out, map_location="cpu", weights_only=False)
+    sched, steps = ckpt["lr_schedulers"][0], ckpt["global_step"]
+    assert steps >= 2 and sched["T_max"] == steps and sched["last_epoch"] == steps  # stepped once per step
 
 
 def test_cli_print_config(paired, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", *_cli_args(paired, tmp_path), "--print_config"])
     out = capsys.readouterr().out
-    assert "lightning_modules.asycmst.AsyCMST" in out and "torch.optim.RMSprop" in out
+    assert "lightning_modules.asycmst.AsyCMST" in out and "torch.optim.AdamW" in out
 
 
 def test_scores_count_ddp_padding_repeats_once():

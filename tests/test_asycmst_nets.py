@@ -32,6 +32,18 @@ def test_encoder_shape(encoder):
     assert out.shape == (2, 3, 4, 8)  # N = (64/32)^2
 
 
+def test_encoder_backbone_args_reach_timm():
+    """``backbone_args`` go to timm: narrower channels, and ``out_indices`` stopping after stage 3 (stride 16)."""
+    enc = FrameEncoder(dim=8, backbone="resnet10t",
+                       backbone_args={"channels": [16, 32, 48, 64], "stem_width": 8, "out_indices": [3]})  # fmt: skip
+    assert enc.stride == 16 and enc.proj.in_channels == 48
+    assert enc.eval()(torch.randn(1, 2, 3, 32, 32)).shape == (1, 2, 4, 8)  # N = (32/16)^2
+    net = AsyCMSTNet(**{**TINY, "img_size": 32, "backbone": "resnet10t"},
+                     backbone_args={"channels": [16, 32, 48, 64], "stem_width": 8, "out_indices": [3]})  # fmt: skip
+    out = net.eval()(torch.randn(2, 4, 3, 32, 32), torch.randn(2, 4, 3, 32, 32), masks=True)
+    assert out["logits"].shape == (2, 2) and out["mask_logits"].shape == (8, 1, 32, 32)
+
+
 def test_frame_features_depend_on_own_frame_only(encoder):
     clip = torch.randn(2, 4, 3, 64, 64, requires_grad=True)
     out = encoder(clip)

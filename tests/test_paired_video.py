@@ -11,7 +11,13 @@ import torch
 from datamodules.errors import DataError
 from datamodules.folds import make_folds, write_splits
 from datamodules.paired import PairedCase, write_manifest
-from datamodules.paired_video import PairedVideoDataModule, PairedVideoDataset, ratio_split, sample_indices
+from datamodules.paired_video import (
+    PairedVideoDataModule,
+    PairedVideoDataset,
+    ratio_split,
+    roi_box,
+    sample_indices,
+)
 
 
 def write_paired_set(
@@ -104,6 +110,35 @@ def test_same_augmentation_for_every_frame_and_both_modalities(tmp_path):
         assert agree > 0.95, agree
         changed += not torch.allclose(item["bus"][0], plain)
     assert changed >= 3  # the augmentation really does something
+
+
+def test_roi_box_square_around_the_drawn_masks():
+    mask = np.zeros((3, 40, 60), np.uint8)
+    mask[0, 10:20, 30:36] = 1  # 10 x 6 box
+    valid = np.array([True, False, True])
+    assert roi_box(mask, valid, 1.0) == (10, 20, 28, 38)  # side 10, centred on the box
+    assert roi_box(mask, valid, 2.0) == (5, 25, 23, 43)
+    y0, y1, x0, x1 = roi_box(mask, valid, 10.0)  # larger than the frame: the shorter side, shifted inside
+    assert (y1 - y0, x1 - x0) == (40, 40) and y0 == 0 and 0 <= x0 and x1 <= 60
+    assert roi_box(mask, np.array([False, True, False]), 1.5) is None  # only undrawn / empty frames
+    assert roi_box(np.zeros_like(mask), np.ones(3, bool), 1.5) is None
+
+
+def test_roi_crop_and_cache(paired):
+    """With ``roi`` the nodule (a disk of diameter size/3) fills the crop; ``cache`` serves repeated reads from
+    memory, and only for deterministic (un-augmented) samples."""
+    manifest, splits = paired
+    dm = PairedVideoDataModule(manifest, splits=splits, fold=0, frames=3, size=32, augment=True, cache=True,
+                               roi=1.5)  # fmt: skip
+    dm.setup("fit")
+    test = dm.datasets["test"]
+    item = test[0]
+    frac = item["mask"].mean().item()
+    assert 0.25 < frac < 0.5  # pi/4 / 1.5^2 = 0.35 of the crop, against ~0.09 of the whole frame
+    assert test[0] is item  # cached
+    assert dm.datasets["train"]._cache is None  # augmented: never cached
+    with pytest.raises(ValueError, match="roi"):
+        PairedVideoDataset(test.cases, test.n_frames, frames=3, size=32, augment=False, roi=0.5)
 
 
 def test_ratio_split_groups_patients():

@@ -17,6 +17,7 @@ BUS).  Which modality enters which branch is the caller's choice (Fig. 9 swaps t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -44,6 +45,7 @@ class AsyCMSTNet(nn.Module):
         fss: build the frame self-sorting head (Table 4 "FSS").
         ns: build the nodule segmentation decoder (Table 4 "NS").
         backbone: timm name of the frame encoder (``resnet18``; ``test_resnet`` for CPU tests).
+        backbone_args: extra ``timm.create_model`` keyword arguments (e.g. narrower ``channels``).
         pretrained: ImageNet weights for the ResNet-18s (downloads; off by default, tests run offline).
         share_encoders: one ResNet-18 for both streams instead of two.
         decoder_width: channels of the first transposed conv of the mask decoder.
@@ -65,6 +67,7 @@ class AsyCMSTNet(nn.Module):
         fss: bool = True,
         ns: bool = True,
         backbone: str = "resnet18",
+        backbone_args: dict[str, Any] | None = None,
         pretrained: bool = False,
         share_encoders: bool = False,
         decoder_width: int = 128,
@@ -77,10 +80,11 @@ class AsyCMSTNet(nn.Module):
             raise ValueError(f"acmst_layers must lie in [0, {depth}), got {list(acmst_layers or [])}")
         self.num_frames, self.img_size, self.strategy = num_frames, img_size, strategy
 
-        self.encoder_c = FrameEncoder(dim=dim, backbone=backbone, pretrained=pretrained)
-        self.encoder_b = (
-            self.encoder_c if share_encoders else FrameEncoder(dim=dim, backbone=backbone, pretrained=pretrained)
-        )
+        def encoder() -> FrameEncoder:
+            return FrameEncoder(dim=dim, backbone=backbone, pretrained=pretrained, backbone_args=backbone_args)
+
+        self.encoder_c = encoder()
+        self.encoder_b = self.encoder_c if share_encoders else encoder()
         stride = self.encoder_c.stride
         if img_size % stride:
             raise ValueError(f"img_size must be a multiple of the encoder stride {stride}, got {img_size}")

@@ -7,6 +7,8 @@ einops, never with ``.view`` across the time axis (the authors' public code scra
 
 from __future__ import annotations
 
+from typing import Any
+
 import timm
 import torch
 from einops import rearrange
@@ -16,18 +18,29 @@ from torch import nn
 class FrameEncoder(nn.Module):
     """ResNet-18 truncated after its last stage (stride 32: 7 x 7 at 224 px), then a 1x1 conv to ``dim``
     (Sec. 3.1).  Built with timm (``features_only``, last stage); ``backbone`` can name another timm model of
-    the same kind, e.g. ``test_resnet`` (stride 32, 0.4 M parameters) for CPU tests.
+    the same kind, e.g. ``test_resnet`` (stride 32, 0.4 M parameters) for CPU tests, and ``backbone_args`` are
+    passed to ``timm.create_model`` (e.g. ``{"channels": [16, 32, 48, 64], "stem_width": 8}`` with
+    ``resnet10t`` for a 0.13 M-parameter ResNet at demo size; ``{"out_indices": [3]}`` stops a ResNet after
+    its third stage, stride 16).
 
     ``(B, T, C, H, W) -> (B, T, N, D)`` with ``N = (H/32) * (W/32)`` in row-major order.  Frames never mix
     (except through BatchNorm batch statistics in training mode, as in any CNN trained on a batch).
     """
 
-    def __init__(self, *, dim: int, backbone: str = "resnet18", in_chans: int = 3, pretrained: bool = False):
+    def __init__(
+        self,
+        *,
+        dim: int,
+        backbone: str = "resnet18",
+        in_chans: int = 3,
+        pretrained: bool = False,
+        backbone_args: dict[str, Any] | None = None,
+    ):
         super().__init__()
         # pretrained=True downloads ImageNet weights through timm; the default stays offline
-        self.body = timm.create_model(
-            backbone, pretrained=pretrained, features_only=True, out_indices=(-1,), in_chans=in_chans
-        )
+        kwargs = {"features_only": True, "out_indices": (-1,), "in_chans": in_chans}
+        kwargs |= {k: tuple(v) if isinstance(v, list) else v for k, v in (backbone_args or {}).items()}
+        self.body = timm.create_model(backbone, pretrained=pretrained, **kwargs)
         self.stride = int(self.body.feature_info.reduction()[-1])
         self.proj = nn.Conv2d(int(self.body.feature_info.channels()[-1]), dim, kernel_size=1)
 

@@ -283,7 +283,7 @@ def test_truth_csv_beside_each_layout(small):
         assert float(r["risk"]) == pytest.approx(float(r["tirads_risk"]) + float(r["hidden_risk"]), abs=2e-6)
         het, shp = float(r["heterogeneity"]), float(r["shape_change"])
         assert 0 <= het <= 1 and 0 <= shp <= 1
-        assert float(r["hidden_risk"]) == pytest.approx(4.5 * het + 4.5 * shp, abs=2e-5)
+        assert float(r["hidden_risk"]) == pytest.approx(synth.HIDDEN_WEIGHT * (het + shp), abs=2e-5)
     paired = _rows(small / "paired" / "truth.csv")
     assert tuple(paired[0]) == synth.PAIRED_TRUTH_COLUMNS == (
         "case_id", "risk", "tirads_risk", "hidden_risk", "heterogeneity", "shape_change", "pattern", "ttp",
@@ -295,7 +295,7 @@ def test_truth_csv_beside_each_layout(small):
         assert r["label"] == manifest[r["case_id"]]["label"] and r["pattern"] in synth.CEUS_PATTERNS
         assert float(r["risk"]) == pytest.approx(float(r["tirads_risk"]) + float(r["hidden_risk"]), abs=2e-6)
         assert float(r["shape_change"]) == 0.0  # paired clips are drawn without shape change
-        ceus = float(r["hidden_risk"]) - 4.5 * float(r["heterogeneity"])  # the CEUS terms are hidden too
+        ceus = float(r["hidden_risk"]) - synth.HIDDEN_WEIGHT * float(r["heterogeneity"])  # the CEUS terms are hidden too
         assert ceus == pytest.approx(
             {"homogeneous": 0.0, "ring": -1.5, "heterogeneous": 1.5, "hypo": 1.5}[r["pattern"]]
             - 14.0 * (float(r["ttp"]) - 0.32)

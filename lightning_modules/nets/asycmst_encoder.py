@@ -23,8 +23,9 @@ class FrameEncoder(nn.Module):
     ``resnet10t`` for a 0.13 M-parameter ResNet at demo size; ``{"out_indices": [3]}`` stops a ResNet after
     its third stage, stride 16).
 
-    ``(B, T, C, H, W) -> (B, T, N, D)`` with ``N = (H/32) * (W/32)`` in row-major order.  Frames never mix
-    (except through BatchNorm batch statistics in training mode, as in any CNN trained on a batch).
+    ``(B, T, C, H, W) -> (B, T, N, D)`` with ``N = (H/s) * (W/s)`` (``s = stride``, 32 for a whole ResNet) in
+    row-major order.  Frames never mix (except through BatchNorm batch statistics in training mode, as in any
+    CNN trained on a batch).
     """
 
     def __init__(

@@ -32,11 +32,11 @@ FOLD_IDS := $(shell seq 0 $$(( $(FOLDS) - 1 )))
 PER_FOLD  = $(foreach k,$(FOLD_IDS),$(RUNS)/fold$(k)/$(1))
 # Demo-size synthetic set.  Stanford layout: 400 sweeps of ~9 frames (25% malignant, so each of 5 test folds
 # holds 20 malignant nodules; more nodules of fewer frames taught the image encoder more than long sweeps,
-# BENCHMARKS.md "Demo recipe").  Paired BUS/CEUS: 3,000 short 64 px clips (45% malignant like the AsyCMST
+# BENCHMARKS.md "Demo recipe").  Paired BUS/CEUS: 2,000 short 64 px clips (45% malignant like the AsyCMST
 # thyroid set): AsyCMST learns from many fresh clips, not from repeats of few.
 # (The issue's benchmark set is 192 nodules x ~90 frames x 256 px, 9% malignant: `usnodule synth` defaults.)
 SYNTH_ARGS ?= --nodules 400 --frames 9 --size 128 --prevalence 0.25 \
-  --cases 3000 --paired-frames 12 --paired-size 64 --paired-prevalence 0.45 --seed $(SEED)
+  --cases 2000 --paired-frames 12 --paired-size 64 --paired-prevalence 0.45 --seed $(SEED)
 
 # Attention-head variants trained per fold: STACT-Time Table 4 (add `joint`, the joint-fusion backbone of
 # Table 3, with HEAD_VARIANTS="stact vit_self seg_self joint").

@@ -59,7 +59,7 @@ from torchmetrics.functional.classification import (
 )
 from torchmetrics.utilities import dim_zero_cat
 
-from datamodules.atomic import atomic_path
+from datamodules.atomic import atomic_path, write_predictions
 from lightning_modules import wandb_media
 from lightning_modules.classifier import first_per_key
 from lightning_modules.nets.asycmst import AsyCMSTNet
@@ -323,20 +323,11 @@ class AsyCMST(L.LightningModule):
 
     def write_predictions(self, prob: Tensor, label: Tensor, index: Tensor) -> Path:
         """``annot_id,label,prob`` of the test cases (``annot_id`` = the manifest's ``case_id``, looked up by
-        dataset index), in dataset order, written atomically."""
-        import csv
-
+        dataset index), in dataset order."""
         cases = getattr(self.trainer.test_dataloaders.dataset, "cases", None)
         order = torch.argsort(index.cpu())
-        path = self.predictions_path()
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["annot_id", "label", "prob"])
-            for j in order.tolist():
-                i = int(index[j])
-                case_id = cases[i].case_id if cases is not None else str(i)
-                w.writerow([case_id, int(label[j]), f"{float(prob[j]):.6f}"])
-        return path
+        ids = [cases[int(i)].case_id if cases is not None else str(int(i)) for i in index.cpu()[order]]
+        return write_predictions(self.predictions_path(), ids, label.cpu()[order], prob.float().cpu()[order])
 
     def on_fit_end(self) -> None:
         """``test_after_fit``: test in the same process (saves a second start-up of Python and Lightning)."""

@@ -30,7 +30,7 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.impute import SimpleImputer
 
-from datamodules.atomic import atomic_path
+from datamodules.atomic import write_predictions
 from datamodules.embeddings import EmbeddingDataset, pad_collate, read_index
 from datamodules.errors import DataError
 from datamodules.folds import load_fold, load_splits
@@ -41,17 +41,6 @@ FEATURES = (*TIRADS_FEATURES, "level")
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def write_predictions(path: str | os.PathLike, ids: Sequence[str], labels: Sequence[int], probs: Sequence[float],
-                      **extra: Sequence) -> Path:
-    """``annot_id,label,prob`` CSV (+ extra columns), written atomically."""
-    df = pd.DataFrame({"annot_id": list(ids), **extra, "label": np.asarray(labels, int),
-                       "prob": np.asarray(probs, float)})
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.6g")
-    return path
-
-
 def fold_dir(runs: Path, fold: int) -> Path:
     return runs / f"fold{fold}"
 

@@ -279,8 +279,7 @@ def pm(mean: float, std: float) -> str:
 
 def markdown(table: pd.DataFrame, stack: pd.DataFrame, runs: Path, title: str | None = None,
              truth: Path | None = None) -> str:
-    refs = table[table["reference"]] if "reference" in table else table.iloc[:0]
-    table = table[~table["reference"]] if "reference" in table else table
+    refs, table = table[table["reference"]], table[~table["reference"]]  # every row says (_method_row)
     lines = [f"# {title}: results ({runs})" if title else f"# Results: {runs}", "",
              "Nodule-level metrics, mean ± std (ddof 1) over cross-validation folds, threshold 0.5 (Table 2).", "",
              "| Method | " + " | ".join(HEADERS[k] for k in TABLE_METRICS) + " | folds |",
@@ -343,7 +342,7 @@ def plot_roc(preds: pd.DataFrame, path: Path, refs: pd.DataFrame | None = None, 
         fpr, tpr, _ = roc_curve(df["label"], df["prob"])
         ax.plot(fpr, tpr, label=f"{NAMES.get(m, m)} (AUROC {roc_auc_score(df['label'], df['prob']):.2f})")
     for (m, (name, _)), color in zip(REFERENCES.items(), ("black", "dimgrey"), strict=True):
-        df = refs[refs["method"] == m] if refs is not None else refs
+        df = refs[refs["method"] == m] if refs is not None else None
         if df is None or df["label"].nunique() < 2:
             continue
         fpr, tpr, _ = roc_curve(df["label"], df["prob"])
@@ -368,7 +367,7 @@ def print_table(table: pd.DataFrame, title: str) -> None:
     for k in TABLE_METRICS:
         t.add_column(HEADERS[k], justify="right")
     t.add_column("Spec @95% sens", justify="right")
-    refs = table["reference"] if "reference" in table else pd.Series(False, index=table.index)
+    refs = table["reference"]
     for _, r in table[~refs].iterrows():
         spec = "-" if np.isnan(r["sens95_specificity"]) else f"{r['sens95_specificity']:.2f}"
         t.add_row(r["name"], *[pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in TABLE_METRICS], spec)

@@ -144,15 +144,18 @@ $(REPORT)/results.md: $(RUNS)/predictions.done
 	$(Q)$(call STEP,report) $(USNODULE) report --runs $(RUNS) --out $(REPORT) --exp $(EXP) --title STACT-Time \
 	  $(call TRUTH,$(DATA)) $(REPORT_ARGS)
 
-# The demo runs independent folds two at a time (one torch thread each): much of a CPU-size fit is Python
-# start-up, which a second core hides.  W&B is off in the demo (its start-up costs seconds per fit, 50 fits):
-# `make demo DEMO_WANDB=offline` keeps the offline runs.
+# The demo runs independent folds two at a time (one torch thread each).  Its ~50 steps are forked from one warm
+# Python that imported torch + Lightning once (`stages.warm`: ~10 s saved per step on the 2-core VM; WARM=0
+# starts each step cold).  W&B is off in the demo (its start-up costs seconds per fit): `make demo
+# DEMO_WANDB=offline` keeps the offline runs.  Any target can run warm: `python -m stages.warm -- make train-head`.
 JOBS ?= 2
+WARM ?= 1
 DEMO_WANDB ?= disabled
+WARM_RUN = $(if $(filter-out 0 no false,$(WARM)),$(PY) -m stages.warm --log $(RUNS)/logs/warm.log --)
 demo: | $(STAMP) ## both chains (STACT-Time, AsyCMST) on synthetic data at CPU size, then their result tables
 	@start=$$(date +%s); \
-	WANDB_MODE=$${WANDB_MODE:-$(DEMO_WANDB)} OMP_NUM_THREADS=1 $(MAKE) --no-print-directory -j$(JOBS) --output-sync=target \
-	  report asycmst-report && \
+	WANDB_MODE=$${WANDB_MODE:-$(DEMO_WANDB)} OMP_NUM_THREADS=1 $(WARM_RUN) $(MAKE) --no-print-directory -j$(JOBS) \
+	  --output-sync=target report asycmst-report && \
 	echo && echo "demo: $$(( $$(date +%s) - start )) s (EXP=$(EXP), FOLDS=$(FOLDS), JOBS=$(JOBS); logs in $(RUNS)/logs/)"
 
 # ---------------------------------------------------------------------------------------------- AsyCMST

@@ -13,8 +13,10 @@ The command's stdout and stderr are appended to ``--log`` (parent folders create
 - Ctrl-C / SIGTERM / SIGHUP: the signal goes to the command's process group (a second one kills it), the log
   path is printed, and this process dies of the same signal once the command has ended.
 
-The child runs in its own process group with stdin from /dev/null, and with ``WANDB_SILENT=true`` and
-``PYTHONUNBUFFERED=1`` unless set (quieter W&B; a crash log that ends where the crash did).  Only the standard
+The child runs in its own process group with stdin from /dev/null -- forked by the warm server of
+:mod:`stages.warm` when ``USNODULE_WARM`` names one (no import cost), else a new process -- and with
+``WANDB_SILENT=true`` and ``PYTHONUNBUFFERED=1`` unless set (quieter W&B; a crash log that ends where the crash
+did).  Only the standard
 library is imported here: this wraps every step, so it must start in a few tens of milliseconds.
 """
 
@@ -29,6 +31,9 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+
+from stages.warm import ENV as WARM_ENV
+from stages.warm import WarmChild
 
 NAME_WIDTH = 14
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -89,6 +94,19 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _start(cmd: list[str], log) -> subprocess.Popen | WarmChild:
+    """The step's process: forked by the warm server when one runs (``stages.warm``), else a subprocess."""
+    env = _child_env()
+    server = os.environ.get(WARM_ENV)
+    if server:
+        with open(os.devnull, "rb") as null:
+            child = WarmChild.start(server, cmd, env, (null.fileno(), log.fileno(), log.fileno()))
+        if child is not None:
+            return child
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            process_group=0)
+
+
 def _killpg(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -117,7 +135,7 @@ def run_step(cmd: list[str], *, name: str, log: Path, fold: str | None = None, t
         f.write(f"==== {stamp} {label(name, fold)}: {shlex.join(cmd)}\n".encode())
         f.flush()
         start = time.monotonic()
-        child: subprocess.Popen | None = None
+        child: subprocess.Popen | WarmChild | None = None
 
         def forward(signum, _frame) -> None:
             received.append(signum)
@@ -127,8 +145,7 @@ def run_step(cmd: list[str], *, name: str, log: Path, fold: str | None = None, t
         previous = {s: signal.signal(s, forward) for s in FORWARDED}
         try:
             try:
-                child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                         env=_child_env(), process_group=0)
+                child = _start(cmd, f)
             except OSError as e:
                 f.write(f"cannot start: {e}\n".encode())
                 code = 127 if isinstance(e, FileNotFoundError) else 126

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
 from datamodules.paired import PairedCase, check_case, read_clip, read_manifest, read_mask_clip
+from datamodules.stacks import seeded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,10 +160,8 @@ class PairedVideoDataset(Dataset):
             y0, y1, x0, x1 = box
             bus, ceus, mask = (a[:, y0:y1, x0:x1] for a in (bus, ceus, mask))
         if self.augment:
-            # one random draw for all 2T images and T masks; torch's RNG seeds it, so seed_everything and
-            # DataLoader worker seeding make it reproducible and different per worker and per epoch
-            self.transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
-            out = self.transform(images=np.concatenate([bus, ceus]), masks=mask)
+            # one random draw for all 2T images and T masks
+            out = seeded(self.transform)(images=np.concatenate([bus, ceus]), masks=mask)
             images, mask = out["images"], out["masks"]
         else:  # the plain resize of build_transform(augment=False), in two cv2 calls instead of 3T
             images = _resize_frames(np.concatenate([bus, ceus]), self.size, cv2.INTER_LINEAR)

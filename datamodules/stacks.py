@@ -268,7 +268,7 @@ class StackDataset(Dataset):
         if self.kind == "mask":
             x = x * np.uint8(255)  # {0, 255}: resizing in uint8 keeps soft edges at 1/255 steps
         if self.transform is not None:
-            x = np.moveaxis(self.transform(image=np.moveaxis(x, 0, -1))["image"], -1, 0)
+            x = np.moveaxis(seeded(self.transform)(image=np.moveaxis(x, 0, -1))["image"], -1, 0)
         img = resize(x, self.size) / 255.0
         if self.kind == "image" and self.mean is not None:
             img = (img - self.mean) / self.std
@@ -335,7 +335,7 @@ class FrameDataset(Dataset):
         else:
             img, mask = hit
         if self.transform is not None:
-            out = self.transform(image=img, mask=mask)
+            out = seeded(self.transform)(image=img, mask=mask)
             img, mask = out["image"], out["mask"]
         return {"image": resize(img[None], self.size) / 255.0,
                 "mask": resize(mask[None], self.size, mode="nearest"),  # stays {0, 1}
@@ -351,6 +351,18 @@ def _predict_ids(split: dict[str, list[str]], cine: StanfordCine, predict_ids: s
             raise ValueError(f"predict_ids must be 'all', 'train', 'val', 'test' or a list of ids, got {predict_ids!r}")
         return split[predict_ids]
     return list(predict_ids)
+
+
+def seeded(transform):
+    """``transform`` (an albumentations ``Compose``) reseeded from torch's RNG for this call.
+
+    Albumentations keeps its own random state, unseeded by default: without this, two fits with the same
+    ``seed_everything`` augment differently.  Drawing the seed from torch makes seed_everything and Lightning's
+    DataLoader worker seeding govern it: reproducible, and different per worker and per epoch.
+    """
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    return transform
 
 
 def _augment(kind: str):

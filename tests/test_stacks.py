@@ -181,3 +181,28 @@ def test_fold_datamodule_never_returns_test_nodules_in_train_or_val(h5, tmp_path
     fm.setup("fit")
     assert set(fm.datasets["train"].nodule_ids) == {"12_", "7_", "45_"}
     assert next(iter(fm.val_dataloader()))["mask"].shape[1:] == (1, 8, 8)
+
+
+def test_augmentation_follows_the_torch_seed(h5):
+    """Albumentations has its own RNG: unless reseeded from torch, two fits with one seed augment differently."""
+    import albumentations as A
+    import torch
+
+    cine = StanfordCine(h5)
+    # the toy frames are flat: a brightness change, not a flip, shows that an augmentation happened
+    aug = A.Compose([A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.0, p=0.5)])
+    images = StackDataset(cine, IDS, kind="image", img_size=8, transform=aug)
+    frames = FrameDataset(cine, IDS, size=(8, 8), transform=aug)
+    plain = [StackDataset(cine, IDS, kind="image", img_size=8)[i]["image"] for i in range(len(images))]
+
+    def epoch(seed):
+        torch.manual_seed(seed)
+        return ([images[i]["image"] for i in range(len(images))],
+                [frames[i]["image"] for i in range(len(frames))])
+
+    first, again, other = epoch(0), epoch(0), epoch(1)
+    for a, b in zip(first, again, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    flipped = [not torch.equal(x, y) for x, y in zip(first[0], plain, strict=True)]
+    assert any(flipped) and not all(flipped)  # augmenting, at random
+    assert any(not torch.equal(x, y) for x, y in zip(first[0] + first[1], other[0] + other[1], strict=True))

@@ -51,7 +51,12 @@ def read_index(path: str | os.PathLike) -> dict[str, dict]:
 
 class EmbeddingDataset(Dataset):
     """Embedding sequences of the given nodules (sorted ids). Item: ``{"image_emb": (S,D), "seg_emb": (S,D),
-    "label": long, "nodule": long}``; ``nodule`` indexes :attr:`nodule_ids`."""
+    "label": long, "nodule": long}``; ``nodule`` indexes :attr:`nodule_ids`.
+
+    Items are kept once read: a nodule's embeddings are a few kB (12 MB for all of Stanford's 192 sweeps), and
+    two HDF5 reads per item per epoch were 28% of a demo head fit (BENCHMARKS.md "Warm start").  Readers get
+    the same tensors every epoch; ``pad_collate`` copies them, nothing writes to them.
+    """
 
     def __init__(self, path: str | os.PathLike, nodule_ids: Sequence[str] | None = None,
                  index: dict[str, dict] | None = None) -> None:
@@ -64,6 +69,7 @@ class EmbeddingDataset(Dataset):
         self.nodule_ids = ids
         self.labels = [self.info[i]["label"] for i in ids]
         self._h5 = LazyH5(self.path)
+        self._items: dict[int, dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.nodule_ids)
@@ -72,10 +78,12 @@ class EmbeddingDataset(Dataset):
         return self._h5.file[self.info[self.nodule_ids[i]]["group"]][key][()]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"image_emb": torch.from_numpy(self.read(i, "image")).float(),
-                "seg_emb": torch.from_numpy(self.read(i, "seg")).float(),
-                "label": torch.tensor(self.labels[i], dtype=torch.long),
-                "nodule": torch.tensor(i, dtype=torch.long)}
+        if i not in self._items:
+            self._items[i] = {"image_emb": torch.from_numpy(self.read(i, "image")).float(),
+                              "seg_emb": torch.from_numpy(self.read(i, "seg")).float(),
+                              "label": torch.tensor(self.labels[i], dtype=torch.long),
+                              "nodule": torch.tensor(i, dtype=torch.long)}
+        return self._items[i]
 
 
 def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

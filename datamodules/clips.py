@@ -2,7 +2,7 @@
 
 Formats, chosen by :data:`FORMATS` (suffix -> :class:`ClipFormat`, the one dispatch table):
 
-========================  =========================================================================================
+========================  ====================================================================================
 ``.mp4 .avi .mov .mkv``   video, any codec FFmpeg decodes (PyAV), decoded to gray by FFmpeg's swscale
 ``.webm .m4v``
 a folder                  frame images (``.png .jpg .jpeg .bmp .tif .tiff``), whatever the folder's own name
@@ -12,7 +12,7 @@ a folder                  frame images (``.png .jpg .jpeg .bmp .tif .tiff``), wh
                           ``file.h5:/group/key`` names any dataset
 ``.dcm .dicom``           single- or multi-frame DICOM (:func:`datamodules.dicom.read_dicom_frames`)
 no / another suffix       DICOM if the file has the DICOM preamble (``DICM`` at byte 128), else a DataError
-========================  =========================================================================================
+========================  ====================================================================================
 
 Choices:
 
@@ -22,10 +22,11 @@ Choices:
   differs between machines.
 * A known suffix wins over content sniffing: the DICOM preamble is looked for only when the suffix is unknown
   (scanners often write no suffix), so a ``.npy`` whose data happens to start with ``DICM`` is still an array.
-* Shape and dtype are checked from metadata before pixels are read where the format allows, and ``index`` reads
-  only the chosen frames from HDF5, ``.npy`` and folders (videos and DICOM are decoded whole, then indexed).
-* Mask clips come back as ``(T,H,W)`` uint8 in {0,1} plus a ``(T,)`` bool "annotated" flag (``.npz`` key / HDF5
-  sibling dataset ``annotated``; all True for formats that cannot carry it), because AsyCMST supervises
+* Shape and dtype are checked from metadata before pixels are read where the format allows, and ``index``
+  reads only the chosen frames from HDF5, ``.npy`` and folders (videos and DICOM are decoded whole, then
+  indexed).
+* Mask clips come back as ``(T,H,W)`` uint8 in {0,1} plus a ``(T,)`` bool "annotated" flag (``.npz`` key /
+  HDF5 sibling dataset ``annotated``; all True for formats that cannot carry it), because AsyCMST supervises
   segmentation only on the BUS frames that have a drawn mask.  Stored mask values must be {0,1} or {0,255};
   masks from lossy sources (video, JPEG frames) are thresholded at 128 instead.
 * Videos are decoded with PyAV (a declared dependency); OpenCV is not used for reading.

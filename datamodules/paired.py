@@ -5,11 +5,11 @@ BUS nodule masks on some frames.  This module reads such pairs from a manifest C
 
     case_id,patient_id,label,bus,ceus[,bus_mask]
 
-whose clip paths (relative to the CSV's folder, or absolute) may be anything :func:`datamodules.clips.read_clip`
-reads (video, a folder of frames, .npy/.npz, HDF5 with ``file.h5:/group/key`` for any dataset, DICOM); see that
-module for formats and conversions.  BUS masks are read with :func:`datamodules.clips.read_mask_clip`, which also
-returns the per-frame "annotated" flag, because AsyCMST supervises segmentation only on the BUS frames that have
-a drawn mask (paper Eq. for L_Seg).
+whose clip paths (relative to the CSV's folder, or absolute) may be anything
+:func:`datamodules.clips.read_clip` reads (video, a folder of frames, .npy/.npz, HDF5 with
+``file.h5:/group/key`` for any dataset, DICOM); see that module for formats and conversions.  BUS masks are
+read with :func:`datamodules.clips.read_mask_clip`, which also returns the per-frame "annotated" flag, because
+AsyCMST supervises segmentation only on the BUS frames that have a drawn mask (paper Eq. for L_Seg).
 
 Every problem is raised as :class:`~datamodules.errors.DataError` naming the file.
 """

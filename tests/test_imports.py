@@ -1,8 +1,9 @@
 """The project's own import graph has no cycles, and the data layer does not depend on stages or models.
 
-The graph is built statically with :mod:`ast` (nothing is imported), from every ``import`` / ``from ... import``
-statement in a module, at module level or inside a function: a function-level import still runs, and a cycle
-through one only fails later, at the first call. Imports under ``if TYPE_CHECKING:`` never run and are left out.
+The graph is built statically with :mod:`ast` (nothing is imported), from every ``import`` /
+``from ... import`` statement in a module, at module level or inside a function: a function-level import
+still runs, and a cycle through one only fails later, at the first call. Imports under ``if TYPE_CHECKING:``
+never run and are left out.
 Only edges between the project's packages count; a package's ``__init__`` is not added as an implicit target
 (they are empty here).
 """

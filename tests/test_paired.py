@@ -1,4 +1,4 @@
-"""Clip reader and paired BUS/CEUS manifests: every clip format, natural frame order, manifest, AsyCMST importer, bad input."""
+"""Clip reader (every format, natural frame order, bad input), paired manifests, AsyCMST importer."""
 
 from __future__ import annotations
 

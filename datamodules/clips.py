@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+# dicom.py imports pydicom inside its functions, so this costs nothing until a DICOM clip is read.
+from datamodules.dicom import dicom_shape, read_dicom_frames
 from datamodules.errors import DataError
 from datamodules.frames import natural_key, rgb_to_gray
 
@@ -432,17 +434,12 @@ def _read_video(path: Path, index, mask: bool) -> RawClip:
 
 
 def _read_dicom(path: Path, index, mask: bool) -> RawClip:
-    # Imported here: pydicom and its codecs are only needed when a DICOM clip is met.
-    from datamodules.dicom import read_dicom_frames
-
     arr = read_dicom_frames(path)
     idx = _as_index(index, arr.shape[0], path)
     return (arr if idx is None else arr[idx]), None, False
 
 
 def _shape_dicom(path: Path, mask: bool) -> tuple[int, int, int]:
-    from datamodules.dicom import dicom_shape
-
     return dicom_shape(path)
 
 

@@ -127,7 +127,8 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _cycle_in(component: list[str], graph: dict[str, set[str]]) -> list[str]:
-    """A shortest closed path through the component's first module (breadth-first inside the component)."""
+    """A shortest closed path ``start -> ... -> start`` through the component's first module (breadth-first
+    inside the component, which holds one because it is strongly connected)."""
     members, start = set(component), component[0]
     parent: dict[str, str] = {}
     frontier = [start]
@@ -139,21 +140,28 @@ def _cycle_in(component: list[str], graph: dict[str, set[str]]) -> list[str]:
                     path = [v]
                     while path[-1] != start:
                         path.append(parent[path[-1]])
-                    return [start, *reversed(path[:-1]), start] if len(path) > 1 else [start, v, start]
+                    return [*reversed(path), start]
                 if w not in parent:
                     parent[w] = v
                     nxt.append(w)
         frontier = nxt
-    return component  # unreachable for a strongly connected component
+    return component
 
 
 def test_graph_sees_known_edges():
     """The parser finds the import forms the project uses (guards against a graph that is silently empty)."""
     graph = import_graph()
     assert "datamodules.clips" in graph["datamodules.paired"]  # from datamodules.clips import ...
-    assert "datamodules.dicom" in graph["datamodules.clips"]  # function-level import
+    assert "datamodules.dicom" in graph["datamodules.clips"]
+    assert "datamodules.clips" in graph["stages.predict"]
     assert "lightning_modules.nets.msunet" in graph["lightning_modules.seg_stage"]
-    assert "stages.masks" in graph["stages.predict"]
+    assert "stages.masks" in graph["stages.predict"]  # function-level import
+
+
+def test_cycle_finder_reports_each_cycle_as_a_path():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "x": {"y"}, "y": {"x"}}
+    assert find_cycles(graph) == [["a", "b", "c", "a"], ["x", "y", "x"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_no_import_cycles():

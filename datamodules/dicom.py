@@ -4,7 +4,7 @@ Handled: single- and multi-frame; MONOCHROME1 (inverted) / MONOCHROME2; RGB; YBR
 to RGB by pydicom's decoder, or by :func:`pydicom.pixels.convert_color_space` when it did not); PALETTE COLOR
 (:func:`pydicom.pixels.apply_color_lut`); any transfer syntax pydicom can decode — native little/big endian, and
 JPEG 2000 through pylibjpeg-openjpeg (its YBR_ICT / YBR_RCT are undone by the codec, giving RGB).  Colour ends as
-gray with ITU-R BT.601 weights (:func:`datamodules.paired.rgb_to_gray`).
+gray with ITU-R BT.601 weights (:func:`datamodules.frames.rgb_to_gray`).
 
 Mapping to uint8 (the choice documented here, as the brief asks):
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.errors import DataError
+from datamodules.frames import natural_key, rgb_to_gray
 
 __all__ = ["read_dicom_frames", "dicom_shape", "read_dicom_dir"]
 
@@ -131,8 +132,6 @@ def read_dicom_frames(path: str | os.PathLike) -> np.ndarray:
     """Read a DICOM image (single- or multi-frame) as ``(T,H,W)`` uint8 gray frames."""
     from pydicom.pixels import apply_color_lut, convert_color_space
 
-    from datamodules.paired import rgb_to_gray
-
     path = Path(path)
     ds = _read_dataset(path)
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
@@ -186,8 +185,6 @@ def read_dicom_frames(path: str | os.PathLike) -> np.ndarray:
 
 def read_dicom_dir(folder: str | os.PathLike, pattern: str = "*.dcm") -> dict[str, np.ndarray]:
     """Read every DICOM in ``folder`` (matching ``pattern``): ``{file name: (T,H,W) uint8}``, in name order."""
-    from datamodules.paired import natural_key
-
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, "is not a folder")

@@ -40,6 +40,19 @@ class LazyH5:
         return {"path": self.path, "_handle": None, "_pid": None}
 
 
+class InMemoryH5:
+    """:class:`LazyH5`'s interface over arrays already in memory (``.file[key]`` is the array), so that a
+    reader written for an HDF5 file can serve a clip that never was one (``usnodule predict``);
+    :func:`read_rows` indexes a numpy array as it indexes an h5py dataset."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], path: str | os.PathLike | None = None):
+        self.path = None if path is None else Path(path)
+        self.file = arrays
+
+    def close(self) -> None:
+        pass
+
+
 def read_rows(ds: h5py.Dataset, rows: np.ndarray, box: Box | None = None) -> np.ndarray:
     """``ds[rows, y0:y1, x0:x1]`` for rows in any order, with repeats.
 

@@ -1,22 +1,15 @@
-"""Paired B-mode (BUS) + contrast-enhanced (CEUS) ultrasound clips: manifest, clip readers, AsyCMST importer.
+"""Paired B-mode (BUS) + contrast-enhanced (CEUS) ultrasound clips: manifest, case loading, AsyCMST importer.
 
 The AsyCMST paper (``papers/asycmst.md`` Sec. 4.1) trains on synchronised BUS/CEUS video pairs of T frames with
 BUS nodule masks on some frames.  This module reads such pairs from a manifest CSV
 
     case_id,patient_id,label,bus,ceus[,bus_mask]
 
-whose clip paths (relative to the CSV's folder, or absolute) may be
-
-* ``.mp4`` / ``.avi`` (any container PyAV/FFmpeg reads),
-* a folder of frame images, ordered by *natural* name sort (``frame2`` < ``frame10``), never filesystem order,
-* ``.npy`` ``(T,H,W)`` or ``(T,H,W,3)``; ``.npz`` with key ``frames`` (or its only array),
-* HDF5 ``.h5`` / ``.hdf5`` with dataset ``frames``, or ``file.h5:/group/key`` for any dataset,
-* ``.dcm`` (single- or multi-frame DICOM, via :func:`datamodules.dicom.read_dicom_frames`).
-
-Every clip comes back as ``(T,H,W)`` uint8 grayscale (RGB -> gray with ITU-R BT.601 weights).  Mask clips come
-back as ``(T,H,W)`` uint8 in {0,1} plus a ``(T,)`` bool "annotated" flag (``.npz`` key / HDF5 sibling dataset
-``annotated``; all True for formats that cannot carry it), because AsyCMST supervises segmentation only on the
-BUS frames that have a drawn mask (paper Eq. for L_Seg).
+whose clip paths (relative to the CSV's folder, or absolute) may be anything
+:func:`datamodules.clips.read_clip` reads (video, a folder of frames, .npy/.npz, HDF5 with
+``file.h5:/group/key`` for any dataset, DICOM); see that module for formats and conversions.  BUS masks are
+read with :func:`datamodules.clips.read_mask_clip`, which also returns the per-frame "annotated" flag, because
+AsyCMST supervises segmentation only on the BUS frames that have a drawn mask (paper Eq. for L_Seg).
 
 Every problem is raised as :class:`~datamodules.errors.DataError` naming the file.
 """
@@ -25,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,36 +25,29 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.atomic import atomic_path
+from datamodules.clips import (
+    VIDEO_SUFFIXES,
+    clip_shape,
+    natural_key,
+    read_clip,
+    read_mask_clip,
+    split_h5_spec,
+)
 from datamodules.errors import DataError
 
 __all__ = [
     "PairedCase",
     "read_manifest",
     "write_manifest",
-    "read_clip",
-    "read_mask_clip",
-    "clip_shape",
     "load_case",
     "check_case",
     "import_asycmst_layout",
-    "rgb_to_gray",
-    "natural_key",
-    "split_h5_spec",
 ]
-
-VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"})
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-H5_SUFFIXES = frozenset({".h5", ".hdf5"})
-DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
-# Lossy sources cannot hold exact 0/255 mask values, so masks from them are thresholded at 128 instead of checked.
-_LOSSY_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg"})
 
 MANIFEST_COLUMNS = ("case_id", "patient_id", "label", "bus", "ceus", "bus_mask")
 _REQUIRED_COLUMNS = ("case_id", "label", "bus", "ceus")
 _ASYCMST_COLUMNS = ("id", "bus_vid", "ceus_vid", "label")
 _ASYCMST_CLASS_DIRS = {0: "0.ben", 1: "1.mal"}
-
-_H5_SPEC = re.compile(r"^(.*\.(?:h5|hdf5))(?::(.*))?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -75,445 +60,6 @@ class PairedCase:
     bus: Path
     ceus: Path
     bus_mask: Path | None = None
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-
-
-def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
-    """``(...,3)`` uint8 RGB -> ``(...)`` uint8 gray, ITU-R BT.601 luma 0.299 R + 0.587 G + 0.114 B, rounded.
-
-    Integer arithmetic (as PIL's ``convert("L")``) so large clips need no float copy.
-    """
-    rgb = np.asarray(rgb)
-    if rgb.shape[-1] != 3:
-        raise ValueError(f"expected a trailing RGB axis of 3, got shape {rgb.shape}")
-    r, g, b = (rgb[..., i].astype(np.uint32) for i in range(3))
-    return ((r * 299 + g * 587 + b * 114 + 500) // 1000).astype(np.uint8)
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that orders embedded numbers numerically: ``frame2`` < ``frame10``; ties broken by the name."""
-    parts = re.split(r"(\d+)", name.lower())
-    # re.split puts text at even and digit runs at odd positions, so parts of two keys always compare like with like.
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), name
-
-
-def split_h5_spec(path: str | os.PathLike) -> tuple[Path, str | None]:
-    """``"a/b.h5:/grp/key"`` -> ``(Path("a/b.h5"), "/grp/key")``; other paths -> ``(path, None)``."""
-    m = _H5_SPEC.match(str(path))
-    if m is None:
-        return Path(path), None
-    key = m.group(2)
-    return Path(m.group(1)), (key if key else None)
-
-
-def _file_part(path: str | os.PathLike) -> Path:
-    return split_h5_spec(path)[0]
-
-
-def _kind(path: Path) -> str:
-    file, key = split_h5_spec(path)
-    suffix = file.suffix.lower()
-    if suffix in H5_SUFFIXES:
-        return "h5"
-    if key is not None:
-        raise DataError(path, "a ':key' suffix is only meaningful for .h5/.hdf5 files")
-    if file.is_dir():
-        return "folder"
-    if suffix in VIDEO_SUFFIXES:
-        return "video"
-    if suffix == ".npy":
-        return "npy"
-    if suffix == ".npz":
-        return "npz"
-    if suffix in DICOM_SUFFIXES:
-        return "dicom"
-    raise DataError(
-        path,
-        f"unsupported clip format {suffix or '(no suffix)'!r}; expected .mp4/.avi, a folder of frames, "
-        ".npy/.npz, .h5/.hdf5 or .dcm",
-    )
-
-
-def _check_exists(path: Path) -> None:
-    file = _file_part(path)
-    if not file.exists():
-        raise DataError(path, "does not exist")
-
-
-def _as_index(index: Sequence[int] | np.ndarray | None, n: int, path: Path) -> np.ndarray | None:
-    if index is None:
-        return None
-    idx = np.asarray(index, dtype=np.int64).reshape(-1)
-    bad = idx[(idx < 0) | (idx >= n)]
-    if bad.size:
-        raise DataError(path, f"frame index {int(bad[0])} out of range for a clip of {n} frames")
-    return idx
-
-
-def _check_layout(shape: tuple[int, ...], dtype: np.dtype, path: Path, *, mask: bool) -> None:
-    """Validate shape/dtype from metadata alone, before reading any pixels."""
-    ok_rank = len(shape) == 3 or (len(shape) == 4 and shape[-1] in (1, 3))
-    if not ok_rank:
-        raise DataError(path, f"expected frames shaped (T,H,W) or (T,H,W,3), got shape {tuple(shape)}")
-    if shape[0] == 0:
-        raise DataError(path, "empty clip (0 frames)")
-    if shape[1] == 0 or shape[2] == 0:
-        raise DataError(path, f"empty frames of shape {tuple(shape[1:3])}")
-    kinds = "uib" + ("f" if mask else "")  # float masks are fine if their values are exactly 0/1 or 0/255
-    if np.dtype(dtype).kind not in kinds:
-        raise DataError(path, f"dtype {np.dtype(dtype)} not supported; expected uint8 frames")
-
-
-def _to_gray_uint8(arr: np.ndarray, path: Path) -> np.ndarray:
-    """``(T,H,W[,1|3])`` integer array with values 0..255 -> ``(T,H,W)`` uint8."""
-    if arr.dtype != np.uint8:
-        if arr.dtype == np.bool_:
-            raise DataError(path, "boolean frames; expected uint8 gray values")
-        lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi > 255:
-            raise DataError(path, f"{arr.dtype} values span {lo}..{hi}; expected uint8 values 0..255")
-        arr = arr.astype(np.uint8)
-    if arr.ndim == 4:
-        arr = arr[..., 0] if arr.shape[-1] == 1 else rgb_to_gray(arr)
-    return np.ascontiguousarray(arr)
-
-
-def _binarize(arr: np.ndarray, path: Path, *, lossy: bool) -> np.ndarray:
-    """Mask values {0,1} or {0,255} -> uint8 {0,1}; anything else is a DataError (lossy sources: >= 128)."""
-    if arr.ndim == 4:
-        if arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        else:
-            if arr.dtype.kind == "f":
-                raise DataError(path, "RGB float masks are not supported; store a (T,H,W) mask")
-            arr = rgb_to_gray(arr.astype(np.uint8) if arr.dtype != np.uint8 else arr)
-    if arr.dtype == np.bool_:
-        return arr.astype(np.uint8)
-    if lossy:
-        # MPEG/JPEG blur edges and shift values by a few levels; a 0/255 mask survives only as "about 0 / 255".
-        return (arr >= 128).astype(np.uint8)
-    if arr.dtype == np.uint8:
-        counts = np.bincount(arr.ravel(), minlength=256)
-        values = np.flatnonzero(counts)
-    else:
-        values = np.unique(arr)
-    present = {float(v) for v in values}
-    if present <= {0.0, 1.0}:
-        return arr.astype(np.uint8)
-    if present <= {0.0, 255.0}:
-        return (arr > 0).astype(np.uint8)
-    shown = ", ".join(f"{v:g}" for v in sorted(present)[:6]) + (", ..." if len(present) > 6 else "")
-    raise DataError(path, f"mask values {{{shown}}} outside {{0,1}} / {{0,255}}")
-
-
-def _check_annotated(ann: np.ndarray, n: int, path: Path) -> np.ndarray:
-    ann = np.asarray(ann)
-    if ann.shape != (n,):
-        raise DataError(path, f"'annotated' has shape {ann.shape}; expected ({n},) to match the mask frames")
-    if ann.dtype != np.bool_:
-        if ann.dtype.kind not in "uif" or not np.isin(ann, (0, 1)).all():
-            raise DataError(path, "'annotated' must be boolean or 0/1")
-        ann = ann.astype(bool)
-    return ann
-
-
-# --------------------------------------------------------------------------------------------- format readers
-# Each returns the *raw* frames (possibly RGB, any integer dtype) for the requested positions, plus an optional
-# "annotated" vector; validation of shape/dtype happens before pixel data is read where the format allows.
-
-
-def _video_frames(path: Path) -> np.ndarray:
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise DataError(path, "no video stream")
-            stream = container.streams.video[0]
-            frames = [frame.to_ndarray(format="gray") for frame in container.decode(stream)]
-    except DataError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
-        raise DataError(path, f"unreadable video ({type(e).__name__}: {e})") from None
-    if not frames:
-        raise DataError(path, "empty clip (video has 0 decodable frames)")
-    shapes = {f.shape for f in frames}
-    if len(shapes) > 1:
-        raise DataError(path, f"video frames change size mid-stream: {sorted(shapes)}")
-    return np.stack(frames)
-
-
-def _video_shape(path: Path) -> tuple[int, int, int]:
-    """Frame count by demuxing packets (no decoding; one packet per frame for the codecs we meet)."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise DataError(path, "no video stream")
-            stream = container.streams.video[0]
-            h, w = stream.codec_context.height, stream.codec_context.width
-            n = sum(1 for p in container.demux(stream) if p.size > 0)
-    except DataError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, RuntimeError) as e:
-        raise DataError(path, f"unreadable video ({type(e).__name__}: {e})") from None
-    if n == 0:
-        raise DataError(path, "empty clip (video has 0 frames)")
-    return n, h, w
-
-
-def _frame_files(folder: Path) -> list[Path]:
-    files = [
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not files:
-        raise DataError(
-            folder, f"empty clip: no frame images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder"
-        )
-    return sorted(files, key=lambda p: natural_key(p.name))
-
-
-def _read_image(file: Path) -> np.ndarray:
-    """One frame image -> (H,W) uint8 gray or (H,W,3) uint8 RGB."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(file) as im:
-            if im.mode in ("L", "RGB"):
-                arr = np.asarray(im)
-            elif im.mode in ("1", "P", "PA", "LA", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
-                arr = np.asarray(im.convert("L" if im.mode in ("1", "LA") else "RGB"))
-            else:
-                raise DataError(
-                    file, f"image mode {im.mode!r} not supported; expected 8-bit gray or RGB frames"
-                )
-    except DataError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(file, f"unreadable frame image ({e})") from None
-    return arr
-
-
-def _folder_frames(folder: Path, index: np.ndarray | None) -> np.ndarray:
-    files = _frame_files(folder)
-    idx = _as_index(index, len(files), folder)
-    chosen = files if idx is None else [files[i] for i in idx]
-    frames = []
-    for f in chosen:
-        im = _read_image(f)
-        frames.append(im if im.ndim == 2 else rgb_to_gray(im))
-        if frames[-1].shape != frames[0].shape:
-            raise DataError(
-                f, f"frame size {frames[-1].shape} differs from {chosen[0].name} {frames[0].shape}"
-            )
-    return np.stack(frames)
-
-
-def _folder_shape(folder: Path) -> tuple[int, int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    files = _frame_files(folder)
-    try:
-        with Image.open(files[0]) as im:  # reads the header only
-            w, h = im.size
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(files[0], f"unreadable frame image ({e})") from None
-    return len(files), h, w
-
-
-def _npy_open(path: Path) -> np.ndarray:
-    try:
-        # mmap: a clip read with an index touches only those frames
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(path, f"not a readable .npy file ({e})") from None
-
-
-def _npz_arrays(path: Path, mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """The frames (or mask) array of an .npz, and its 'annotated' vector for masks."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.files)
-            preferred = ("mask", "masks", "frames") if mask else ("frames",)
-            key = next((k for k in preferred if k in keys), None)
-            if key is None:
-                arrays = [k for k in keys if k != "annotated"]
-                if len(arrays) != 1:
-                    want = "'mask'" if mask else "'frames'"
-                    raise DataError(path, f"no {want} array and not exactly one array (keys: {keys})")
-                key = arrays[0]
-            arr = z[key]
-            ann = z["annotated"] if (mask and "annotated" in keys) else None
-    except DataError:
-        raise
-    except (ValueError, OSError, EOFError, KeyError) as e:
-        raise DataError(path, f"not a readable .npz file ({e})") from None
-    return arr, ann
-
-
-def _h5_dataset(f, path: Path, key: str | None, mask: bool):  # f: h5py.File
-    import h5py
-
-    if key is None:
-        preferred = ("mask", "masks", "frames") if mask else ("frames",)
-        key = next((k for k in preferred if isinstance(f.get(k), h5py.Dataset)), None)
-        if key is None:
-            datasets = [k for k, v in f.items() if isinstance(v, h5py.Dataset) and k != "annotated"]
-            if len(datasets) != 1:
-                want = "'mask'" if mask else "'frames'"
-                raise DataError(
-                    path, f"no {want} dataset and not exactly one dataset (keys: {list(f.keys())})"
-                )
-            key = datasets[0]
-    obj = f.get(key)
-    if obj is None:
-        raise DataError(path, f"missing HDF5 dataset {key!r}")
-    if not isinstance(obj, h5py.Dataset):
-        raise DataError(path, f"HDF5 object {key!r} is a group, not a dataset")
-    return obj
-
-
-def _h5_read(path: Path, index: np.ndarray | None, mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    import h5py
-
-    file, key = split_h5_spec(path)
-    try:
-        with h5py.File(file, "r") as f:
-            ds = _h5_dataset(f, path, key, mask)
-            _check_layout(ds.shape, ds.dtype, path, mask=mask)
-            idx = _as_index(index, ds.shape[0], path)
-            if idx is None:
-                arr = ds[()]
-            else:
-                # h5py fancy indexing needs increasing unique positions; read those, then restore the order asked
-                uniq, inverse = np.unique(idx, return_inverse=True)
-                arr = ds[uniq.tolist()][inverse]
-            ann = None
-            if mask:
-                sibling = ds.parent.get("annotated")
-                if isinstance(sibling, h5py.Dataset):
-                    ann = _check_annotated(sibling[()], ds.shape[0], path)
-                    ann = ann if idx is None else ann[idx]
-    except DataError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(path, f"not a readable HDF5 clip ({e})") from None
-    return arr, ann
-
-
-def _h5_shape(path: Path, mask: bool) -> tuple[int, ...]:
-    import h5py
-
-    file, key = split_h5_spec(path)
-    try:
-        with h5py.File(file, "r") as f:
-            ds = _h5_dataset(f, path, key, mask)
-            _check_layout(ds.shape, ds.dtype, path, mask=mask)
-            return tuple(ds.shape[:3])
-    except DataError:
-        raise
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(path, f"not a readable HDF5 clip ({e})") from None
-
-
-def _raw(path: Path, index, *, mask: bool) -> tuple[np.ndarray, np.ndarray | None, bool]:
-    """(raw frames for ``index``, annotated or None, lossy source?) for any supported clip format."""
-    _check_exists(path)
-    kind = _kind(path)
-    if kind == "h5":
-        arr, ann = _h5_read(path, index, mask)
-        return arr, ann, False
-    if kind == "folder":
-        files = _frame_files(path)
-        lossy = any(f.suffix.lower() in _LOSSY_IMAGE_SUFFIXES for f in files)
-        return _folder_frames(path, index), None, lossy
-    if kind == "npy":
-        arr = _npy_open(path)
-        _check_layout(arr.shape, arr.dtype, path, mask=mask)
-        idx = _as_index(index, arr.shape[0], path)
-        return np.array(arr if idx is None else arr[idx]), None, False
-    if kind == "npz":
-        arr, ann = _npz_arrays(path, mask)
-        _check_layout(arr.shape, arr.dtype, path, mask=mask)
-        if ann is not None:
-            ann = _check_annotated(ann, arr.shape[0], path)
-        idx = _as_index(index, arr.shape[0], path)
-        if idx is not None:
-            arr = arr[idx]
-            ann = None if ann is None else ann[idx]
-        return arr, ann, False
-    if kind == "video":
-        arr = _video_frames(path)
-        idx = _as_index(index, arr.shape[0], path)
-        return (arr if idx is None else arr[idx]), None, True
-    # dicom
-    from datamodules.dicom import read_dicom_frames
-
-    arr = read_dicom_frames(path)
-    idx = _as_index(index, arr.shape[0], path)
-    return (arr if idx is None else arr[idx]), None, False
-
-
-# ------------------------------------------------------------------------------------------------- public API
-
-
-def read_clip(path: str | os.PathLike, index: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-    """Read a clip as ``(T,H,W)`` uint8 gray.
-
-    ``index`` (optional) selects frame positions; for HDF5, .npy (memory-mapped) and frame folders only those
-    frames are read, for videos the clip is decoded and then indexed.
-    """
-    path = Path(path)
-    arr, _, _ = _raw(path, index, mask=False)
-    _check_layout(arr.shape, arr.dtype, path, mask=False)
-    return _to_gray_uint8(arr, path)
-
-
-def read_mask_clip(
-    path: str | os.PathLike, index: Sequence[int] | np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Read a mask clip: ``(T,H,W)`` uint8 in {0,1} and ``(T,)`` bool "annotated" (all True if not stored).
-
-    Stored values must be {0,1} or {0,255} (else DataError); masks from lossy sources (video, JPEG frames) are
-    thresholded at 128 instead, because compression does not keep exact values.
-    """
-    path = Path(path)
-    arr, ann, lossy = _raw(path, index, mask=True)
-    _check_layout(arr.shape, arr.dtype, path, mask=True)
-    mask = _binarize(arr, path, lossy=lossy)
-    if ann is None:
-        ann = np.ones(mask.shape[0], dtype=bool)
-    return np.ascontiguousarray(mask), ann
-
-
-def clip_shape(path: str | os.PathLike, *, mask: bool = False) -> tuple[int, int, int]:
-    """``(T,H,W)`` of a clip, cheaply where the format allows (HDF5/.npy metadata, folder listing + one image
-    header, video packet count, DICOM header); .npz is loaded."""
-    path = Path(path)
-    _check_exists(path)
-    kind = _kind(path)
-    if kind == "h5":
-        return _h5_shape(path, mask)  # type: ignore[return-value]
-    if kind == "folder":
-        return _folder_shape(path)
-    if kind == "npy":
-        arr = _npy_open(path)
-        _check_layout(arr.shape, arr.dtype, path, mask=mask)
-        return tuple(arr.shape[:3])  # type: ignore[return-value]
-    if kind == "npz":
-        arr, _ = _npz_arrays(path, mask)
-        _check_layout(arr.shape, arr.dtype, path, mask=mask)
-        return tuple(arr.shape[:3])  # type: ignore[return-value]
-    if kind == "video":
-        return _video_shape(path)
-    from datamodules.dicom import dicom_shape
-
-    return dicom_shape(path)
 
 
 def _check_pair(case: PairedCase, bus_shape, ceus_shape, mask_shape) -> None:
@@ -626,7 +172,7 @@ def read_manifest(csv_path: str | os.PathLike) -> list[PairedCase]:
                 paths[col] = None
                 continue
             p = _resolve(value, base)
-            if not _file_part(p).exists():
+            if not split_h5_spec(p)[0].exists():
                 raise DataError(p, f"does not exist (manifest {csv_path}, row {n}, column {col})")
             paths[col] = p
         cases.append(

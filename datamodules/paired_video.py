@@ -25,9 +25,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.clips import read_clip, read_mask_clip
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
-from datamodules.paired import PairedCase, check_case, read_clip, read_manifest, read_mask_clip
+from datamodules.paired import PairedCase, check_case, read_manifest
 from datamodules.stacks import seeded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

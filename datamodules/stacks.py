@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
-from datamodules.lazy_h5 import LazyH5, open_checked, read_rows, text
+from datamodules.lazy_h5 import InMemoryH5, LazyH5, open_checked, read_rows, text
 from datamodules.parts import PartsDataModule
 from datamodules.stanford import Box, StanfordCine, bbox_from_mask
 
@@ -104,10 +104,26 @@ class PredictedMasks:
     """
 
     def __init__(self, path: str | os.PathLike, cine: StanfordCine):
-        self.path = Path(path)
-        self.cine = cine
-        self._h5 = LazyH5(self.path)
+        self._setup(path=Path(path), cine=cine, store=LazyH5(path))
         self._validate()
+
+    @classmethod
+    def from_arrays(cls, masks: np.ndarray, cine: StanfordCine) -> PredictedMasks:
+        """Predicted masks already in memory: (N, H, W) uint8 {0, 1} in ``cine``'s row order, as ``masks.h5``
+        holds them (for :meth:`StanfordCine.from_arrays`, the clip's frame order). Not copied."""
+        n = sum(nod.n_frames for nod in cine.nodules)
+        if masks.shape != (n, *cine.image_shape):
+            want = (n, *cine.image_shape)
+            raise DataError(cine.h5_path, f"masks shape {masks.shape} does not match the frames {want}")
+        obj = cls.__new__(cls)
+        obj._setup(path=cine.h5_path, cine=cine, store=InMemoryH5({"mask": masks}, cine.h5_path))
+        return obj
+
+    def _setup(self, *, path: Path, cine: StanfordCine, store: LazyH5 | InMemoryH5) -> None:
+        # The one place attributes are set, for both constructors (see StanfordCine._setup).
+        self.path = path
+        self.cine = cine
+        self._h5 = store
 
     def _validate(self) -> None:
         path = self.path

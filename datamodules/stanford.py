@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from datamodules.errors import DataError
-from datamodules.lazy_h5 import Box, LazyH5, open_checked, read_rows, text
+from datamodules.lazy_h5 import Box, InMemoryH5, LazyH5, open_checked, read_rows, text
 
 TIRADS_FEATURES = ("composition", "echogenicity", "shape", "margin", "echogenicfoci")
 METADATA_COLUMNS = (
@@ -79,20 +79,63 @@ class StanfordCine:
 
     def __init__(self, h5_path: str | os.PathLike, metadata_csv: str | os.PathLike | None = None,
                  *, require_mask: bool = True):
-        self.h5_path = Path(h5_path)
-        self.metadata_path = Path(metadata_csv) if metadata_csv else self.h5_path.with_name("metadata.csv")
-        self.require_mask = require_mask
-        self._h5 = LazyH5(self.h5_path)
+        h5_path = Path(h5_path)
+        metadata_path = Path(metadata_csv) if metadata_csv else h5_path.with_name("metadata.csv")
+        ids, frame_nums, image_shape, has_mask = self._read_index(h5_path, require_mask)
+        metadata = self._read_metadata(metadata_path)
+        self._setup(h5_path=h5_path, metadata_path=metadata_path, require_mask=require_mask,
+                    store=LazyH5(h5_path), image_shape=image_shape, has_mask=has_mask, metadata=metadata,
+                    nodules=self._group(ids, frame_nums, metadata, h5_path, metadata_path))
 
-        ids, frame_nums, self.image_shape, self.has_mask = self._read_index()
-        self.metadata = self._read_metadata()
-        self.nodules = self._group(ids, frame_nums)
-        self.by_id = {n.annot_id: n for n in self.nodules}
+    @classmethod
+    def from_arrays(cls, name: str, frames: np.ndarray, masks: np.ndarray | None = None,
+                    *, label: int = -1) -> StanfordCine:
+        """One clip held in memory as a one-nodule set (id, patient and path = ``name``), so that code written
+        for the Stanford file (:class:`~datamodules.stacks.StackDataset`: stacks, ROI boxes, crops) runs on it
+        unchanged.
+
+        ``frames``: (T, H, W) uint8; ``masks``: (T, H, W) uint8 in {0, 1} or {0, 255}, or None (then
+        :meth:`masks` raises, as for a file without masks). ``label`` -1 = unknown. The arrays are not copied.
+        """
+        frames = np.asarray(frames)
+        if frames.ndim != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+            raise DataError(name, f"frames must be non-empty (T, H, W) uint8, got {frames.dtype} "
+                                  f"{frames.shape}")
+        arrays = {"image": frames}
+        if masks is not None:
+            if masks.shape != frames.shape:
+                raise DataError(name, f"masks shape {masks.shape} differs from frames shape {frames.shape}")
+            arrays["mask"] = masks
+        n = len(frames)
+        nodule = Nodule(annot_id=name, patient_id=name, label=label, rows=np.arange(n, dtype=np.int64),
+                        frame_nums=np.arange(n, dtype=np.int64))
+        cine = cls.__new__(cls)
+        cine._setup(h5_path=Path(name), metadata_path=None, require_mask=False,
+                    store=InMemoryH5(arrays, name), image_shape=(int(frames.shape[1]), int(frames.shape[2])),
+                    has_mask=masks is not None,
+                    metadata=pd.DataFrame({"annot_id": [name]}).set_index("annot_id", drop=False),
+                    nodules=[nodule])
+        return cine
+
+    def _setup(self, *, h5_path: Path, metadata_path: Path | None, require_mask: bool,
+               store: LazyH5 | InMemoryH5, image_shape: tuple[int, int], has_mask: bool,
+               metadata: pd.DataFrame, nodules: list[Nodule]) -> None:
+        # The one place attributes are set, for both constructors: keyword-only without defaults, so an
+        # attribute added here fails loudly in from_arrays too instead of being silently missing there.
+        self.h5_path = h5_path
+        self.metadata_path = metadata_path
+        self.require_mask = require_mask
+        self._h5 = store
+        self.image_shape = image_shape
+        self.has_mask = has_mask
+        self.metadata = metadata
+        self.nodules = nodules
+        self.by_id = {n.annot_id: n for n in nodules}
 
     # ------------------------------------------------------------------ validation at start
-    def _read_index(self) -> tuple[np.ndarray, np.ndarray, tuple[int, int], bool]:
-        path = self.h5_path
-        keys = ("annot_id", "frame_num", "image") + (("mask",) if self.require_mask else ())
+    @staticmethod
+    def _read_index(path: Path, require_mask: bool) -> tuple[np.ndarray, np.ndarray, tuple[int, int], bool]:
+        keys = ("annot_id", "frame_num", "image") + (("mask",) if require_mask else ())
         with open_checked(path, keys) as f:
             image = f["image"]
             if image.ndim != 3:
@@ -123,8 +166,8 @@ class StanfordCine:
             raise DataError(path, f"'frame_num' value {bad!r} is not an integer") from None
         return ids, nums, shape, has_mask
 
-    def _read_metadata(self) -> pd.DataFrame:
-        path = self.metadata_path
+    @staticmethod
+    def _read_metadata(path: Path) -> pd.DataFrame:
         if not path.is_file():
             raise DataError(path, "metadata file does not exist")
         try:
@@ -151,26 +194,28 @@ class StanfordCine:
                 meta[col] = pd.to_numeric(meta[col], errors="coerce")
         return meta.set_index("annot_id", drop=False)
 
-    def _group(self, ids: np.ndarray, frame_nums: np.ndarray) -> list[Nodule]:
+    @staticmethod
+    def _group(ids: np.ndarray, frame_nums: np.ndarray, metadata: pd.DataFrame, h5_path: Path,
+               metadata_path: Path) -> list[Nodule]:
         in_h5 = set(ids.tolist())
-        in_meta = set(self.metadata.index)
+        in_meta = set(metadata.index)
         if in_h5 - in_meta:
             some = sorted(in_h5 - in_meta)[:3]
-            raise DataError(self.metadata_path, f"{len(in_h5 - in_meta)} annot_id(s) of {self.h5_path.name} "
-                                                f"have no metadata row, e.g. {some}")
+            raise DataError(metadata_path, f"{len(in_h5 - in_meta)} annot_id(s) of {h5_path.name} "
+                                           f"have no metadata row, e.g. {some}")
         if in_meta - in_h5:
             some = sorted(in_meta - in_h5)[:3]
-            raise DataError(self.h5_path, f"{len(in_meta - in_h5)} annot_id(s) of {self.metadata_path.name} "
-                                          f"have no frames, e.g. {some}")
+            raise DataError(h5_path, f"{len(in_meta - in_h5)} annot_id(s) of {metadata_path.name} "
+                                     f"have no frames, e.g. {some}")
         # One stable sort by (nodule, frame_num, row) groups interleaved rows and orders frames.
         uniq, inverse = np.unique(ids.astype(str), return_inverse=True)
         order = np.lexsort((np.arange(len(ids)), frame_nums, inverse))
         bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
-        has_patient = "patient_id" in self.metadata.columns
+        has_patient = "patient_id" in metadata.columns
         nodules = []
         for j, annot_id in enumerate(uniq):
             rows = order[bounds[j]:bounds[j + 1]].astype(np.int64)
-            meta = self.metadata.loc[annot_id]
+            meta = metadata.loc[annot_id]
             patient = meta["patient_id"] if has_patient else None
             patient = annot_id if patient is None or pd.isna(patient) or not str(patient).strip() else str(patient)
             tirads = {f: float(meta.get(f"ti-rads_{f}", np.nan)) for f in TIRADS_FEATURES}

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -26,17 +27,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.atomic import atomic_path
-from datamodules.lazy_h5 import LazyH5
+from datamodules.lazy_h5 import InMemoryH5, LazyH5
 from datamodules.stacks import resize
 from datamodules.stanford import StanfordCine
 
 
 class RowBlocks(Dataset):
-    """Item i = rows ``[i*block, (i+1)*block)`` of the cine file as ``(first_row, (b,1,s,s) float in [0,1])``."""
+    """Item i = rows ``[i*block, (i+1)*block)`` of the cine file as ``(first_row, (b,1,s,s) float in [0,1])``.
 
-    def __init__(self, h5_path: str | os.PathLike, n_rows: int, block: int, size: tuple[int, int]) -> None:
+    ``source``: the cine HDF5 (its ``image`` dataset), or (N, H, W) uint8 frames already in memory (a clip).
+    """
+
+    def __init__(self, source: str | os.PathLike | np.ndarray, n_rows: int, block: int,
+                 size: tuple[int, int]) -> None:
         self.n_rows, self.block, self.size = n_rows, block, size
-        self._h5 = LazyH5(h5_path)
+        self._h5 = InMemoryH5({"image": source}) if isinstance(source, np.ndarray) else LazyH5(source)
 
     def __len__(self) -> int:
         return (self.n_rows + self.block - 1) // self.block
@@ -77,7 +82,6 @@ def predict_masks(*, cine: str | os.PathLike, seg: str | os.PathLike, out: str |
     h, w = data.image_shape
     n = sum(nod.n_frames for nod in data.nodules)
     blocks = RowBlocks(cine, n, batch_size, (size, size))
-    loader = DataLoader(blocks, batch_size=None, num_workers=num_workers, pin_memory=dev.type == "cuda")
     out = Path(out)
     with h5py.File(cine, "r") as src:
         ids, nums = src["annot_id"][()], src["frame_num"][()]
@@ -92,13 +96,34 @@ def predict_masks(*, cine: str | os.PathLike, seg: str | os.PathLike, out: str |
                         "size": int(size), "threshold": float(threshold),
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         task = bar.add_task("masks", total=n)
-        for r0, x in loader:
-            logits = model(x.to(dev, non_blocking=True))
-            # Back to full frame size before thresholding: smoother edges than resizing a binary mask.
-            logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-            mask = (torch.sigmoid(logits) > threshold)[:, 0].to(torch.uint8).cpu().numpy()
+        for r0, mask in segment_blocks(model, blocks, (h, w), threshold, dev, num_workers):
             ds[r0:r0 + len(mask)] = mask
             bar.advance(task, len(mask))
+    return out
+
+
+@torch.inference_mode()
+def segment_blocks(model: torch.nn.Module, blocks: RowBlocks, shape: tuple[int, int], threshold: float,
+                   device: torch.device, num_workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, (b, H, W) uint8 {0, 1} masks)`` per block: the mask inference of ``usnodule masks`` and
+    ``usnodule predict``, one copy so that a new clip is segmented exactly as the training set was."""
+    loader = DataLoader(blocks, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda")
+    for r0, x in loader:
+        logits = model(x.to(device, non_blocking=True))
+        # Back to full frame size before thresholding: smoother edges than resizing a binary mask.
+        logits = F.interpolate(logits.float(), size=shape, mode="bilinear", align_corners=False)
+        yield r0, (torch.sigmoid(logits) > threshold)[:, 0].to(torch.uint8).cpu().numpy()
+
+
+def segment_frames(model: torch.nn.Module, frames: np.ndarray, size: int, threshold: float,
+                   device: torch.device, batch_size: int = 16) -> np.ndarray:
+    """(T, H, W) uint8 {0, 1} masks of a clip held in memory, computed as :func:`predict_masks` computes them
+    for the rows of a cine file."""
+    out = np.empty(frames.shape, dtype=np.uint8)
+    blocks = RowBlocks(frames, len(frames), batch_size, (size, size))
+    shape = (int(frames.shape[1]), int(frames.shape[2]))
+    for r0, mask in segment_blocks(model, blocks, shape, threshold, device):
+        out[r0:r0 + len(mask)] = mask
     return out
 
 

@@ -1,15 +1,17 @@
 """``usnodule predict``: STACT-Time on new, unannotated clips from a scanner -> ``predictions.csv``.
 
 The deployable predictor: one fold's four checkpoints (``--fold-dir runs/<exp>/fold<k>`` or each by name) and
-one or more clips (``.dcm`` single/multi-frame DICOM, or anything :func:`datamodules.paired.read_clip` reads:
-.mp4/.avi, a folder of frames, .npy/.npz, .h5). Per clip, as in training (STACT-Time sec. 2.3-2.4):
+one or more clips (anything :func:`datamodules.clips.read_clip` reads: ``.dcm`` single/multi-frame DICOM, also
+without a suffix, .mp4/.avi, a folder of frames, .npy/.npz, .h5). Per clip, as in training (STACT-Time sec.
+2.3-2.4):
 
-1. MSU-Net mask for every frame (SegStage's input size and threshold from its checkpoint), computed as
-   ``usnodule masks`` does: frames resized to the network input, logits resized back to full frame, thresholded.
+1. MSU-Net mask for every frame (SegStage's input size and threshold from its checkpoint), computed by the
+   code of ``usnodule masks`` (:func:`stages.masks.segment_frames`): frames resized to the network input,
+   logits resized back to full frame, thresholded.
 2. Non-overlapping 3-stacks in frame order (a trailing 1-2 frames dropped; a clip of 1-2 frames gives one
    stack with its last frame repeated), ROI box = union of the three *predicted* masks' boxes + buffer
    (fallback: the clip's union box, then the full frame), ViT input = ROI crop, mask CNN input = the masks.
-   None of this is re-implemented: the clip is wrapped as a one-nodule :class:`StanfordCine` and the stacks come
+   None of this is re-implemented: the clip is held as a one-nodule :class:`StanfordCine` and the stacks come
    from :func:`stages.embeddings.build_dataset` / :class:`datamodules.stacks.StackDataset`, with the sizes,
    buffer and normalisation read from the checkpoints' saved datamodule hyper-parameters.
 3. ViT and mask-CNN embeddings per stack (:class:`stages.embeddings.EmbeddingExport`), then the attention head
@@ -34,93 +36,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from datamodules.atomic import atomic_path
+from datamodules.clips import read_clip, split_h5_spec
 from datamodules.embeddings import pad_collate
 from datamodules.errors import DataError
-from datamodules.lazy_h5 import Box
-from datamodules.paired import DICOM_SUFFIXES, read_clip, split_h5_spec
-from datamodules.stacks import PredictedMasks, resize
-from datamodules.stanford import Nodule, StanfordCine
+from datamodules.stacks import PredictedMasks
+from datamodules.stanford import StanfordCine
 
 COLUMNS = ("clip", "n_frames", "n_stacks", "frames_with_mask", "prob_malignant", "pred", "prob_avepool")
 CHECKPOINTS = {"seg": "seg.ckpt", "vit": "vit.ckpt", "maskcnn": "maskcnn.ckpt"}  # names in a fold folder
 
 
 # ---------------------------------------------------------------------------------------------- clips
-def is_dicom(path: Path) -> bool:
-    """``.dcm``/``.dicom`` suffix, or a file with the DICOM preamble (scanners often write no suffix)."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        head = f.read(132)
-    return len(head) == 132 and head[128:] == b"DICM"
+def clip_data(name: str, frames: np.ndarray, masks: np.ndarray) -> tuple[StanfordCine, PredictedMasks]:
+    """One clip in memory as a one-nodule :class:`StanfordCine` and its :class:`PredictedMasks`, so that the
+    training code (:class:`~datamodules.stacks.StackDataset`) builds its stacks, ROI boxes and crops
+    unchanged.
 
-
-def read_frames(path: str | os.PathLike) -> np.ndarray:
-    """``(T, H, W)`` uint8 gray frames of one clip, in order; DataError naming the file when unreadable."""
-    from datamodules.dicom import read_dicom_frames
-
-    path = Path(path)
-    frames = read_dicom_frames(path) if is_dicom(path) else read_clip(path)
-    if frames.ndim != 3 or frames.shape[0] == 0:
-        raise DataError(path, f"no frames (shape {frames.shape})")
-    return frames
-
-
-class ClipCine(StanfordCine):
-    """One clip held in memory, shaped as a one-nodule :class:`StanfordCine` so that the training code
-    (:class:`StackDataset`) builds its stacks, ROI boxes and crops unchanged.
-
-    The base ``__init__`` (which opens a Stanford HDF5) is deliberately not called; only what the stack
-    datasets read is set. The clip has no annotation, so :meth:`masks` returns the *predicted* masks: they are
-    the only masks of a new clip (this also makes a ``mask_roi`` mask CNN crop around predicted boxes).
-    Label -1 = unknown.
+    The clip has no annotation, so the predicted masks serve as its masks too: they are the only masks of a
+    new clip (this also makes a ``mask_roi`` mask CNN crop around predicted boxes). Label -1 = unknown.
     """
-
-    def __init__(self, name: str, frames: np.ndarray, masks: np.ndarray) -> None:
-        self.h5_path = Path(name)
-        self.metadata_path = None
-        self.require_mask = False
-        self.has_mask = True
-        self.image_shape = (int(frames.shape[1]), int(frames.shape[2]))
-        self._frames, self._masks = frames, masks
-        n = len(frames)
-        self.nodules = [Nodule(annot_id=name, patient_id=name, label=-1, rows=np.arange(n, dtype=np.int64),
-                               frame_nums=np.arange(n, dtype=np.int64))]
-        self.by_id = {name: self.nodules[0]}
-        self.metadata = pd.DataFrame({"annot_id": [name]}).set_index("annot_id", drop=False)
-
-    @staticmethod
-    def _take(arr: np.ndarray, idx: Sequence[int] | np.ndarray, box: Box | None) -> np.ndarray:
-        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if box is None:
-            return arr[idx]
-        return arr[idx, box[0]:box[2], box[1]:box[3]]
-
-    def frames(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
-        return self._take(self._frames, idx, box)
-
-    def masks(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
-        return self._take(self._masks, idx, box)
-
-    def close(self) -> None:
-        pass
-
-
-class ClipMasks(PredictedMasks):
-    """The clip's predicted masks as :class:`PredictedMasks` (no ``masks.h5``; base ``__init__`` not called)."""
-
-    def __init__(self, cine: ClipCine) -> None:
-        self.path = cine.h5_path
-        self.cine = cine
-
-    def masks(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
-        return self.cine.masks(annot_id, idx, box)
+    cine = StanfordCine.from_arrays(name, frames, masks)
+    return cine, PredictedMasks.from_arrays(masks, cine)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -191,28 +130,22 @@ def load_predictor(paths: dict[str, Path], device: str = "auto", mask_threshold:
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
-@torch.inference_mode()
 def segment(p: Predictor, frames: np.ndarray, batch_size: int = 16) -> np.ndarray:
-    """(T, H, W) uint8 {0, 1} predicted masks; the same steps as :func:`stages.masks.predict_masks`
-    (which streams from a Stanford HDF5 and so cannot take a clip in memory)."""
-    h, w = frames.shape[1:]
-    out = np.empty(frames.shape, dtype=np.uint8)
-    for r0 in range(0, len(frames), batch_size):
-        x = resize(frames[r0:r0 + batch_size], (p.seg_size, p.seg_size))[:, None] / 255.0
-        logits = p.seg(x.to(p.device))
-        # Back to full frame size before thresholding: smoother edges than resizing a binary mask.
-        logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-        out[r0:r0 + len(x)] = (torch.sigmoid(logits) > p.seg_threshold)[:, 0].to(torch.uint8).cpu().numpy()
-    return out
+    """(T, H, W) uint8 {0, 1} predicted masks, by the mask inference of ``usnodule masks``."""
+    from stages.masks import segment_frames
+
+    return segment_frames(p.seg, frames, p.seg_size, p.seg_threshold, p.device, batch_size)
 
 
 @torch.inference_mode()
-def embed(p: Predictor, cine: ClipCine, batch_size: int = 16) -> dict[str, torch.Tensor]:
+def embed(p: Predictor, cine: StanfordCine, masks: PredictedMasks,
+          batch_size: int = 16) -> dict[str, torch.Tensor]:
     """Per-stack ``image``/``seg`` embeddings (S, 256) and ``image_prob`` (S,), in stack order, exactly as
-    ``usnodule embeddings --boxes predicted`` computes them for a nodule."""
+    ``usnodule embeddings --boxes predicted`` computes them for a nodule (``cine``, ``masks``:
+    :func:`clip_data`)."""
     from stages.embeddings import EmbeddingExport, build_dataset
 
-    dataset = build_dataset(cine, ClipMasks(cine), p.vit_data, p.mask_data, p.img_size, p.mask_size,
+    dataset = build_dataset(cine, masks, p.vit_data, p.mask_data, p.img_size, p.mask_size,
                             predicted_boxes=True)
     export = EmbeddingExport(p.vit, p.maskcnn)
     parts: dict[str, list[torch.Tensor]] = {"image": [], "seg": [], "image_prob": []}
@@ -235,10 +168,9 @@ def head_prob(p: Predictor, emb: dict[str, torch.Tensor]) -> float:
 
 def predict_clip(p: Predictor, path: str | os.PathLike, *, threshold: float = 0.5, batch_size: int = 16) -> dict:
     """One CSV row for the clip at ``path``."""
-    frames = read_frames(path)
+    frames = read_clip(path)
     masks = segment(p, frames, batch_size)
-    cine = ClipCine(str(path), frames, masks)
-    emb = embed(p, cine, batch_size)
+    emb = embed(p, *clip_data(str(path), frames, masks), batch_size)
     prob = head_prob(p, emb)
     return {"clip": str(path), "n_frames": int(len(frames)), "n_stacks": int(len(emb["image"])),
             "frames_with_mask": int(masks.reshape(len(masks), -1).any(axis=1).sum()),

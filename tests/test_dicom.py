@@ -17,9 +17,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from datamodules.clips import clip_shape, read_clip, rgb_to_gray
 from datamodules.dicom import dicom_shape, read_dicom_dir, read_dicom_frames
 from datamodules.errors import DataError
-from datamodules.paired import read_clip, rgb_to_gray
 
 T, H, W = 3, 32, 40  # JPEG 2000 (openjpeg) needs frames of at least ~32 px
 
@@ -160,6 +160,20 @@ def test_jpeg2000_gray_and_rgb(tmp_path):
     p = save(ds, tmp_path / "j2k_rgb.dcm")
     assert pydicom.dcmread(p).file_meta.TransferSyntaxUID == JPEG2000Lossless
     np.testing.assert_array_equal(read_dicom_frames(p), rgb_to_gray(rgb))
+
+
+def test_clip_reader_sniffs_dicom_without_suffix(tmp_path):
+    """Scanners often write DICOM without a suffix: the clip reader (every stage's) finds the preamble."""
+    arr = gray_clip()
+    ds = new_ds()
+    ds.set_pixel_data(arr, "MONOCHROME2", 8)
+    p = save(ds, tmp_path / "IM0001.dcm").rename(tmp_path / "IM0001")
+    np.testing.assert_array_equal(read_clip(p), arr)
+    np.testing.assert_array_equal(read_clip(p, [2, 0]), arr[[2, 0]])
+    assert clip_shape(p) == (T, H, W)
+    (tmp_path / "notes").write_bytes(b"plain text" * 20)
+    with pytest.raises(DataError, match=r"notes: unsupported clip format '\(no suffix\)'"):
+        read_clip(tmp_path / "notes")
 
 
 def test_read_dicom_dir(tmp_path):

@@ -1,4 +1,4 @@
-"""Paired BUS/CEUS readers: every clip format, natural frame order, manifest, AsyCMST importer, bad input."""
+"""Clip reader (every format, natural frame order, bad input), paired manifests, AsyCMST importer."""
 
 from __future__ import annotations
 
@@ -12,19 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from datamodules.clips import clip_shape, natural_key, read_clip, read_mask_clip, rgb_to_gray, split_h5_spec
 from datamodules.errors import DataError
 from datamodules.paired import (
     PairedCase,
     check_case,
-    clip_shape,
     import_asycmst_layout,
     load_case,
-    natural_key,
-    read_clip,
     read_manifest,
-    read_mask_clip,
-    rgb_to_gray,
-    split_h5_spec,
     write_manifest,
 )
 

@@ -138,7 +138,7 @@ def test_roi_and_mask_stacks_match_training_code(chain, tmp_path):
     for predictions, with the first stack's masks blanked (clip union-box fallback): the predictor's embeddings
     of the clip equal ``usnodule embeddings --boxes predicted`` given those masks as ``masks.h5``.
     """
-    from stages.predict import ClipCine, embed, load_predictor, resolve_checkpoints
+    from stages.predict import clip_data, embed, load_predictor, resolve_checkpoints
 
     annot_id, frames = _clip(chain)
     cine = StanfordCine(chain["h5"])
@@ -156,17 +156,16 @@ def test_roi_and_mask_stacks_match_training_code(chain, tmp_path):
               "--maskcnn", str(fold / "maskcnn.ckpt"), "--out", str(emb), "--accelerator", "cpu",
               "--boxes", "predicted"])
     p = load_predictor(resolve_checkpoints(fold_dir=fold), "cpu")
-    clip = ClipCine("clip", frames, masks)
-    got = embed(p, clip)
+    clip, clip_masks = clip_data("clip", frames, masks)
+    got = embed(p, clip, clip_masks)
     with h5py.File(emb) as f:
         g = f[group_name(annot_id)]
         for key in ("image", "seg", "image_prob"):
             np.testing.assert_allclose(got[key].numpy(), g[key][()], atol=1e-5)
     # The test means something: real boxes smaller than the frame, and the first stack on the fallback box.
     from stages.embeddings import build_dataset
-    from stages.predict import ClipMasks
 
-    ds = build_dataset(clip, ClipMasks(clip), p.vit_data, p.mask_data, p.img_size, p.mask_size, True).image
+    ds = build_dataset(clip, clip_masks, p.vit_data, p.mask_data, p.img_size, p.mask_size, True).image
     boxes = [ds.roi("clip", pos) for _, _, pos in ds.index]
     assert boxes[0] == ds.roi("clip", np.arange(len(frames))) != (0, 0, *frames.shape[1:])
     assert all(b != (0, 0, *frames.shape[1:]) for b in boxes)

@@ -173,3 +173,28 @@ def test_mask_values_outside_binary(h5):
     ds = StanfordCine(h5)
     with pytest.raises(DataError, match="mask values of nodule '3_'"):
         ds.masks("3_", [0])
+
+
+def test_from_arrays_is_a_one_nodule_cine_over_memory():
+    """``usnodule predict`` holds a new clip this way: the accessors of the stack datasets read the arrays."""
+    from datamodules.stacks import PredictedMasks
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (5, 16, 20), dtype=np.uint8)
+    masks = np.zeros_like(frames)
+    masks[1, 4:9, 6:12] = 1
+    ds = StanfordCine.from_arrays("clip", frames, masks)
+    assert [n.annot_id for n in ds.nodules] == ["clip"] and ds.labels().tolist() == [-1]
+    assert ds.image_shape == (16, 20) and ds.has_mask and ds.groups() == ["clip"]
+    np.testing.assert_array_equal(ds.frames("clip", [4, 0, 4]), frames[[4, 0, 4]])
+    np.testing.assert_array_equal(ds.frames("clip", [1], box=(4, 6, 9, 12)), frames[1:2, 4:9, 6:12])
+    assert ds.bbox("clip", 1) == (4, 6, 9, 12) and ds.bbox("clip", 0) is None
+    pred = PredictedMasks.from_arrays(masks, ds)
+    np.testing.assert_array_equal(pred.masks("clip", [1, 2]), masks[[1, 2]])
+    assert pickle.loads(pickle.dumps(ds)).frames("clip", [2]).tolist() == frames[[2]].tolist()
+    with pytest.raises(DataError, match="no 'mask' dataset"):
+        StanfordCine.from_arrays("bare", frames).masks("bare", [0])
+    with pytest.raises(DataError, match=r"clip: masks shape \(4, 16, 20\)"):
+        PredictedMasks.from_arrays(masks[:4], ds)
+    with pytest.raises(DataError, match="differs from frames shape"):
+        StanfordCine.from_arrays("clip", frames, masks[:, :8])

@@ -183,7 +183,8 @@ def test_cinetrans_fitted_by_lightning_fit_then_predicted(setup):
         fit(["fit", "-c", str(root / "conf" / "demo" / "cinetrans.yaml"), "--data.init_args.fold=0",
              f"--data.init_args.path={runs / 'fold0' / 'embeddings.h5'}", f"--data.init_args.splits={splits}",
              "--model.init_args.dim=16", "--model.init_args.num_heads=2", "--seed_everything=0",
-             "--trainer.max_epochs=3", "--lr_scheduler.init_args.T_max=3", "--trainer.enable_progress_bar=false",
+             "--trainer.max_epochs=3", "--lr_scheduler.init_args.T_max=3", "--trainer.logger=false",
+             "--trainer.enable_progress_bar=false",
              f"--trainer.default_root_dir={runs / 'fold0' / f'head_cine_trans{attempt}'}", f"--ckpt_out={out}"])
         ckpt = torch.load(out, map_location="cpu", weights_only=False)
         assert ckpt["epoch"] == 2 and ckpt["global_step"] == 3  # last of 3 epochs of one 3-nodule batch

@@ -7,13 +7,15 @@
   read from the fold's ``embeddings.h5`` (``image_prob``). The same file gives the stack-level rows of Table 3
   (``stack_predictions_vit.csv`` from the ViT, ``stack_predictions_seg.csv`` from the mask CNN).
 * ``cinetrans`` -- CineCNN-Trans (Yamashita et al. 2022): a 2-layer transformer encoder over the stack features
-  (``HeadStage(variant="cine_trans")`` on the image embeddings), trained on the fold's training nodules, last
-  epoch kept (no model selection on the test fold).
+  (``HeadStage(variant="cine_trans")`` on the image embeddings).  Fitted per fold by ``lightning fit -c
+  conf/cinetrans.yaml`` (``make cinetrans``) on the fold's training nodules, last epoch kept; this command
+  only predicts with the checkpoint ``--cinetrans PATTERN`` (default ``{runs}/fold{fold}/head_cine_trans.ckpt``).
 * ``--head NAME=PATTERN`` -- predictions of trained ``HeadStage`` checkpoints (e.g. STACT-Time and the Table 4
   variants), PATTERN holding ``{fold}``.
 
 Each writes ``<runs>/fold<k>/predictions_<method>.csv`` (``annot_id,label,prob``) for the fold's test nodules;
-``usnodule report`` reads them.
+``usnodule report`` reads them.  Nothing here trains a network: a head checkpoint that is missing, or that was
+fitted on another fold, splits file or embeddings file than the one predicted, is a one-line error.
 """
 
 from __future__ import annotations
@@ -93,33 +95,6 @@ def average_pool(stacks: pd.DataFrame) -> pd.DataFrame:
     return stacks.groupby("annot_id", sort=True).agg(label=("label", "first"), prob=("prob", "mean")).reset_index()
 
 
-def train_cine_transformer(path: str | os.PathLike, split: dict[str, list[str]], *, epochs: int = 50,
-                           lr: float = 1e-4, batch_size: int = 16, seed: int = 0, accelerator: str = "cpu",
-                           **head_kwargs) -> pd.DataFrame:
-    """Fit CineCNN-Trans on the fold's training embeddings (AdamW + cosine, focal loss); predict its test ones."""
-    import lightning.pytorch as L
-    from torch.utils.data import DataLoader
-
-    from lightning_modules.head_stage import HeadStage
-
-    class _CineTrans(HeadStage):
-        def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=lr)
-            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)}
-
-    L.seed_everything(seed, workers=True, verbose=False)
-    index = read_index(path)
-    model = _CineTrans(variant="cine_trans", dim=next(iter(index.values()))["D"], **head_kwargs)
-    train = DataLoader(EmbeddingDataset(path, split["train"], index=index), batch_size=batch_size, shuffle=True,
-                       collate_fn=pad_collate)
-    test_ds = EmbeddingDataset(path, split["test"], index=index)
-    trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        deterministic=True)
-    trainer.fit(model, train_dataloaders=train)
-    return predict_head(model, test_ds)
-
-
 @torch.inference_mode()
 def predict_head(model, dataset: EmbeddingDataset, batch_size: int = 32) -> pd.DataFrame:
     """Nodule probabilities of a HeadStage on an :class:`EmbeddingDataset` (annot_id, label, prob)."""
@@ -134,20 +109,46 @@ def predict_head(model, dataset: EmbeddingDataset, batch_size: int = 32) -> pd.D
     return pd.DataFrame({"annot_id": dataset.nodule_ids, "label": dataset.labels, "prob": p})
 
 
-def load_head(path: str | os.PathLike):
-    from lightning_modules.head_stage import HeadStage
-    from stages.embeddings import load_stage
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is gone: compare the names
+        return Path(a).resolve() == Path(b).resolve()
 
-    return load_stage(HeadStage, path)
+
+def load_head(path: str | os.PathLike, *, fold: int | None = None, embeddings: str | os.PathLike | None = None,
+              splits: str | os.PathLike | None = None, variant: str | None = None):
+    """A trained ``HeadStage``; with ``fold``/``embeddings``/``splits``/``variant`` given, the checkpoint must
+    say it was fitted on exactly those (the datamodule init args ``lightning fit`` saves in it), so a head of
+    another fold -- which saw this fold's test nodules in training -- never scores them."""
+    from lightning_modules.head_stage import HeadStage
+    from stages.embeddings import data_hparams, load_stage
+
+    model = load_stage(HeadStage, path)
+    if variant is not None and model.variant != variant:
+        raise DataError(path, f"is a head_{model.variant} checkpoint, expected variant {variant!r}")
+    if fold is None and embeddings is None and splits is None:
+        return model
+    data = data_hparams(path)
+    if "fold" not in data:
+        raise DataError(path, "records no training fold or data (a checkpoint of `lightning fit` does)")
+    if fold is not None and data["fold"] != fold:
+        raise DataError(path, f"was fitted on fold {data['fold']}, not fold {fold}")
+    for key, want in (("path", embeddings), ("splits", splits)):
+        if want is not None and data.get(key) and not _same_file(data[key], want):
+            raise DataError(path, f"was fitted on {data[key]}, not {want}")
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- stage
 def run_baselines(*, cine: str | os.PathLike | None, splits: str | os.PathLike, runs: str | os.PathLike,
                   methods: Sequence[str] = ("tirads", "avepool", "cinetrans"), folds: Sequence[int] | None = None,
                   embeddings: str = "{runs}/fold{fold}/embeddings.h5", heads: dict[str, str] | None = None,
-                  seed: int = 0, n_estimators: int = 500, trans_epochs: int = 50, trans_lr: float = 1e-4,
-                  metadata: str | os.PathLike | None = None, log=print) -> list[Path]:
-    """Write every requested method's predictions for every fold; returns the files written."""
+                  cinetrans: str = "{runs}/fold{fold}/head_cine_trans.ckpt", seed: int = 0,
+                  n_estimators: int = 500, metadata: str | os.PathLike | None = None, log=print) -> list[Path]:
+    """Write every requested method's predictions for every fold; returns the files written.
+
+    ``cinetrans`` and ``heads`` are checkpoint patterns (``{runs}``, ``{fold}``); they are only read."""
     runs = Path(runs)
     unknown = [m for m in methods if m not in METHOD_FILES]
     if unknown:
@@ -159,6 +160,12 @@ def run_baselines(*, cine: str | os.PathLike | None, splits: str | os.PathLike, 
         if cine is None:
             raise DataError(None, "the TI-RADS baseline needs --cine (its metadata.csv holds the descriptors)")
         data = StanfordCine(cine, metadata, require_mask=False)
+    if "cinetrans" in methods:  # before any fold's work: a missing fit is a one-line error, not a half run
+        for k in folds:
+            ckpt = Path(cinetrans.format(runs=runs, fold=k))
+            if not ckpt.is_file():
+                raise DataError(ckpt, "CineCNN-Trans checkpoint not found; `usnodule baselines` only predicts: "
+                                      "fit it first (`make cinetrans`, or `lightning fit -c conf/cinetrans.yaml`)")
     written = []
     for k in folds:
         split = load_fold(splits, k)
@@ -177,12 +184,12 @@ def run_baselines(*, cine: str | os.PathLike | None, splits: str | os.PathLike, 
                     nod = average_pool(stacks)
                     written.append(write_predictions(out / "predictions_cinecnn_avepool.csv", nod["annot_id"],
                                                      nod["label"], nod["prob"]))
+        todo = {name: (pattern, None) for name, pattern in (heads or {}).items()}
         if "cinetrans" in methods:
-            pred = train_cine_transformer(emb, split, epochs=trans_epochs, lr=trans_lr, seed=seed + k)
-            written.append(write_predictions(out / "predictions_cinecnn_trans.csv", pred["annot_id"], pred["label"],
-                                             pred["prob"]))
-        for name, pattern in (heads or {}).items():
-            model = load_head(pattern.format(runs=runs, fold=k))
+            todo = {"cinecnn_trans": (cinetrans, "cine_trans"), **todo}
+        for name, (pattern, variant) in todo.items():
+            model = load_head(pattern.format(runs=runs, fold=k), fold=k, embeddings=emb, splits=splits,
+                              variant=variant)
             pred = predict_head(model, EmbeddingDataset(emb, split["test"]))
             written.append(write_predictions(out / f"predictions_{name}.csv", pred["annot_id"], pred["label"],
                                              pred["prob"]))
@@ -209,22 +216,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=int, nargs="*", default=None, help="folds to run (default: all in splits)")
     p.add_argument("--embeddings", default="{runs}/fold{fold}/embeddings.h5",
                    help="embeddings file pattern (default: {runs}/fold{fold}/embeddings.h5)")
+    p.add_argument("--cinetrans", default="{runs}/fold{fold}/head_cine_trans.ckpt", metavar="PATTERN",
+                   help="CineCNN-Trans checkpoint of each fold, fitted by `lightning fit -c conf/cinetrans.yaml` "
+                        "(default: {runs}/fold{fold}/head_cine_trans.ckpt)")
     p.add_argument("--head", type=_head_arg, action="append", default=[], metavar="NAME=PATTERN",
                    help="HeadStage checkpoint pattern, e.g. stact={runs}/fold{fold}/head/last.ckpt "
                         "(writes predictions_NAME.csv; repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random forest seed")
     p.add_argument("--n-estimators", type=int, default=500, help="random forest trees")
-    p.add_argument("--trans-epochs", type=int, default=50, help="CineCNN-Trans training epochs")
-    p.add_argument("--trans-lr", type=float, default=1e-4, help="CineCNN-Trans AdamW learning rate")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     written = run_baselines(cine=args.cine, splits=args.splits, runs=args.runs, methods=methods,
-                            folds=args.folds, embeddings=args.embeddings, heads=dict(args.head), seed=args.seed,
-                            n_estimators=args.n_estimators, trans_epochs=args.trans_epochs,
-                            trans_lr=args.trans_lr, metadata=args.metadata)
+                            folds=args.folds, embeddings=args.embeddings, heads=dict(args.head),
+                            cinetrans=args.cinetrans, seed=args.seed, n_estimators=args.n_estimators,
+                            metadata=args.metadata)
     names = {p.name for p in written if p.name.startswith("predictions_")}
     folds = {p.parent for p in written}
     print(f"RESULT methods={len(names)} folds={len(folds)}")  # the key numbers for `python -m stages.step`

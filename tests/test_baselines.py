@@ -77,23 +77,121 @@ def test_avepool_and_stack_predictions_from_embeddings(setup):
     assert (runs / "fold0" / "stack_predictions_seg.csv").exists()
 
 
-def test_cine_transformer_and_head_checkpoint_predictions(setup, tmp_path):
+def _head_ckpt(path, variant, *, fold, embeddings, splits, seed=0):
+    """A HeadStage checkpoint as `lightning fit` leaves it: weights, init args and the data it was fitted on."""
     import lightning
     import torch
 
     from lightning_modules.head_stage import HeadStage
 
+    torch.manual_seed(seed)
+    head = HeadStage(variant=variant, dim=16, num_heads=2)
+    data = {"path": str(embeddings), "splits": str(splits), "fold": fold, "batch_size": 16}
+    torch.save({"state_dict": head.state_dict(), "hyper_parameters": dict(head.hparams),
+                "datamodule_hyper_parameters": data, "pytorch-lightning_version": lightning.__version__}, path)
+    return head.eval()
+
+
+def test_cine_transformer_and_head_checkpoint_predictions(setup, monkeypatch):
+    import lightning.pytorch as L
+
+    from datamodules.embeddings import EmbeddingDataset
+
     _, splits, runs = setup
-    head = HeadStage(variant="stact", dim=16, num_heads=2)
+    heads = {}
     for k in range(3):
-        torch.save({"state_dict": head.state_dict(), "hyper_parameters": dict(head.hparams),
-                    "pytorch-lightning_version": lightning.__version__}, runs / f"fold{k}" / "head.ckpt")
-    run_baselines(cine=None, splits=splits, runs=runs, methods=["cinetrans"], folds=[0], trans_epochs=2,
+        emb = runs / f"fold{k}" / "embeddings.h5"
+        _head_ckpt(runs / f"fold{k}" / "head.ckpt", "stact", fold=k, embeddings=emb, splits=splits)
+        heads[k] = _head_ckpt(runs / f"fold{k}" / "head_cine_trans.ckpt", "cine_trans", fold=k, embeddings=emb,
+                              splits=splits, seed=k + 1)
+
+    def no_training(*_, **__):
+        raise AssertionError("usnodule baselines must only predict")
+
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    run_baselines(cine=None, splits=splits, runs=runs, methods=["cinetrans"], folds=[0],
                   heads={"stact": "{runs}/fold{fold}/head.ckpt"}, log=lambda *_: None)
     for name in ("cinecnn_trans", "stact"):
         pred = pd.read_csv(runs / "fold0" / f"predictions_{name}.csv", dtype={"annot_id": str})
         assert pred["annot_id"].tolist() == ["129_"] and pred["prob"].between(0, 1).all()
+    # The CineCNN-Trans predictions are those of the fold's checkpoint, exactly.
+    want = baselines.predict_head(heads[0], EmbeddingDataset(runs / "fold0" / "embeddings.h5", ["129_"]))
+    pred = pd.read_csv(runs / "fold0" / "predictions_cinecnn_trans.csv", dtype={"annot_id": str})
+    np.testing.assert_allclose(pred["prob"], want["prob"], atol=1e-6)  # the CSV keeps 6 decimals
     assert not (runs / "fold1" / "predictions_cinecnn_trans.csv").exists()
+
+
+def test_cinetrans_checkpoint_of_the_wrong_fold_or_data_is_one_line_error(setup, tmp_path, capsys):
+    from stages.cli import main as usnodule
+
+    _, splits, runs = setup
+    emb0, ckpt0 = runs / "fold0" / "embeddings.h5", runs / "fold0" / "head_cine_trans.ckpt"
+
+    def predict(**kw):
+        run_baselines(cine=None, splits=splits, runs=runs, methods=["cinetrans"], folds=[0], log=lambda *_: None,
+                      **kw)
+
+    with pytest.raises(DataError, match="only predicts: fit it first"):  # no fit behind it: never trains one
+        predict()
+    assert not (runs / "fold0" / "predictions_cinecnn_trans.csv").exists()
+    _head_ckpt(ckpt0, "cine_trans", fold=1, embeddings=runs / "fold1" / "embeddings.h5", splits=splits)
+    with pytest.raises(DataError, match="fitted on fold 1, not fold 0"):
+        predict()
+    _head_ckpt(ckpt0, "cine_trans", fold=0, embeddings=runs / "fold1" / "embeddings.h5", splits=splits)
+    with pytest.raises(DataError, match="was fitted on .*fold1/embeddings.h5, not .*fold0/embeddings.h5"):
+        predict()
+    other = tmp_path / "other_splits.json"
+    other.write_text(splits.read_text())
+    _head_ckpt(ckpt0, "cine_trans", fold=0, embeddings=emb0, splits=other)
+    with pytest.raises(DataError, match="other_splits.json, not"):
+        predict()
+    _head_ckpt(ckpt0, "stact", fold=0, embeddings=emb0, splits=splits)
+    with pytest.raises(DataError, match="head_stact checkpoint, expected variant 'cine_trans'"):
+        predict()
+    _head_ckpt(ckpt0, "cine_trans", fold=0, embeddings=emb0, splits=splits)
+    import torch
+
+    ckpt = torch.load(ckpt0, weights_only=False)
+    del ckpt["datamodule_hyper_parameters"]
+    torch.save(ckpt, tmp_path / "bare.ckpt")
+    with pytest.raises(DataError, match="records no training fold"):
+        predict(cinetrans=str(tmp_path / "bare.ckpt"))
+    # The same checks hold for --head checkpoints, and the CLI prints one line.
+    with pytest.raises(SystemExit) as e:
+        usnodule(["baselines", "--splits", str(splits), "--runs", str(runs), "--folds", "1", "--methods", "",
+                  "--head", "stact={runs}/fold0/head_cine_trans.ckpt"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and err.endswith("was fitted on fold 0, not fold 1")
+    predict()  # the fold's own checkpoint
+    assert (runs / "fold0" / "predictions_cinecnn_trans.csv").exists()
+
+
+def test_cinetrans_fitted_by_lightning_fit_then_predicted(setup):
+    """`lightning fit -c conf/demo/cinetrans.yaml` (as the Makefile runs it) gives the fold's checkpoint: the last
+    epoch, seeded, trained on the fold; a refit with the same seed predicts the same numbers."""
+    from pathlib import Path
+
+    import torch
+
+    from stages.fit import main as fit
+
+    _, splits, runs = setup
+    root = Path(__file__).resolve().parents[1]
+    probs = []
+    for attempt in range(2):
+        out = runs / "fold0" / "head_cine_trans.ckpt"
+        fit(["fit", "-c", str(root / "conf" / "demo" / "cinetrans.yaml"), "--data.init_args.fold=0",
+             f"--data.init_args.path={runs / 'fold0' / 'embeddings.h5'}", f"--data.init_args.splits={splits}",
+             "--model.init_args.dim=16", "--model.init_args.num_heads=2", "--seed_everything=0",
+             "--trainer.max_epochs=3", "--lr_scheduler.init_args.T_max=3", "--trainer.logger=false",
+             "--trainer.enable_progress_bar=false",
+             f"--trainer.default_root_dir={runs / 'fold0' / f'head_cine_trans{attempt}'}", f"--ckpt_out={out}"])
+        ckpt = torch.load(out, map_location="cpu", weights_only=False)
+        assert ckpt["epoch"] == 2 and ckpt["global_step"] == 3  # last of 3 epochs of one 3-nodule batch
+        assert ckpt["hyper_parameters"]["variant"] == "cine_trans" and ckpt["datamodule_hyper_parameters"]["fold"] == 0
+        run_baselines(cine=None, splits=splits, runs=runs, methods=["cinetrans"], folds=[0], log=lambda *_: None)
+        probs.append(pd.read_csv(runs / "fold0" / "predictions_cinecnn_trans.csv")["prob"].tolist())
+    assert probs[0] == probs[1]
 
 
 def test_bad_inputs_and_cli(setup, tmp_path):
@@ -109,3 +207,6 @@ def test_bad_inputs_and_cli(setup, tmp_path):
                               "--methods", "tirads", "--n-estimators", "3", "--folds", "1",
                               "--head", "stact={runs}/fold{fold}/head.ckpt"])
     assert args.head == [("stact", "{runs}/fold{fold}/head.ckpt")] and args.folds == [1]
+    assert args.cinetrans == "{runs}/fold{fold}/head_cine_trans.ckpt"
+    with pytest.raises(SystemExit):  # no training options left: the fit is `lightning fit -c conf/cinetrans.yaml`
+        parser.parse_args(["baselines", "--splits", str(splits), "--runs", str(runs), "--trans-epochs", "20"])

@@ -1,6 +1,6 @@
 """The whole STACT-Time chain on a tiny synthetic set, as the Makefile runs it (one fold, in-process).
 
-synth -> split -> ViT -> MSU-Net -> masks -> mask CNN -> embeddings -> head -> baselines -> report, with the
+synth -> split -> ViT -> MSU-Net -> masks -> mask CNN -> embeddings -> heads -> baselines -> report, with the
 demo configs and the real CLIs; checks what each stage hands the next and that fold 0's test nodules never
 reach a fit.
 """
@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _fit(stage, root, *args):
     out = root / "fold0" / f"{stage}.ckpt"
-    fit(["fit", "-c", str(ROOT / "conf" / "demo" / f"{'head' if stage.startswith('head') else stage}.yaml"),
+    config = "cinetrans" if stage == "head_cine_trans" else "head" if stage.startswith("head") else stage
+    fit(["fit", "-c", str(ROOT / "conf" / "demo" / f"{config}.yaml"),
          *args, "--data.init_args.fold=0", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
          "--trainer.limit_val_batches=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
          f"--trainer.default_root_dir={root / 'fold0' / stage}", f"--ckpt_out={out}"])
@@ -51,6 +52,7 @@ def test_stact_time_chain_end_to_end(tmp_path, monkeypatch):
               "--splits", str(splits), "--fold", "0", "--out", str(emb), "--accelerator", "cpu"])
     head = _fit("head_stact", runs, f"--data.init_args.path={emb}", f"--data.init_args.splits={splits}",
                 "--model.init_args.variant=stact")
+    _fit("head_cine_trans", runs, f"--data.init_args.path={emb}", f"--data.init_args.splits={splits}")
 
     # What each stage handed on: one embedding group per nodule, S stacks in both streams.
     with h5py.File(emb) as f, h5py.File(h5) as cine:
@@ -61,18 +63,19 @@ def test_stact_time_chain_end_to_end(tmp_path, monkeypatch):
         assert f.attrs["vit_checkpoint"] == str(vit) and f.attrs["maskcnn_checkpoint"] == str(maskcnn)
         assert len(f.attrs["vit_sha256"]) == 64  # the file says which checkpoints produced it
     # No fit saw fold 0's test nodules: the datamodules' training sets are built from splits.json.
-    for stage in ("vit", "seg", "maskcnn", "head_stact"):
+    for stage in ("vit", "seg", "maskcnn", "head_stact", "head_cine_trans"):
         ckpt = torch.load(runs / "fold0" / f"{stage}.ckpt", map_location="cpu", weights_only=False)
         assert ckpt["datamodule_hyper_parameters"]["fold"] == 0
 
     usnodule(["baselines", "--cine", str(h5), "--splits", str(splits), "--runs", str(runs), "--folds", "0",
-              "--methods", "tirads,avepool", "--n-estimators", "20", "--head", f"stact={head}"])
-    preds = pd.read_csv(runs / "fold0" / "predictions_stact.csv", dtype={"annot_id": str})
-    assert sorted(preds["annot_id"]) == sorted(fold0["test"])  # predictions only for the test part
-    assert preds["prob"].between(0, 1).all()
+              "--methods", "tirads,avepool,cinetrans", "--n-estimators", "20", "--head", f"stact={head}"])
+    for method in ("stact", "cinecnn_trans"):  # CineCNN-Trans from its fit above: the baselines only predict
+        preds = pd.read_csv(runs / "fold0" / f"predictions_{method}.csv", dtype={"annot_id": str})
+        assert sorted(preds["annot_id"]) == sorted(fold0["test"])  # predictions only for the test part
+        assert preds["prob"].between(0, 1).all()
 
     usnodule(["report", "--runs", str(runs), "--out", str(tmp_path / "report"), "--n-boot", "50"])
     table = pd.read_csv(tmp_path / "report" / "results.csv")
-    assert {"stact", "tirads"} <= set(table.iloc[:, 0].str.lower())
+    assert {"stact", "tirads", "cinecnn_trans"} <= set(table.iloc[:, 0].str.lower())
     assert (tmp_path / "report" / "roc.png").stat().st_size > 0
     assert "AUROC" in (tmp_path / "report" / "results.md").read_text()

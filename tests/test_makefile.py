@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["vit.ckpt", "seg.ckpt", "masks.h5", "maskcnn.ckpt", "embeddings.h5", "head_stact.ckpt"]
+STAGES = ["vit.ckpt", "seg.ckpt", "masks.h5", "maskcnn.ckpt", "embeddings.h5", "head_stact.ckpt",
+          "head_cine_trans.ckpt"]
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
 
 def _tree(tmp: Path) -> dict:
     files = [tmp / "data" / "dataset.hdf5", tmp / "data" / "splits.json", tmp / "stamp"]
-    files += [tmp / "conf" / f"{s}.yaml" for s in ("vit", "seg", "maskcnn", "head")]
-    files += [tmp / "runs" / "fold0" / s for s in STAGES]
+    files += [tmp / "conf" / f"{s}.yaml" for s in ("vit", "seg", "maskcnn", "head", "cinetrans")]
+    files += [tmp / "runs" / "fold0" / s for s in STAGES] + [tmp / "runs" / "predictions.done"]
     t = time.time() - 1000
     for i, f in enumerate(files):  # each file newer than everything before it: all up to date
         f.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,7 @@ def test_nothing_changed_does_nothing(tmp_path):
     v = _tree(tmp_path)
     assert _dry("embeddings", v) == []
     assert _dry("train-head", v) == []
+    assert _dry("predictions", v) == []
 
 
 def test_a_changed_config_reruns_what_depends_on_it(tmp_path):
@@ -64,3 +66,32 @@ def test_new_splits_rerun_every_fit(tmp_path):
     cmds = " ".join(_dry("train-head", v))
     for stage in ("vit", "seg", "maskcnn", "head"):
         assert f"{stage}.yaml" in cmds
+
+
+def _commands(lines: list[str]) -> list[str]:
+    """One string per recipe command (``make -n`` prints a continued line as several)."""
+    out, cur = [], ""
+    for line in lines:
+        cur += line.rstrip("\\").strip() + " "
+        if not line.endswith("\\"):
+            out.append(cur.strip())
+            cur = ""
+    return out
+
+
+def test_cinetrans_is_fitted_per_fold_by_lightning_fit_and_baselines_only_predict(tmp_path):
+    v = _tree(tmp_path)
+    _bump(tmp_path / "conf" / "cinetrans.yaml")
+    cmds = _commands(_dry("predictions", {**v, "SEED": 5}))
+    assert len(cmds) == 3  # the fold's CineCNN-Trans fit, then the predictions (and their stamp)
+    fit, predict = cmds[0], cmds[1]
+    assert "--name head_cine_trans --fold 0" in fit and "lightning fit -c" in fit and "cinetrans.yaml" in fit
+    assert "--data.init_args.fold=0" in fit and "--data.init_args.path=" in fit and "fold0/embeddings.h5" in fit
+    assert "--seed_everything=5" in fit  # SEED + fold, the seed it had inside `usnodule baselines`
+    assert fit.endswith("--ckpt_out=" + str(tmp_path / "runs" / "fold0" / "head_cine_trans.ckpt"))
+    assert "usnodule baselines" in predict and "--cinetrans {runs}/fold{fold}/head_cine_trans.ckpt" in predict
+    assert "--trans-" not in predict and "lightning fit" not in predict  # it only predicts
+    # Without cinetrans among the baselines, nothing fits it.
+    _bump(tmp_path / "runs" / "fold0" / "embeddings.h5")
+    cmds = _commands(_dry("predictions", {**v, "BASELINES": "tirads,avepool"}))
+    assert any("head.yaml" in c for c in cmds) and not any("cinetrans.yaml" in c for c in cmds)

@@ -124,15 +124,15 @@ def run_export(args, h5: Path, masks: Path, vit: Path, maskcnn: Path, out: Path)
 
 def make_bare(args, h5: Path, masks: Path, vit_path: Path, maskcnn_path: Path):
     """A function timing one pass of the bare encoders over the export's stacks (preloaded, batched)."""
-    from datamodules.stacks import PredictedMasks
+    from datamodules.stacks import PredictedMasks, build_dataset
     from datamodules.stanford import StanfordCine
     from lightning_modules.maskcnn_stage import MaskCNNStage
     from lightning_modules.vit_stage import ViTStage
-    from stages.embeddings import build_dataset, data_hparams, load_stage
 
-    vit, mcnn = load_stage(ViTStage, vit_path).to(args.device), load_stage(MaskCNNStage, maskcnn_path).to(args.device)
+    vit, vit_data = ViTStage.from_checkpoint(vit_path, map_location=args.device)
+    mcnn, _ = MaskCNNStage.from_checkpoint(maskcnn_path, map_location=args.device)
     cine = StanfordCine(h5)
-    ds = build_dataset(cine, PredictedMasks(masks, cine), data_hparams(vit_path), {}, args.img_size, args.img_size)
+    ds = build_dataset(cine, PredictedMasks(masks, cine), vit_data, {}, args.img_size, args.img_size)
     items = [ds[i] for i in range(len(ds))]
     batches = [torch.utils.data.default_collate(items[i:i + args.batch_size])
                for i in range(0, len(items), args.batch_size)]

@@ -299,6 +299,29 @@ class PairedStackDataset(Dataset):
         return item
 
 
+# ``normalize`` setting of StackDataModule -> (mean, std) of its image stacks.
+NORMALIZE = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3), None: (None, None),
+             "none": (None, None)}
+
+
+def build_dataset(cine: StanfordCine, masks: PredictedMasks, vit_data: dict, mask_data: dict, img_size: int,
+                  mask_size: int, predicted_boxes: bool | None = None) -> PairedStackDataset:
+    """Image and mask stacks of every nodule, with the data settings the two stages were trained with
+    (``vit_data`` / ``mask_data``: the StackDataModule settings from ``BaseStage.from_checkpoint``).
+
+    ``predicted_boxes``: crop the images around the predicted masks (True), the annotated ones (False) or as
+    the ViT stage was trained (None).
+    """
+    mean, std = NORMALIZE[vit_data.get("normalize", "imagenet")]
+    if predicted_boxes is None:
+        predicted_boxes = bool(vit_data.get("use_predicted_boxes", False))
+    image = StackDataset(cine, None, "image", masks, img_size=img_size, buffer=vit_data.get("buffer", 5),
+                         use_predicted_boxes=predicted_boxes, mean=mean, std=std)
+    mask = StackDataset(cine, None, "mask", masks, img_size=mask_size, buffer=mask_data.get("buffer", 5),
+                        mask_roi=mask_data.get("mask_roi", False))
+    return PairedStackDataset(image, mask)
+
+
 class FrameDataset(Dataset):
     """Every frame of the given nodules with its annotated mask, for the segmentation stage.
 
@@ -413,11 +436,9 @@ class StackDataModule(PartsDataModule):
 
     def _dataset(self, ids: Sequence[str], train: bool = False) -> StackDataset:
         hp = self.hparams
-        choices = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3), None: (None, None),
-                   "none": (None, None)}
-        if hp.normalize not in choices:
+        if hp.normalize not in NORMALIZE:
             raise ValueError(f"normalize must be 'imagenet', 'half' or None, got {hp.normalize!r}")
-        mean, std = choices[hp.normalize if hp.kind == "image" else None]
+        mean, std = NORMALIZE[hp.normalize if hp.kind == "image" else None]
         if self.pred is None and hp.masks_h5 is not None:
             self.pred = PredictedMasks(hp.masks_h5, self.cine)
         return StackDataset(self.cine, ids, kind=hp.kind, masks_h5=self.pred, img_size=hp.img_size,

@@ -136,9 +136,8 @@ def predict_head(model, dataset: EmbeddingDataset, batch_size: int = 32) -> pd.D
 
 def load_head(path: str | os.PathLike):
     from lightning_modules.head_stage import HeadStage
-    from stages.embeddings import load_stage
 
-    return load_stage(HeadStage, path)
+    return HeadStage.from_checkpoint(path)[0]
 
 
 # ---------------------------------------------------------------------------------------------- stage

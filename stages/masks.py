@@ -47,29 +47,17 @@ class RowBlocks(Dataset):
         return r0, resize(frames, self.size)[:, None] / 255.0
 
 
-def load_seg(path: str | os.PathLike):
-    """SegStage from a checkpoint, eval mode; a missing/foreign file is a one-line DataError."""
-    from lightning_modules.seg_stage import SegStage
-    from stages.embeddings import load_stage
-
-    return load_stage(SegStage, path)
-
-
-def seg_input_size(path: str | os.PathLike) -> int | None:
-    """``size`` the FrameDataModule was trained with, from the checkpoint's datamodule hyperparameters."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return (ckpt.get("datamodule_hyper_parameters") or {}).get("size")
-
-
 @torch.inference_mode()
 def predict_masks(*, cine: str | os.PathLike, seg: str | os.PathLike, out: str | os.PathLike,
                   size: int | None = None, batch_size: int = 16, num_workers: int = 0, device: str = "auto",
                   threshold: float | None = None, metadata: str | os.PathLike | None = None,
                   progress: bool = True) -> Path:
     """Write ``out`` (see module docstring); returns its path."""
+    from lightning_modules.seg_stage import SegStage
+
     data = StanfordCine(cine, metadata, require_mask=False)  # validates the file; masks not needed to predict
-    model = load_seg(seg)
-    size = size or seg_input_size(seg) or 256
+    model, seg_data = SegStage.from_checkpoint(seg)
+    size = size or seg_data.get("size") or 256  # the FrameDataModule's size
     threshold = model.hparams.get("threshold", 0.5) if threshold is None else threshold
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))

@@ -36,12 +36,10 @@ from torch.utils.data import Dataset
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
 from datamodules.lazy_h5 import LazyH5, open_checked, read_rows, text
-from datamodules.parts import PartsDataModule
+from datamodules.parts import IMAGENET_MEAN, IMAGENET_STD, BaseDataModule
 from datamodules.stanford import Box, StanfordCine, bbox_from_mask
 
 STACK = 3  # frames per instance (RGB channels)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -398,7 +396,7 @@ def _augment(kind: str):
     return A.Compose(ops)
 
 
-class StackDataModule(PartsDataModule):
+class StackDataModule(BaseDataModule):
     """Train/val/test 3-stacks of one fold (from ``splits.json``) and a predict set.
 
     ``fold=None`` trains on every nodule. ``kind="image"`` (ViT stage) or ``"mask"`` (mask CNN stage, needs
@@ -462,7 +460,7 @@ class StackDataModule(PartsDataModule):
             self.datasets["predict"] = self._dataset(_predict_ids(self.split, self.cine, self.hparams.predict_ids))
 
 
-class FrameDataModule(PartsDataModule):
+class FrameDataModule(BaseDataModule):
     """Frames + annotated masks of one fold for the segmentation stage (every frame, empty masks included)."""
 
     drop_single_last = True  # MSU-Net has BatchNorm

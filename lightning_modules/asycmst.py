@@ -52,8 +52,9 @@ from torchmetrics.functional.classification import binary_auroc, binary_roc
 from datamodules.atomic import atomic_path, write_predictions
 from lightning_modules import wandb_media
 from lightning_modules.base import BaseStage, CaseMetrics
+from lightning_modules.losses import dice_loss
 from lightning_modules.nets.asycmst import AsyCMSTNet
-from lightning_modules.nets.asycmst_losses import dice_loss, fss_loss
+from lightning_modules.nets.asycmst_losses import fss_loss
 
 MODALITIES = ("bus", "ceus")
 

@@ -183,10 +183,15 @@ class BaseStage(L.LightningModule):
 
         Call after ``save_hyperparameters()``.  The stage's signature is the one list of the net's arguments
         (LightningCLI reads it); this picks them out instead of re-listing them in the call.
+        A ``FileNotFoundError`` of the net (a starting-weights file that is not there) becomes a one-line
+        :class:`DataError` with the same text: nets import nothing from ``datamodules``.
         """
         params = inspect.signature(net_cls.__init__).parameters
         args = {k: v for k, v in self.hparams.items() if k in params and k not in fixed}
-        return net_cls(**args, **fixed)
+        try:
+            return net_cls(**args, **fixed)
+        except FileNotFoundError as e:
+            raise DataError(None, str(e)) from None
 
     # -- batch -------------------------------------------------------------------------------------------------
     def check_batch(self, batch: dict[str, Tensor]) -> None:

@@ -39,8 +39,13 @@ def test_checkpoint_path_loads_local_weights(tmp_path):
     torch.save(src.state_dict(), path)
     net = StackClassifier(backbone="test_vit", img_size=32, checkpoint_path=str(path))
     torch.testing.assert_close(net.backbone.patch_embed.proj.weight, src.patch_embed.proj.weight)
-    with pytest.raises(DataError, match="not found"):
+    # nets import nothing from datamodules: the net raises FileNotFoundError, the stage the one-line DataError
+    with pytest.raises(FileNotFoundError, match="not found"):
         StackClassifier(backbone="test_vit", img_size=32, checkpoint_path=str(tmp_path / "missing.pth"))
+    from lightning_modules.vit_stage import ViTStage
+
+    with pytest.raises(DataError, match="missing.pth: backbone checkpoint not found"):
+        ViTStage(backbone="test_vit", img_size=32, checkpoint_path=str(tmp_path / "missing.pth"))
 
 
 def test_mask_cnn_shapes():

@@ -14,8 +14,6 @@ from typing import Any
 import timm
 from torch import Tensor, nn
 
-from datamodules.errors import DataError
-
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "identity": nn.Identity}
 
 
@@ -41,12 +39,13 @@ def create_backbone(
     the input side.  ``pretrained=True`` downloads timm's weights (needs a network); ``checkpoint_path`` instead
     loads a local weights file (timm/ImageNet state dict, .pth/.bin/.safetensors) through timm's own loader,
     which drops the ImageNet classifier and resamples ViT position embeddings when ``img_size`` differs.
-    Neither: random init.
+    Neither: random init.  A missing ``checkpoint_path`` is a ``FileNotFoundError`` (``<path>: backbone
+    checkpoint not found``; the stage turns it into the one-line ``DataError`` of the command lines).
     """
     if checkpoint_path is not None:
         path = Path(checkpoint_path)
         if not path.is_file():
-            raise DataError(path, "backbone checkpoint not found")
+            raise FileNotFoundError(f"{path}: backbone checkpoint not found")
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     else:
         kwargs["pretrained"] = pretrained

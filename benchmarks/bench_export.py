@@ -6,8 +6,9 @@ shard writer and the merge into ``embeddings.h5``. Timed twice: the predict loop
 what the issue's ">= 90% of the bare forward" goal is about) and end to end (also checkpoint loading/hashing,
 Trainer set-up and the merge).
 
-``bare``: the same two encoders (``vit.net.embed`` + ``maskcnn.net.embed`` + their fc2 heads) on the *same*
-stacks, already in memory as batched tensors, same batch size, same process: nothing but compute.
+``bare``: the same two encoders (``vit.net.forward_features`` + ``maskcnn.net.forward_features`` + their
+heads) on the *same* stacks, already in memory as batched tensors, same batch size, same process: nothing but
+compute.
 
 Memory: the export of 1x, 2x and 4x the nodules, each in a fresh subprocess, reporting the peak RSS of the
 process (``ru_maxrss``) and the tracemalloc peak of Python-level allocations. Flat = streaming works.
@@ -145,10 +146,10 @@ def make_bare(args, h5: Path, masks: Path, vit_path: Path, maskcnn_path: Path):
         t = time.perf_counter()
         with torch.autocast(dev_type, dtype=dtype, enabled=dtype is not None):
             for x, m in batches:
-                e = vit.net.embed(x)
-                vit.net.fc2(e).softmax(-1)
-                s = mcnn.net.embed(m)
-                mcnn.net.fc2(s).softmax(-1)
+                e = vit.net.forward_features(x)
+                vit.net.forward_head(e).softmax(-1)
+                s = mcnn.net.forward_features(m)
+                mcnn.net.forward_head(s).softmax(-1)
                 e.float().cpu(), s.float().cpu()  # the export copies results to the host too
         sync(args.device)
         return time.perf_counter() - t

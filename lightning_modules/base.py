@@ -145,7 +145,8 @@ class CaseMetrics(Metric):
         self.scores = {"nodule": ids, "prob": p, "label": y}
         out = binary_metrics(p, y, self.threshold)
         if self.stack_level:
-            out.update({f"stack_{k}": v for k, v in binary_metrics(prob[keep], label[keep], self.threshold).items()})
+            stack = binary_metrics(prob[keep], label[keep], self.threshold)
+            out.update({f"stack_{k}": v for k, v in stack.items()})
         if not bool(loss[keep].isnan().all()):
             out["loss"] = loss[keep].nanmean()
         return out
@@ -157,7 +158,7 @@ def _resolve(class_path: str) -> type:
 
 
 class BaseStage(L.LightningModule):
-    """Base of every trainable stage (ViT, MSU-Net, mask CNN, attention head, AsyCMST); see the module docstring.
+    """Base of every trainable stage (ViT, MSU-Net, mask CNN, attention head, AsyCMST); see the module doc.
 
     Like torchgeo's ``BaseTask`` it owns the parts that are the same for every stage, so that each stage is
     its net, its loss and its batch, and so that the stages agree on what a checkpoint holds, how it is
@@ -177,7 +178,7 @@ class BaseStage(L.LightningModule):
     #: keys every training / evaluation batch must carry (subclasses name theirs).
     batch_keys: ClassVar[tuple[str, ...]] = ()
 
-    # -- net ---------------------------------------------------------------------------------------------------
+    # -- net -------------------------------------------------------------------------------------------------
     def build_net(self, net_cls: type[nn.Module], **fixed: Any) -> nn.Module:
         """``net_cls`` built from the saved hyper-parameters that its constructor takes, plus ``fixed``.
 
@@ -193,13 +194,13 @@ class BaseStage(L.LightningModule):
         except FileNotFoundError as e:
             raise DataError(None, str(e)) from None
 
-    # -- batch -------------------------------------------------------------------------------------------------
+    # -- batch -----------------------------------------------------------------------------------------------
     def check_batch(self, batch: dict[str, Tensor]) -> None:
-        """One-line error when the batch lacks a key of :attr:`batch_keys` (a datamodule for another stage)."""
+        """One-line error when the batch lacks a key of :attr:`batch_keys` (a datamodule of another stage)."""
         missing = [k for k in self.batch_keys if k not in batch]
         if missing:
-            raise KeyError(f"{type(self).__name__} needs batch keys {list(self.batch_keys)}, missing {missing} "
-                           f"(got {sorted(batch)})")
+            raise KeyError(f"{type(self).__name__} needs batch keys {list(self.batch_keys)}, "
+                           f"missing {missing} (got {sorted(batch)})")
 
     @staticmethod
     def passthrough(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -211,7 +212,7 @@ class BaseStage(L.LightningModule):
         """Softmax probability of class 1 (malignant) from ``(B, 2)`` logits."""
         return logits.float().softmax(dim=-1)[:, 1]
 
-    # -- metrics -----------------------------------------------------------------------------------------------
+    # -- metrics ---------------------------------------------------------------------------------------------
     def log_case_metrics(self, split: str, metric: CaseMetrics) -> dict[str, Tensor] | None:
         """Compute ``metric`` (collective under DDP: every rank calls it), log it under the key convention,
         send the per-case scores to W&B when a W&B logger is attached, reset it and return its case scores
@@ -225,25 +226,25 @@ class BaseStage(L.LightningModule):
         self.log_dict(logged, prog_bar=False)
         scores = metric.scores
         if (run := wandb_media.wandb_run(self)) is not None:
-            wandb_media.log_classification(run, split, wandb_media.nodule_names(self, split, scores["nodule"]),
-                                           scores["prob"], scores["label"], self.global_step,
-                                           threshold=metric.threshold)
+            names = wandb_media.nodule_names(self, split, scores["nodule"])
+            wandb_media.log_classification(run, split, names, scores["prob"], scores["label"],
+                                           self.global_step, threshold=metric.threshold)
         metric.reset()
         return scores
 
-    # -- reload ------------------------------------------------------------------------------------------------
+    # -- reload ----------------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, map_location: Any = "cpu",
                         ) -> tuple[BaseStage, dict[str, Any]]:
         """``(model in eval mode, data settings)`` from a Lightning checkpoint of this stage.
 
         The data settings are the datamodule's init args saved with the checkpoint (``img_size``, ``size``,
-        ``buffer``, ``normalize``, ``fold``, ...; ``{}`` when the fit had no datamodule).  Called on
-        ``BaseStage`` itself, the stage class is the one LightningCLI recorded (``_class_path``).
-        The init args that fetched a starting point (``pretrained``, ``checkpoint_path``) are switched off: the
-        trained weights come from the checkpoint (``load_from_checkpoint`` would download / re-read them, and
-        cannot take ``checkpoint_path=``, its own first parameter).  A missing, corrupt or foreign file is a
-        one-line :class:`DataError`.
+        ``buffer``, ``normalize``, ``fold``, ...; ``{}`` when the fit had no datamodule). Called on
+        ``BaseStage`` itself, the stage class is the one LightningCLI recorded (``_class_path``). The init
+        args that fetched a starting point (``pretrained``, ``checkpoint_path``) are switched off: the trained
+        weights come from the checkpoint (``load_from_checkpoint`` would download / re-read them, and cannot
+        take ``checkpoint_path=``, its own first parameter). A missing, corrupt or foreign file is a one-line
+        :class:`DataError`.
         """
         path = Path(path)
         name = cls.__name__

@@ -2,8 +2,9 @@
 
 ``ClassifierStage`` subclasses implement ``logits(batch) -> (B, 2)`` (and usually ``predict_step``); this base
 gives the focal loss (STACT-Time sec. 2.5), stack-level metrics (Table 3 "Frame" columns) and nodule-level
-metrics (Tables 2-4; the case level of :class:`~lightning_modules.base.CaseMetrics`): a nodule's probability is the mean of its stack probabilities (CineCNN-AvePool style);
-for the attention head every sample is already one nodule, so the mean is over one value.
+metrics (Tables 2-4; the case level of :class:`~lightning_modules.base.CaseMetrics`): a nodule's probability
+is the mean of its stack probabilities (CineCNN-AvePool style); for the attention head every sample is already
+one nodule, so the mean is over one value.
 
 Optimizers and schedulers come from the LightningCLI ``optimizer:`` / ``lr_scheduler:`` keys of the YAML, so no
 stage defines ``configure_optimizers``. Frozen parameters (``requires_grad=False``) never get a gradient, and
@@ -31,8 +32,9 @@ class ClassifierStage(BaseStage):
     ``{train,val,test}/loss``, ``train/acc``, ``{val,test}/stack_{acc,...,auroc}``,
     ``{val,test}/{acc,precision,recall,specificity,f1,auroc}``. Validation and test numbers come from
     :class:`~lightning_modules.base.CaseMetrics` (rows gathered from every DDP rank, sampler padding counted
-    once), so they equal a single-process run. With a W&B logger, the end of validation/test also logs a ROC curve, a confusion matrix
-    and the per-nodule predictions, and the first validation batch a few samples (:meth:`log_samples`).
+    once), so they equal a single-process run. With a W&B logger, the end of validation/test also logs a ROC
+    curve, a confusion matrix and the per-nodule predictions, and the first validation batch a few samples
+    (:meth:`log_samples`).
     """
 
     def __init__(self, *, focal_alpha: float | None, focal_gamma: float, stack_level: bool = True) -> None:
@@ -99,8 +101,8 @@ class ClassifierStage(BaseStage):
 
 
 class StackStage(ClassifierStage):
-    """A stack classifier whose ``net`` maps (B, 3, h, w) -> logits and has ``embed`` (the 256-d last hidden
-    layer) and ``fc2`` (the classifier on it): the ViT and mask-CNN stages."""
+    """A stack classifier whose ``net`` maps (B, 3, h, w) -> logits and has ``forward_features`` (the 256-d
+    last hidden layer) and ``forward_head`` (the classifier on it): the ViT and mask-CNN stages."""
 
     batch_keys = ("image", "label")
 
@@ -112,6 +114,6 @@ class StackStage(ClassifierStage):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """{"embedding": (B,256), "prob": (B,) malignant probability, + nodule/stack/label/index from the batch}."""
-        emb = self.net.embed(batch["image"])
-        prob = self.malignant_prob(self.net.fc2(emb))
+        emb = self.net.forward_features(batch["image"])
+        prob = self.malignant_prob(self.net.forward_head(emb))
         return {**self.passthrough(batch), "embedding": emb, "prob": prob}

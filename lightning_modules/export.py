@@ -25,10 +25,10 @@ class EmbeddingExport(L.LightningModule):
         self.vit, self.maskcnn = vit, maskcnn
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        image = self.vit.net.embed(batch["image"])
-        seg = self.maskcnn.net.embed(batch["mask"])
+        image = self.vit.net.forward_features(batch["image"])
+        seg = self.maskcnn.net.forward_features(batch["mask"])
         return {
             "nodule": batch["nodule"], "stack": batch["stack"], "image": image, "seg": seg,
-            "image_prob": self.vit.malignant_prob(self.vit.net.fc2(image)),
-            "seg_prob": self.maskcnn.malignant_prob(self.maskcnn.net.fc2(seg)),
+            "image_prob": self.vit.malignant_prob(self.vit.net.forward_head(image)),
+            "seg_prob": self.maskcnn.malignant_prob(self.maskcnn.net.forward_head(seg)),
         }

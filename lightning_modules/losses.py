@@ -73,14 +73,14 @@ class FocalLoss(nn.Module):
 
 
 def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1e-6) -> Tensor:
-    """Soft Dice loss ``1 - (2 sum p g + smooth) / (sum p + sum g + smooth)`` with ``p = sigmoid(logits)``, per
+    """Soft Dice loss ``1 - (2 sum p g + smooth) / (sum p + sum g + smooth)``, ``p = sigmoid(logits)``, per
     image (sums over its pixels), averaged over the batch (logits and target (B, 1, H, W)).
 
-    The one Dice loss of the project: AsyCMST's Eq. 5 (default ``smooth`` 1e-6; pass only annotated frames) and
-    the Dice term of :class:`SegLoss` (MSU-Net, ``smooth`` 1.0).  Hand-written: torchmetrics' Dice is a metric
-    (hard, not differentiable) and no dependency of the project ships a soft Dice loss. ``smooth`` keeps empty
-    masks (frames without nodule) finite: empty prediction on an empty mask gives loss 0.  An empty input (no
-    annotated frame in the batch) gives a zero that still keeps the graph.
+    The one Dice loss of the project: AsyCMST's Eq. 5 (default ``smooth`` 1e-6; pass only annotated frames)
+    and the Dice term of :class:`SegLoss` (MSU-Net, ``smooth`` 1.0). Hand-written: torchmetrics' Dice is a
+    metric (hard, not differentiable) and no dependency of the project ships a soft Dice loss. ``smooth``
+    keeps empty masks (frames without nodule) finite: empty prediction on an empty mask gives loss 0. An empty
+    input (no annotated frame in the batch) gives a zero that still keeps the graph.
     """
     if logits.shape[0] == 0:
         return logits.sum() * 0.0

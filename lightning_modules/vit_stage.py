@@ -17,8 +17,8 @@ class ViTStage(StackStage):
     """LightningModule around :class:`StackClassifier`; ``predict_step`` gives 256-d stack embeddings.
 
     ``checkpoint_path``: a local backbone weights file (offline alternative to ``pretrained``). To reload a
-    trained stage use :meth:`~lightning_modules.base.BaseStage.from_checkpoint` (``load_from_checkpoint`` would
-    fetch the starting weights again, and cannot override ``checkpoint_path``: its own first parameter).
+    trained stage use :meth:`~lightning_modules.base.BaseStage.from_checkpoint` (``load_from_checkpoint``
+    would fetch the starting weights again, and cannot override ``checkpoint_path``: its own first parameter).
     ``backbone`` is any timm name (Table 3
     also compares ``mobilenetv2_100``; leave ``img_size`` null for CNNs). With ``freeze_backbone`` the backbone
     stays in eval mode, so Lightning's "modules in eval mode at the start of training" warning is expected.

@@ -12,8 +12,8 @@ one or more clips (``.dcm`` single/multi-frame DICOM, or anything :func:`datamod
    None of this is re-implemented: the clip is wrapped as a one-nodule :class:`StanfordCine` and the stacks come
    from :func:`datamodules.stacks.build_dataset` / :class:`datamodules.stacks.StackDataset`, with the sizes,
    buffer and normalisation read from the checkpoints' saved datamodule hyper-parameters.
-3. ViT and mask-CNN embeddings per stack (:class:`lightning_modules.export.EmbeddingExport`), then the attention head
-   (HeadStage) on the sequence: ``prob_malignant``.
+3. ViT and mask-CNN embeddings per stack (:class:`lightning_modules.export.EmbeddingExport`), then the
+   attention head (HeadStage) on the sequence: ``prob_malignant``.
 
 Output columns: ``clip, n_frames, n_stacks, frames_with_mask, prob_malignant, pred, prob_avepool`` where
 ``pred = prob_malignant >= --threshold`` and ``prob_avepool`` is the mean of the ViT's per-stack probabilities

@@ -22,8 +22,9 @@ DATA = ("datamodules.stacks.StackDataModule", "datamodules.stacks.FrameDataModul
 def _known(text: str, base: str) -> list[str]:
     """The "known subclasses" jsonargparse lists for the ``base`` argument in ``--help``."""
     flat = " ".join(text.split())
-    m = re.search(rf"any subclass of {base}\. \(type: Optional\[{base}\], default: null, known subclasses: ([^)]*)\)",
-                  flat)
+    pattern = (rf"any subclass of {base}\. \(type: Optional\[{base}\], default: null, "
+               r"known subclasses: ([^)]*)\)")
+    m = re.search(pattern, flat)
     assert m, f"no subclass list for {base}"
     return [s.strip() for s in m.group(1).split(",")]
 

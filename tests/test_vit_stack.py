@@ -19,9 +19,9 @@ def net():
 def test_shapes_and_embed(net):
     x = torch.randn(3, 3, 32, 32)
     assert net(x).shape == (3, 2)
-    emb = net.embed(x)
+    emb = net.forward_features(x)
     assert emb.shape == (3, 256)
-    torch.testing.assert_close(net.fc2(emb), net(x))  # logits = last layer of the 256-d hidden layer
+    torch.testing.assert_close(net.forward_head(emb), net(x))  # logits = last layer of the 256-d hidden layer
 
 
 def test_frozen_backbone_only_head_trains(net):
@@ -52,7 +52,7 @@ def test_mask_cnn_shapes():
     net = MaskCNN()
     x = (torch.rand(4, 3, 40, 48) > 0.5).float()
     assert net(x).shape == (4, 2)
-    assert net.embed(x).shape == (4, 256)
+    assert net.forward_features(x).shape == (4, 256)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 2
 
 

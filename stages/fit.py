@@ -3,7 +3,8 @@
 Model and data are given by ``class_path`` in the YAML (imitating torchgeo's ``main.py``).  The subclass-mode
 bases are the project's own :class:`~lightning_modules.base.BaseStage` and
 :class:`~datamodules.parts.BaseDataModule`, so ``lightning fit --help`` lists the project's stages and data
-modules (those of :data:`STAGE_MODULES`), and a ``class_path`` of anything else is refused.  ``args`` lets
+modules (those of :data:`STAGE_MODULES`, imported for help only), and a ``class_path`` of anything else is
+refused.  ``args`` lets
 tests drive it in-process: ``main(["fit", "-c", "conf/demo/head.yaml", "--trainer.fast_dev_run=1"])``.
 
 What this CLI adds to the stock one, all overridable from the command line:
@@ -48,7 +49,9 @@ from lightning_modules.wandb_media import WandbSaveConfig
 # precision) may change between a run and its resumption.
 _EXPERIMENT_KEYS = ("model", "data", "optimizer", "lr_scheduler", "seed_everything")
 
-# Modules whose stages and data modules `lightning fit --help` lists (subclasses are known once imported).
+# Modules whose stages and data modules `lightning fit --help` lists (jsonargparse knows a subclass once it is
+# imported).  Imported for help only: together they pull in timm, albumentations and OpenCV (~2-4 s), which a
+# fit of one stage does not all need; a fit imports its own classes from the config's class_path.
 STAGE_MODULES = (
     "lightning_modules.vit_stage",
     "lightning_modules.seg_stage",
@@ -191,8 +194,11 @@ def result_line(trainer: Trainer) -> str | None:
 
 
 def main(args: ArgsType = None) -> None:
-    for name in STAGE_MODULES:
-        importlib.import_module(name)
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list | tuple) and any(a in ("-h", "--help") or str(a).split("=")[0].endswith(".help")
+                                              for a in argv):
+        for name in STAGE_MODULES:
+            importlib.import_module(name)
     try:
         UsnoduleCLI(
             BaseStage,

@@ -51,14 +51,14 @@ class DualViViT(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 2)
 
-    def encode(self, c: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_frames(self, c: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(  # type: ignore[return-value]
             rearrange(self.embed[i](rearrange(clip, "b t c h w -> (b t) c h w")), "(b t) d h w -> b t (h w) d",
                       b=clip.shape[0])
             for i, clip in enumerate((c, b))
         )  # fmt: skip
 
-    def fuse(self, f_c: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
+    def forward_fusion(self, f_c: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
         pooled = 0
         for i, x in enumerate((f_c, f_b)):
             x = x + self.pos[i]
@@ -68,7 +68,7 @@ class DualViViT(nn.Module):
         return self.norm(pooled)
 
     def forward(self, c: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.head(self.fuse(*self.encode(c, b)))}
+        return {"logits": self.head(self.forward_fusion(*self.forward_frames(c, b)))}
 
 
 def build(name: str, size: dict) -> nn.Module:
@@ -97,12 +97,12 @@ def time_models(models: dict[str, nn.Module], batch: int, size: dict, device: to
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp):
         # fuse_only: the token stages alone (positional encodings, STSA, ACMST, pooling) on precomputed frame
         # features, i.e. the part where the models differ (the frame encoders are identical or a patch conv)
-        feats = {name: m.encode(c, b) for name, m in models.items()} if fuse_only else {}
+        feats = {name: m.forward_frames(c, b) for name, m in models.items()} if fuse_only else {}
         for i in range(warmup + repeats):
             for name, model in models.items():
                 _sync(device)
                 t0 = time.perf_counter()
-                model.fuse(*feats[name]) if fuse_only else model(c, b)
+                model.forward_fusion(*feats[name]) if fuse_only else model(c, b)
                 _sync(device)
                 if i >= warmup:
                     times[name].append((time.perf_counter() - t0) * 1e3)

@@ -6,8 +6,9 @@ shard writer and the merge into ``embeddings.h5``. Timed twice: the predict loop
 what the issue's ">= 90% of the bare forward" goal is about) and end to end (also checkpoint loading/hashing,
 Trainer set-up and the merge).
 
-``bare``: the same two encoders (``vit.net.embed`` + ``maskcnn.net.embed`` + their fc2 heads) on the *same*
-stacks, already in memory as batched tensors, same batch size, same process: nothing but compute.
+``bare``: the same two encoders (``vit.net.forward_features`` + ``maskcnn.net.forward_features`` + their
+heads) on the *same* stacks, already in memory as batched tensors, same batch size, same process: nothing but
+compute.
 
 Memory: the export of 1x, 2x and 4x the nodules, each in a fresh subprocess, reporting the peak RSS of the
 process (``ru_maxrss``) and the tracemalloc peak of Python-level allocations. Flat = streaming works.
@@ -124,15 +125,15 @@ def run_export(args, h5: Path, masks: Path, vit: Path, maskcnn: Path, out: Path)
 
 def make_bare(args, h5: Path, masks: Path, vit_path: Path, maskcnn_path: Path):
     """A function timing one pass of the bare encoders over the export's stacks (preloaded, batched)."""
-    from datamodules.stacks import PredictedMasks
+    from datamodules.stacks import PredictedMasks, build_dataset
     from datamodules.stanford import StanfordCine
     from lightning_modules.maskcnn_stage import MaskCNNStage
     from lightning_modules.vit_stage import ViTStage
-    from stages.embeddings import build_dataset, data_hparams, load_stage
 
-    vit, mcnn = load_stage(ViTStage, vit_path).to(args.device), load_stage(MaskCNNStage, maskcnn_path).to(args.device)
+    vit, vit_data = ViTStage.from_checkpoint(vit_path, map_location=args.device)
+    mcnn, _ = MaskCNNStage.from_checkpoint(maskcnn_path, map_location=args.device)
     cine = StanfordCine(h5)
-    ds = build_dataset(cine, PredictedMasks(masks, cine), data_hparams(vit_path), {}, args.img_size, args.img_size)
+    ds = build_dataset(cine, PredictedMasks(masks, cine), vit_data, {}, args.img_size, args.img_size)
     items = [ds[i] for i in range(len(ds))]
     batches = [torch.utils.data.default_collate(items[i:i + args.batch_size])
                for i in range(0, len(items), args.batch_size)]
@@ -145,10 +146,10 @@ def make_bare(args, h5: Path, masks: Path, vit_path: Path, maskcnn_path: Path):
         t = time.perf_counter()
         with torch.autocast(dev_type, dtype=dtype, enabled=dtype is not None):
             for x, m in batches:
-                e = vit.net.embed(x)
-                vit.net.fc2(e).softmax(-1)
-                s = mcnn.net.embed(m)
-                mcnn.net.fc2(s).softmax(-1)
+                e = vit.net.forward_features(x)
+                vit.net.forward_head(e).softmax(-1)
+                s = mcnn.net.forward_features(m)
+                mcnn.net.forward_head(s).softmax(-1)
                 e.float().cpu(), s.float().cpu()  # the export copies results to the host too
         sync(args.device)
         return time.perf_counter() - t

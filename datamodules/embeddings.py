@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
 from datamodules.lazy_h5 import LazyH5, open_checked
-from datamodules.parts import PartsDataModule
+from datamodules.parts import BaseDataModule
 
 
 def group_name(annot_id: str) -> str:
@@ -102,7 +102,7 @@ def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return out
 
 
-class EmbeddingDataModule(PartsDataModule):
+class EmbeddingDataModule(BaseDataModule):
     """Head-stage batches (contract "Head") of one fold; predict = every nodule of the file (or a part)."""
 
     collate_fn = staticmethod(pad_collate)

@@ -22,17 +22,15 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datamodules.clips import read_clip, read_mask_clip
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
 from datamodules.paired import PairedCase, check_case, read_manifest
+from datamodules.parts import IMAGENET_MEAN, IMAGENET_STD, BaseDataModule
 from datamodules.stacks import seeded
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PARTS = ("train", "val", "test")
 
 
@@ -196,7 +194,7 @@ def ratio_split(
     return {part: [c for c in cases if part_of[c.patient_id] == part] for part in PARTS}
 
 
-class PairedVideoDataModule(LightningDataModule):
+class PairedVideoDataModule(BaseDataModule):
     """BUS + CEUS clips from a manifest CSV (``case_id,patient_id,label,bus,ceus[,bus_mask]``).
 
     Args:
@@ -215,6 +213,7 @@ class PairedVideoDataModule(LightningDataModule):
         roi: crop both modalities to the annotated nodule (the BUS mask's box times ``roi``, e.g. 1.5) before
             resizing, in every part, as STACT-Time's ROI crops do; ``None`` (the paper's input): whole frames.
 
+    Loaders: :class:`~datamodules.parts.BaseDataModule`'s, training dropping its last incomplete batch.
     ``setup`` validates every case it uses (:func:`datamodules.paired.check_case`), so bad files raise
     :class:`DataError` in the main process, never from a worker.
     """
@@ -284,25 +283,6 @@ class PairedVideoDataModule(LightningDataModule):
             roi=hp.roi,
         )
 
-    def _loader(self, part: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[part],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            persistent_workers=self.hparams.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=shuffle and len(self.datasets[part]) > self.hparams.batch_size,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)
+    def drop_last(self, part: str, data: Dataset) -> bool:
+        """Training drops its last, incomplete batch whenever there is more than one batch."""
+        return part == "train" and len(data) > self.hparams.batch_size

@@ -1,4 +1,5 @@
-"""The loader plumbing every DataModule here shares: a dataset per split part, one DataLoader recipe."""
+"""The one shape of every DataModule here: :class:`BaseDataModule`, a dataset per split part and one
+DataLoader recipe (the data-side match of :class:`lightning_modules.base.BaseStage`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,22 @@ import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+# ImageNet normalisation (timm's default mean / std), for every image input of the project.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-class PartsDataModule(L.LightningDataModule):
-    """Subclasses fill ``self.datasets`` ("train", "val", "test", "predict") in ``setup`` and expect
-    ``batch_size`` and ``num_workers`` among their hyper-parameters; training batches are shuffled."""
+
+class BaseDataModule(L.LightningDataModule):
+    """Base of every DataModule (Stanford stacks / frames, embeddings, paired BUS + CEUS clips).
+
+    Subclasses call ``save_hyperparameters()`` with at least ``batch_size`` and ``num_workers`` among their
+    init args and fill ``self.datasets`` ("train", "val", "test", "predict") in ``setup``; this base gives the
+    four dataloaders from one recipe (:meth:`_loader`): training batches shuffled, workers persistent, memory
+    pinned on CUDA machines.  Its hyper-parameters are what Lightning saves in a checkpoint as
+    ``datamodule_hyper_parameters``: the data settings :meth:`BaseStage.from_checkpoint
+    <lightning_modules.base.BaseStage.from_checkpoint>` returns with the model.  It is LightningCLI's
+    subclass-mode data base (``stages/fit.py``).
+    """
 
     collate_fn: Callable | None = None  # a staticmethod in subclasses that pad variable-length items
     # Data for BatchNorm nets: a last training batch of one sample would crash them ("Expected more than 1
@@ -22,13 +35,16 @@ class PartsDataModule(L.LightningDataModule):
         super().__init__()
         self.datasets: dict[str, Dataset] = {}
 
+    def drop_last(self, part: str, data: Dataset) -> bool:
+        """Whether the loader of ``part`` drops its last, incomplete batch (see ``drop_single_last``)."""
+        return self.drop_single_last and part == "train" and len(data) % self.hparams.batch_size == 1
+
     def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
         data = self.datasets[part]
-        drop_last = self.drop_single_last and part == "train" and len(data) % hp.batch_size == 1
         return DataLoader(data, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
                           collate_fn=self.collate_fn, persistent_workers=hp.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), drop_last=drop_last)
+                          pin_memory=torch.cuda.is_available(), drop_last=self.drop_last(part, data))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

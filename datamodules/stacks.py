@@ -36,12 +36,10 @@ from torch.utils.data import Dataset
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
 from datamodules.lazy_h5 import InMemoryH5, LazyH5, open_checked, read_rows, text
-from datamodules.parts import PartsDataModule
+from datamodules.parts import IMAGENET_MEAN, IMAGENET_STD, BaseDataModule
 from datamodules.stanford import Box, StanfordCine, bbox_from_mask
 
 STACK = 3  # frames per instance (RGB channels)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -315,6 +313,29 @@ class PairedStackDataset(Dataset):
         return item
 
 
+# ``normalize`` setting of StackDataModule -> (mean, std) of its image stacks.
+NORMALIZE = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3), None: (None, None),
+             "none": (None, None)}
+
+
+def build_dataset(cine: StanfordCine, masks: PredictedMasks, vit_data: dict, mask_data: dict, img_size: int,
+                  mask_size: int, predicted_boxes: bool | None = None) -> PairedStackDataset:
+    """Image and mask stacks of every nodule, with the data settings the two stages were trained with
+    (``vit_data`` / ``mask_data``: the StackDataModule settings from ``BaseStage.from_checkpoint``).
+
+    ``predicted_boxes``: crop the images around the predicted masks (True), the annotated ones (False) or as
+    the ViT stage was trained (None).
+    """
+    mean, std = NORMALIZE[vit_data.get("normalize", "imagenet")]
+    if predicted_boxes is None:
+        predicted_boxes = bool(vit_data.get("use_predicted_boxes", False))
+    image = StackDataset(cine, None, "image", masks, img_size=img_size, buffer=vit_data.get("buffer", 5),
+                         use_predicted_boxes=predicted_boxes, mean=mean, std=std)
+    mask = StackDataset(cine, None, "mask", masks, img_size=mask_size, buffer=mask_data.get("buffer", 5),
+                        mask_roi=mask_data.get("mask_roi", False))
+    return PairedStackDataset(image, mask)
+
+
 class FrameDataset(Dataset):
     """Every frame of the given nodules with its annotated mask, for the segmentation stage.
 
@@ -391,7 +412,7 @@ def _augment(kind: str):
     return A.Compose(ops)
 
 
-class StackDataModule(PartsDataModule):
+class StackDataModule(BaseDataModule):
     """Train/val/test 3-stacks of one fold (from ``splits.json``) and a predict set.
 
     ``fold=None`` trains on every nodule. ``kind="image"`` (ViT stage) or ``"mask"`` (mask CNN stage, needs
@@ -429,11 +450,9 @@ class StackDataModule(PartsDataModule):
 
     def _dataset(self, ids: Sequence[str], train: bool = False) -> StackDataset:
         hp = self.hparams
-        choices = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3), None: (None, None),
-                   "none": (None, None)}
-        if hp.normalize not in choices:
+        if hp.normalize not in NORMALIZE:
             raise ValueError(f"normalize must be 'imagenet', 'half' or None, got {hp.normalize!r}")
-        mean, std = choices[hp.normalize if hp.kind == "image" else None]
+        mean, std = NORMALIZE[hp.normalize if hp.kind == "image" else None]
         if self.pred is None and hp.masks_h5 is not None:
             self.pred = PredictedMasks(hp.masks_h5, self.cine)
         return StackDataset(self.cine, ids, kind=hp.kind, masks_h5=self.pred, img_size=hp.img_size,
@@ -457,7 +476,7 @@ class StackDataModule(PartsDataModule):
             self.datasets["predict"] = self._dataset(_predict_ids(self.split, self.cine, self.hparams.predict_ids))
 
 
-class FrameDataModule(PartsDataModule):
+class FrameDataModule(BaseDataModule):
     """Frames + annotated masks of one fold for the segmentation stage (every frame, empty masks included)."""
 
     drop_single_last = True  # MSU-Net has BatchNorm
@@ -496,3 +515,23 @@ class FrameDataModule(PartsDataModule):
                                                    cache=hp.cache)
         if "predict" not in self.datasets:
             self.datasets["predict"] = FrameDataset(self.cine, None, hp.size)
+
+
+class RowBlocks(Dataset):
+    """Item i = rows ``[i*block, (i+1)*block)`` of the cine file as ``(first_row, (b,1,s,s) float in [0,1])``.
+
+    ``source``: the cine HDF5 (its ``image`` dataset), or (N, H, W) uint8 frames already in memory (a clip).
+    """
+
+    def __init__(self, source: str | os.PathLike | np.ndarray, n_rows: int, block: int,
+                 size: tuple[int, int]) -> None:
+        self.n_rows, self.block, self.size = n_rows, block, size
+        self._h5 = InMemoryH5({"image": source}) if isinstance(source, np.ndarray) else LazyH5(source)
+
+    def __len__(self) -> int:
+        return (self.n_rows + self.block - 1) // self.block
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        r0 = i * self.block
+        frames = self._h5.file["image"][r0:min(self.n_rows, r0 + self.block)]
+        return r0, resize(frames, self.size)[:, None] / 255.0

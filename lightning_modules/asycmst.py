@@ -16,8 +16,9 @@ Optimizer and schedule come from the LightningCLI ``optimizer:`` / ``lr_schedule
 ``conf/asycmst.yaml``: RMSprop lr 1e-3, weight decay 1e-4, momentum 0.9, ExponentialLR), as in the other stages.
 
 Logged: ``{train,val,test}/loss`` (the total), ``.../loss_diag``, ``.../loss_fss``, ``.../loss_seg``,
-``{val,test}/{acc,precision,recall,specificity,f1,auroc}`` (torchmetrics, binary, threshold 0.5 on the
-malignant probability).  ``validate`` and ``test`` runs also write ``roc_<stage>.png`` into the logger's (else
+``{val,test}/{acc,precision,recall,specificity,f1,auroc}`` (the case-level keys of
+:class:`~lightning_modules.base.BaseStage`, one row per paired clip; binary, threshold 0.5 on the malignant
+probability).  ``validate`` and ``test`` runs also write ``roc_<stage>.png`` into the logger's (else
 the trainer's) directory.
 
 Per-case predictions: every ``test`` run writes ``predictions_<method>.csv`` (``annot_id,label,prob``, one row
@@ -42,69 +43,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.functional.classification import (
-    binary_accuracy,
-    binary_auroc,
-    binary_f1_score,
-    binary_precision,
-    binary_recall,
-    binary_roc,
-    binary_specificity,
-)
-from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 from datamodules.atomic import atomic_path, write_predictions
 from lightning_modules import wandb_media
-from lightning_modules.classifier import first_per_key
+from lightning_modules.base import BaseStage, CaseMetrics
+from lightning_modules.losses import dice_loss
 from lightning_modules.nets.asycmst import AsyCMSTNet
-from lightning_modules.nets.asycmst_losses import dice_loss, fss_loss
+from lightning_modules.nets.asycmst_losses import fss_loss
 
 MODALITIES = ("bus", "ceus")
-
-
-class Scores(Metric):
-    """Malignant probabilities and labels of an epoch, one row per case.
-
-    States are concatenated across DDP ranks at ``compute``; cases that DistributedSampler repeated to pad a
-    rank's last batch are counted once (by dataset index), so the metrics equal the single-process ones.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("prob", default=[], dist_reduce_fx="cat")
-        self.add_state("label", default=[], dist_reduce_fx="cat")
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-
-    def update(self, prob: Tensor, label: Tensor, index: Tensor) -> None:
-        self.prob.append(prob.detach().float().flatten())
-        self.label.append(label.detach().long().flatten())
-        self.index.append(index.detach().long().flatten())
-
-    def compute(self) -> tuple[Tensor, Tensor, Tensor]:
-        index = dim_zero_cat(self.index)
-        keep = first_per_key(index, torch.zeros_like(index))
-        return dim_zero_cat(self.prob)[keep], dim_zero_cat(self.label)[keep], index[keep]
-
-
-def binary_metrics(prob: Tensor, label: Tensor) -> dict[str, Tensor]:
-    """Acc, precision, recall, specificity, F1 at 0.5 and AUROC (NaN when the epoch holds one class only)."""
-    auroc = binary_auroc(prob, label) if label.min() != label.max() else prob.new_tensor(float("nan"))
-    return {
-        "acc": binary_accuracy(prob, label),
-        "precision": binary_precision(prob, label),
-        "recall": binary_recall(prob, label),
-        "specificity": binary_specificity(prob, label),
-        "f1": binary_f1_score(prob, label),
-        "auroc": auroc,
-    }
 
 
 def save_roc_png(prob: Tensor, label: Tensor, path: Path, title: str) -> None:
@@ -127,7 +79,7 @@ def save_roc_png(prob: Tensor, label: Tensor, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-class AsyCMST(L.LightningModule):
+class AsyCMST(BaseStage):
     """AsyCMST trained end to end (all args plain, so LightningCLI YAML can set every switch).
 
     Args (the network's, see :class:`~lightning_modules.nets.asycmst.AsyCMSTNet`): ``dim, depth, heads,
@@ -151,6 +103,8 @@ class AsyCMST(L.LightningModule):
         seg_frames: in training, decode (and Dice-supervise) at most this many annotated frames per clip, drawn
             at random each step; ``None`` = every annotated frame (the paper).  Evaluation uses every one.
     """
+
+    batch_keys = ("bus", "ceus", "label", "index", "mask", "mask_valid")
 
     def __init__(
         self,
@@ -187,29 +141,11 @@ class AsyCMST(L.LightningModule):
             raise ValueError(f"streams must be two of {MODALITIES}, got {streams}")
         self.save_hyperparameters()
         self.streams = streams
-        self.net = AsyCMSTNet(
-            num_classes=2,
-            dim=dim,
-            depth=depth,
-            heads=heads,
-            num_frames=num_frames,
-            img_size=img_size,
-            mlp_ratio=mlp_ratio,
-            dropout=dropout,
-            strategy=strategy,
-            acmst_layers=acmst_layers,
-            fss=fss,
-            ns=ns,
-            backbone=backbone,
-            backbone_args=backbone_args,
-            pretrained=pretrained,
-            share_encoders=share_encoders,
-            decoder_width=decoder_width,
-        )
+        self.net = self.build_net(AsyCMSTNet, num_classes=2)
         self.w1, self.w2, self.phi = w1, w2, phi
         self.method, self.predictions_dir, self.test_after_fit = method, predictions_dir, test_after_fit
         self.lr_per_step, self.seg_frames = lr_per_step, seg_frames
-        self.val_scores, self.test_scores = Scores(), Scores()
+        self.val_scores, self.test_scores = CaseMetrics(), CaseMetrics()
 
     # -- model ---------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor], *, mask_frames: Tensor | None = None) -> dict[str, Tensor]:
@@ -228,6 +164,7 @@ class AsyCMST(L.LightningModule):
 
     def losses(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor]:
         """``({"loss", "loss_diag", "loss_fss", "loss_seg"}, logits)`` for one batch (Eq. 14)."""
+        self.check_batch(batch)
         frames = self.seg_frame_mask(batch["mask_valid"]) if self.net.decoder is not None else None
         out = self(batch, mask_frames=frames)
         logits = out["logits"]
@@ -242,10 +179,6 @@ class AsyCMST(L.LightningModule):
             total = total + self.w2 * parts["loss_seg"]
         parts["loss"] = total
         return parts, logits
-
-    @staticmethod
-    def malignant_prob(logits: Tensor) -> Tensor:
-        return logits.float().softmax(dim=-1)[:, 1]
 
     def on_train_start(self) -> None:
         if not self.lr_per_step:
@@ -277,7 +210,9 @@ class AsyCMST(L.LightningModule):
         parts, logits = self.losses(batch)
         self._log_losses(parts, stage, len(batch["label"]))
         scores = self.val_scores if stage == "val" else self.test_scores
-        scores.update(self.malignant_prob(logits), batch["label"], batch["index"])
+        # one row per case: the dataset index is the case id (stack 0 drops DistributedSampler repeats)
+        index = batch["index"]
+        scores.update(index, self.malignant_prob(logits), batch["label"], torch.zeros_like(index))
         return parts["loss"]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -294,16 +229,10 @@ class AsyCMST(L.LightningModule):
         return self._eval_step(batch, "test")
 
     def _epoch_end(self, stage: str, roc: bool) -> None:
-        scores = self.val_scores if stage == "val" else self.test_scores
-        if not scores.update_called:
+        scores = self.log_case_metrics(stage, self.val_scores if stage == "val" else self.test_scores)
+        if scores is None:
             return
-        prob, label, index = scores.compute()
-        scores.reset()
-        self.log_dict({f"{stage}/{k}": v for k, v in binary_metrics(prob, label).items()})
-        run = wandb_media.wandb_run(self)
-        if run is not None:
-            names = [str(i) for i in index.tolist()]
-            wandb_media.log_classification(run, stage, names, prob, label, self.global_step)
+        prob, label, index = scores["prob"], scores["label"], scores["nodule"]
         if roc and self.trainer.is_global_zero and label.min() != label.max():
             save_roc_png(prob, label, self.run_dir() / f"roc_{stage}.png", f"ROC ({stage}, n={len(label)})")
         if stage == "test" and self.trainer.is_global_zero:

@@ -26,6 +26,8 @@ class HeadStage(ClassifierStage):
     ``predict_step`` returns the malignant probability of each nodule.
     """
 
+    batch_keys = ("image_emb", "seg_emb", "valid", "label")
+
     def __init__(
         self,
         variant: str = "stact",
@@ -46,15 +48,7 @@ class HeadStage(ClassifierStage):
         # W&B job_type / run name (stages.fit.stage_name): the variants of one fold are separate runs, like
         # their checkpoints runs/<exp>/fold<k>/head_<variant>.ckpt.
         self.stage = f"head_{variant}"
-        if variant == "cine_trans":
-            self.net = CineTransformer(
-                dim=dim, num_heads=num_heads, num_layers=num_layers, ff_dim=ff_dim, dropout=dropout,
-                positional=positional,
-            )
-        else:
-            self.net = AttentionHead(
-                variant=variant, dim=dim, num_heads=num_heads, dropout=dropout, positional=positional
-            )
+        self.net = self.build_net(CineTransformer if variant == "cine_trans" else AttentionHead)
 
     def forward(self, image_emb: Tensor, seg_emb: Tensor, valid: Tensor) -> Tensor:
         if self.variant == "cine_trans":

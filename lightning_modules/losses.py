@@ -2,6 +2,7 @@
 
 * ``focal_loss`` / ``FocalLoss``: focal loss (Lin et al. 2017) for the 2-logit heads of the paper's classifiers
   (ViT head, mask CNN, attention head; STACT-Time sec. 2.5: alpha = 0.9, gamma = 2.4 for the ViT stage).
+* ``dice_loss``: soft Dice (AsyCMST Eq. 5; the Dice term of ``SegLoss``).
 * ``SegLoss``: weighted Dice + BCE (+ binary focal) for the MSU-Net stage (sec. 2.5 "training loop replicated
   from [*]" -- the weights are config arguments because the paper does not give them).
 """
@@ -71,13 +72,18 @@ class FocalLoss(nn.Module):
         return f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}"
 
 
-def soft_dice_loss(logits: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
-    """1 - soft Dice per image, averaged over the batch (logits and target (B, 1, H, W)).
+def dice_loss(logits: Tensor, target: Tensor, smooth: float = 1e-6) -> Tensor:
+    """Soft Dice loss ``1 - (2 sum p g + smooth) / (sum p + sum g + smooth)``, ``p = sigmoid(logits)``, per
+    image (sums over its pixels), averaged over the batch (logits and target (B, 1, H, W)).
 
-    Hand-written: torchmetrics' Dice is a metric (hard, not differentiable) and no dependency of the project
-    ships a soft Dice loss. ``smooth`` keeps empty masks (frames without nodule) finite: empty prediction on an
-    empty mask gives loss 0.
+    The one Dice loss of the project: AsyCMST's Eq. 5 (default ``smooth`` 1e-6; pass only annotated frames)
+    and the Dice term of :class:`SegLoss` (MSU-Net, ``smooth`` 1.0). Hand-written: torchmetrics' Dice is a
+    metric (hard, not differentiable) and no dependency of the project ships a soft Dice loss. ``smooth``
+    keeps empty masks (frames without nodule) finite: empty prediction on an empty mask gives loss 0. An empty
+    input (no annotated frame in the batch) gives a zero that still keeps the graph.
     """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
     prob = torch.sigmoid(logits.float()).flatten(1)
     target = target.float().flatten(1)
     inter = (prob * target).sum(1)
@@ -112,7 +118,7 @@ class SegLoss(nn.Module):
         target = target.to(logits.dtype)
         out: dict[str, Tensor] = {}
         if self.dice_weight:
-            out["dice"] = soft_dice_loss(logits, target, self.smooth)
+            out["dice"] = dice_loss(logits, target, self.smooth)
         if self.bce_weight:
             out["bce"] = F.binary_cross_entropy_with_logits(logits, target)
         if self.focal_weight:

@@ -27,7 +27,4 @@ class MaskCNNStage(StackStage):
     ) -> None:
         super().__init__(focal_alpha=focal_alpha, focal_gamma=focal_gamma)
         self.save_hyperparameters()
-        self.net = MaskCNN(
-            in_channels=in_channels, channels=tuple(channels), pool_size=pool_size, hidden_dim=hidden_dim,
-            dropout=dropout,
-        )
+        self.net = self.build_net(MaskCNN, channels=tuple(channels))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as L
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -21,7 +20,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from datamodules.errors import DataError
 from lightning_modules import wandb_media
-from lightning_modules.classifier import first_per_key
+from lightning_modules.base import BaseStage, first_per_key
 from lightning_modules.losses import SegLoss
 from lightning_modules.nets.msunet import MSUNet
 
@@ -78,13 +77,15 @@ class PixelOverlap(Metric):
         return {"dice": dice.float(), "iou": iou.float()}
 
 
-class SegStage(L.LightningModule):
+class SegStage(BaseStage):
     """LightningModule around :class:`MSUNet`; ``predict_step`` returns mask probabilities.
 
     ``checkpoint_path``: MSU-Net weights to fine-tune from (plain state dict or a SegStage checkpoint). Reload a
-    trained stage with ``load_for_inference(SegStage, path)``, which switches ``checkpoint_path`` off
+    trained stage with ``SegStage.from_checkpoint(path)``, which switches ``checkpoint_path`` off
     (``load_from_checkpoint`` cannot: its own first parameter has that name).
     """
+
+    batch_keys = ("image", "mask")
 
     def __init__(
         self,
@@ -100,7 +101,7 @@ class SegStage(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = MSUNet(in_channels=1, out_channels=1, base=base, depth=depth)
+        self.net = self.build_net(MSUNet, in_channels=1, out_channels=1)
         if checkpoint_path is not None:
             load_msunet_weights(self.net, checkpoint_path)
         self.loss_fn = SegLoss(dice_weight, bce_weight, focal_weight, focal_alpha, focal_gamma)
@@ -111,6 +112,7 @@ class SegStage(L.LightningModule):
         return self.net(image)
 
     def _step(self, batch: dict[str, Tensor], stage: str, batch_idx: int = 0) -> Tensor:
+        self.check_batch(batch)
         logits = self.net(batch["image"])
         target = batch["mask"].float()
         terms = self.loss_fn.terms(logits, target)

@@ -17,8 +17,9 @@ class ViTStage(StackStage):
     """LightningModule around :class:`StackClassifier`; ``predict_step`` gives 256-d stack embeddings.
 
     ``checkpoint_path``: a local backbone weights file (offline alternative to ``pretrained``). To reload a
-    trained stage use :func:`lightning_modules.classifier.load_for_inference` (``load_from_checkpoint`` would
-    fetch the starting weights again, and cannot override ``checkpoint_path``: its own first parameter). ``backbone`` is any timm name (Table 3
+    trained stage use :meth:`~lightning_modules.base.BaseStage.from_checkpoint` (``load_from_checkpoint``
+    would fetch the starting weights again, and cannot override ``checkpoint_path``: its own first parameter).
+    ``backbone`` is any timm name (Table 3
     also compares ``mobilenetv2_100``; leave ``img_size`` null for CNNs). With ``freeze_backbone`` the backbone
     stays in eval mode, so Lightning's "modules in eval mode at the start of training" warning is expected.
     """
@@ -39,8 +40,15 @@ class ViTStage(StackStage):
     ) -> None:
         super().__init__(focal_alpha=focal_alpha, focal_gamma=focal_gamma)
         self.save_hyperparameters()
-        self.net = StackClassifier(
-            backbone=backbone, pretrained=pretrained, checkpoint_path=checkpoint_path, img_size=img_size,
-            hidden_dim=hidden_dim, activation=activation, dropout=dropout, freeze_backbone=freeze_backbone,
-            backbone_kwargs=backbone_kwargs,
-        )
+        self.net = self.build_net(StackClassifier)
+
+    def input_size(self, data: dict | None = None) -> int:
+        """Input side the image encoder was trained at: the training data's ``img_size`` (``data``: the data
+        settings from :meth:`from_checkpoint`; what a CNN, which takes no ``img_size`` itself, saw), else the
+        stage's ``img_size``, else timm's pretrained config."""
+        if data and data.get("img_size"):
+            return int(data["img_size"])
+        if self.hparams.get("img_size"):
+            return int(self.hparams["img_size"])
+        size = getattr(self.net.backbone, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
+        return int(size[-1])

@@ -122,14 +122,12 @@ def load_head(path: str | os.PathLike, *, fold: int | None = None, embeddings: s
     say it was fitted on exactly those (the datamodule init args ``lightning fit`` saves in it), so a head of
     another fold -- which saw this fold's test nodules in training -- never scores them."""
     from lightning_modules.head_stage import HeadStage
-    from stages.embeddings import data_hparams, load_stage
 
-    model = load_stage(HeadStage, path)
+    model, data = HeadStage.from_checkpoint(path)
     if variant is not None and model.variant != variant:
         raise DataError(path, f"is a head_{model.variant} checkpoint, expected variant {variant!r}")
     if fold is None and embeddings is None and splits is None:
         return model
-    data = data_hparams(path)
     if "fold" not in data:
         raise DataError(path, "records no training fold or data (a checkpoint of `lightning fit` does)")
     if fold is not None and data["fold"] != fold:

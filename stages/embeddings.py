@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import os
 import shutil
 import sys
@@ -36,97 +35,26 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.atomic import atomic_path
 from datamodules.embeddings import group_name
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
-from datamodules.stacks import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PairedStackDataset,
-    PredictedMasks,
-    StackDataset,
-)
+from datamodules.stacks import PredictedMasks, build_dataset
 from datamodules.stanford import StanfordCine
+from lightning_modules.export import EmbeddingExport
 
 SHARD_KEYS = ("nodule", "stack", "image", "seg", "image_prob", "seg_prob")
-NORMALIZE = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3), None: (None, None),
-             "none": (None, None)}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def load_stage(cls: type[L.LightningModule], path: str | os.PathLike) -> L.LightningModule:
-    """``cls`` from a checkpoint in eval mode; a missing or foreign file is a one-line :class:`DataError`.
-
-    The trained weights come from the checkpoint, so the init args that fetched a starting point
-    (``pretrained``, ``checkpoint_path``) are switched off in the saved hyperparameters first (passing
-    ``checkpoint_path=`` to ``load_from_checkpoint`` would clash with its own first parameter).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, f"checkpoint not found (train the {cls.__name__} first)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        hp = ckpt.get("hyper_parameters")
-        if isinstance(hp, dict):
-            for key, off in (("pretrained", False), ("checkpoint_path", None)):
-                if key in hp:
-                    hp[key] = off
-        buffer = io.BytesIO()
-        torch.save(ckpt, buffer)
-        buffer.seek(0)
-        model = cls.load_from_checkpoint(buffer, map_location="cpu")
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001  (torch/pickle/Lightning raise many types for a bad file)
-        raise DataError(path, f"not a {cls.__name__} checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    return model.eval()
-
-
-def data_hparams(path: str | os.PathLike) -> dict[str, Any]:
-    """The datamodule init args saved in a Lightning checkpoint (img_size, buffer, normalize, ...), or {}."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return dict(ckpt.get("datamodule_hyper_parameters", {}) or {})
-
-
 def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def vit_input_size(vit: L.LightningModule, vit_data: dict | None = None) -> int:
-    """Input side the image encoder was trained at: the training data's ``img_size`` (what a CNN, which takes
-    no ``img_size`` itself, saw), else the stage's ``img_size``, else timm's pretrained config."""
-    if vit_data and vit_data.get("img_size"):
-        return int(vit_data["img_size"])
-    if vit.hparams.get("img_size"):
-        return int(vit.hparams["img_size"])
-    size = getattr(vit.net.backbone, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
-    return int(size[-1])
-
-
-# ---------------------------------------------------------------------------------------------- model
-class EmbeddingExport(L.LightningModule):
-    """Both encoders side by side; ``predict_step`` returns per-stack embeddings and probabilities."""
-
-    def __init__(self, vit: L.LightningModule, maskcnn: L.LightningModule) -> None:
-        super().__init__()
-        self.vit, self.maskcnn = vit, maskcnn
-
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        image = self.vit.net.embed(batch["image"])
-        seg = self.maskcnn.net.embed(batch["mask"])
-        return {
-            "nodule": batch["nodule"], "stack": batch["stack"], "image": image, "seg": seg,
-            "image_prob": self.vit.malignant_prob(self.vit.net.fc2(image)),
-            "seg_prob": self.maskcnn.malignant_prob(self.maskcnn.net.fc2(seg)),
-        }
 
 
 # ---------------------------------------------------------------------------------------------- writer
@@ -251,23 +179,6 @@ def merge_shards(shards: Sequence[Path], out: Path, nodule_ids: Sequence[str], n
 
 
 # ---------------------------------------------------------------------------------------------- stage
-def build_dataset(cine: StanfordCine, masks: PredictedMasks, vit_data: dict, mask_data: dict, img_size: int,
-                  mask_size: int, predicted_boxes: bool | None = None) -> PairedStackDataset:
-    """Image and mask stacks of every nodule, with the data settings the two stages were trained with.
-
-    ``predicted_boxes``: crop the images around the predicted masks (True), the annotated ones (False) or as
-    the ViT stage was trained (None).
-    """
-    mean, std = NORMALIZE[vit_data.get("normalize", "imagenet")]
-    if predicted_boxes is None:
-        predicted_boxes = bool(vit_data.get("use_predicted_boxes", False))
-    image = StackDataset(cine, None, "image", masks, img_size=img_size, buffer=vit_data.get("buffer", 5),
-                         use_predicted_boxes=predicted_boxes, mean=mean, std=std)
-    mask = StackDataset(cine, None, "mask", masks, img_size=mask_size, buffer=mask_data.get("buffer", 5),
-                        mask_roi=mask_data.get("mask_roi", False))
-    return PairedStackDataset(image, mask)
-
-
 def export(*, cine: str | os.PathLike, masks: str | os.PathLike, vit: str | os.PathLike,
            maskcnn: str | os.PathLike, out: str | os.PathLike, splits: str | os.PathLike | None = None,
            fold: int | None = None, metadata: str | os.PathLike | None = None, batch_size: int = 32,
@@ -279,9 +190,9 @@ def export(*, cine: str | os.PathLike, masks: str | os.PathLike, vit: str | os.P
     from lightning_modules.vit_stage import ViTStage
 
     out = Path(out)
-    vit_model, mask_model = load_stage(ViTStage, vit), load_stage(MaskCNNStage, maskcnn)
-    vit_data, mask_data = data_hparams(vit), data_hparams(maskcnn)
-    img_size = img_size or vit_input_size(vit_model, vit_data)
+    vit_model, vit_data = ViTStage.from_checkpoint(vit)
+    mask_model, mask_data = MaskCNNStage.from_checkpoint(maskcnn)
+    img_size = img_size or vit_model.input_size(vit_data)
     mask_size = mask_size or mask_data.get("img_size") or img_size
     if boxes not in ("auto", "annotated", "predicted"):
         raise DataError(None, f"boxes must be auto, annotated or predicted, got {boxes!r}")

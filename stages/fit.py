@@ -1,6 +1,10 @@
 """``lightning``: LightningCLI in subclass mode, so ``lightning fit -c conf/<stage>.yaml`` runs any stage.
 
-Model and data are given by ``class_path`` in the YAML (imitating torchgeo's ``main.py``).  ``args`` lets
+Model and data are given by ``class_path`` in the YAML (imitating torchgeo's ``main.py``).  The subclass-mode
+bases are the project's own :class:`~lightning_modules.base.BaseStage` and
+:class:`~datamodules.parts.BaseDataModule`, so ``lightning fit --help`` lists the project's stages and data
+modules (those of :data:`STAGE_MODULES`, imported for help only), and a ``class_path`` of anything else is
+refused.  ``args`` lets
 tests drive it in-process: ``main(["fit", "-c", "conf/demo/head.yaml", "--trainer.fast_dev_run=1"])``.
 
 What this CLI adds to the stock one, all overridable from the command line:
@@ -23,24 +27,41 @@ What this CLI adds to the stock one, all overridable from the command line:
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from datamodules.atomic import atomic_path
 from datamodules.errors import DataError
+from datamodules.parts import BaseDataModule
+from lightning_modules.base import BaseStage
 from lightning_modules.callbacks import RNGState
 from lightning_modules.wandb_media import WandbSaveConfig
 
 # The parts of a config that define "the same experiment" for resuming; trainer settings (epochs, devices,
 # precision) may change between a run and its resumption.
 _EXPERIMENT_KEYS = ("model", "data", "optimizer", "lr_scheduler", "seed_everything")
+
+# Modules whose stages and data modules `lightning fit --help` lists (jsonargparse knows a subclass once it is
+# imported).  Imported for help only: together they pull in timm, albumentations and OpenCV (~2-4 s), which a
+# fit of one stage does not all need; a fit imports its own classes from the config's class_path.
+STAGE_MODULES = (
+    "lightning_modules.vit_stage",
+    "lightning_modules.seg_stage",
+    "lightning_modules.maskcnn_stage",
+    "lightning_modules.head_stage",
+    "lightning_modules.asycmst",
+    "datamodules.stacks",
+    "datamodules.embeddings",
+    "datamodules.paired_video",
+)
 
 
 def stage_name(model: LightningModule) -> str:
@@ -173,10 +194,15 @@ def result_line(trainer: Trainer) -> str | None:
 
 
 def main(args: ArgsType = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list | tuple) and any(a in ("-h", "--help") or str(a).split("=")[0].endswith(".help")
+                                              for a in argv):
+        for name in STAGE_MODULES:
+            importlib.import_module(name)
     try:
         UsnoduleCLI(
-            LightningModule,
-            LightningDataModule,
+            BaseStage,
+            BaseDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=WandbSaveConfig,  # config.yaml as before, and the resolved config into W&B

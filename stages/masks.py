@@ -16,54 +16,16 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader, Dataset
 
 from datamodules.atomic import atomic_path
-from datamodules.lazy_h5 import InMemoryH5, LazyH5
-from datamodules.stacks import resize
+from datamodules.stacks import RowBlocks
 from datamodules.stanford import StanfordCine
-
-
-class RowBlocks(Dataset):
-    """Item i = rows ``[i*block, (i+1)*block)`` of the cine file as ``(first_row, (b,1,s,s) float in [0,1])``.
-
-    ``source``: the cine HDF5 (its ``image`` dataset), or (N, H, W) uint8 frames already in memory (a clip).
-    """
-
-    def __init__(self, source: str | os.PathLike | np.ndarray, n_rows: int, block: int,
-                 size: tuple[int, int]) -> None:
-        self.n_rows, self.block, self.size = n_rows, block, size
-        self._h5 = InMemoryH5({"image": source}) if isinstance(source, np.ndarray) else LazyH5(source)
-
-    def __len__(self) -> int:
-        return (self.n_rows + self.block - 1) // self.block
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        r0 = i * self.block
-        frames = self._h5.file["image"][r0:min(self.n_rows, r0 + self.block)]
-        return r0, resize(frames, self.size)[:, None] / 255.0
-
-
-def load_seg(path: str | os.PathLike):
-    """SegStage from a checkpoint, eval mode; a missing/foreign file is a one-line DataError."""
-    from lightning_modules.seg_stage import SegStage
-    from stages.embeddings import load_stage
-
-    return load_stage(SegStage, path)
-
-
-def seg_input_size(path: str | os.PathLike) -> int | None:
-    """``size`` the FrameDataModule was trained with, from the checkpoint's datamodule hyperparameters."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return (ckpt.get("datamodule_hyper_parameters") or {}).get("size")
 
 
 @torch.inference_mode()
@@ -72,9 +34,12 @@ def predict_masks(*, cine: str | os.PathLike, seg: str | os.PathLike, out: str |
                   threshold: float | None = None, metadata: str | os.PathLike | None = None,
                   progress: bool = True) -> Path:
     """Write ``out`` (see module docstring); returns its path."""
+    from lightning_modules.export import segment_blocks
+    from lightning_modules.seg_stage import SegStage
+
     data = StanfordCine(cine, metadata, require_mask=False)  # validates the file; masks not needed to predict
-    model = load_seg(seg)
-    size = size or seg_input_size(seg) or 256
+    model, seg_data = SegStage.from_checkpoint(seg)
+    size = size or seg_data.get("size") or 256  # the FrameDataModule's size
     threshold = model.hparams.get("threshold", 0.5) if threshold is None else threshold
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -99,31 +64,6 @@ def predict_masks(*, cine: str | os.PathLike, seg: str | os.PathLike, out: str |
         for r0, mask in segment_blocks(model, blocks, (h, w), threshold, dev, num_workers):
             ds[r0:r0 + len(mask)] = mask
             bar.advance(task, len(mask))
-    return out
-
-
-@torch.inference_mode()
-def segment_blocks(model: torch.nn.Module, blocks: RowBlocks, shape: tuple[int, int], threshold: float,
-                   device: torch.device, num_workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-    """``(first row, (b, H, W) uint8 {0, 1} masks)`` per block: the mask inference of ``usnodule masks`` and
-    ``usnodule predict``, one copy so that a new clip is segmented exactly as the training set was."""
-    loader = DataLoader(blocks, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda")
-    for r0, x in loader:
-        logits = model(x.to(device, non_blocking=True))
-        # Back to full frame size before thresholding: smoother edges than resizing a binary mask.
-        logits = F.interpolate(logits.float(), size=shape, mode="bilinear", align_corners=False)
-        yield r0, (torch.sigmoid(logits) > threshold)[:, 0].to(torch.uint8).cpu().numpy()
-
-
-def segment_frames(model: torch.nn.Module, frames: np.ndarray, size: int, threshold: float,
-                   device: torch.device, batch_size: int = 16) -> np.ndarray:
-    """(T, H, W) uint8 {0, 1} masks of a clip held in memory, computed as :func:`predict_masks` computes them
-    for the rows of a cine file."""
-    out = np.empty(frames.shape, dtype=np.uint8)
-    blocks = RowBlocks(frames, len(frames), batch_size, (size, size))
-    shape = (int(frames.shape[1]), int(frames.shape[2]))
-    for r0, mask in segment_blocks(model, blocks, shape, threshold, device):
-        out[r0:r0 + len(mask)] = mask
     return out
 
 

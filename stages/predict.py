@@ -6,16 +6,16 @@ without a suffix, .mp4/.avi, a folder of frames, .npy/.npz, .h5). Per clip, as i
 2.3-2.4):
 
 1. MSU-Net mask for every frame (SegStage's input size and threshold from its checkpoint), computed by the
-   code of ``usnodule masks`` (:func:`stages.masks.segment_frames`): frames resized to the network input,
-   logits resized back to full frame, thresholded.
+   code of ``usnodule masks`` (:func:`lightning_modules.export.segment_frames`): frames resized to the network
+   input, logits resized back to full frame, thresholded.
 2. Non-overlapping 3-stacks in frame order (a trailing 1-2 frames dropped; a clip of 1-2 frames gives one
    stack with its last frame repeated), ROI box = union of the three *predicted* masks' boxes + buffer
    (fallback: the clip's union box, then the full frame), ViT input = ROI crop, mask CNN input = the masks.
    None of this is re-implemented: the clip is held as a one-nodule :class:`StanfordCine` and the stacks come
-   from :func:`stages.embeddings.build_dataset` / :class:`datamodules.stacks.StackDataset`, with the sizes,
+   from :func:`datamodules.stacks.build_dataset` / :class:`datamodules.stacks.StackDataset`, with the sizes,
    buffer and normalisation read from the checkpoints' saved datamodule hyper-parameters.
-3. ViT and mask-CNN embeddings per stack (:class:`stages.embeddings.EmbeddingExport`), then the attention head
-   (HeadStage) on the sequence: ``prob_malignant``.
+3. ViT and mask-CNN embeddings per stack (:class:`lightning_modules.export.EmbeddingExport`), then the
+   attention head (HeadStage) on the sequence: ``prob_malignant``.
 
 Output columns: ``clip, n_frames, n_stacks, frames_with_mask, prob_malignant, pred, prob_avepool`` where
 ``pred = prob_malignant >= --threshold`` and ``prob_avepool`` is the mean of the ViT's per-stack probabilities
@@ -110,19 +110,18 @@ def load_predictor(paths: dict[str, Path], device: str = "auto", mask_threshold:
     """Load the four stages in eval mode, as ``usnodule masks`` / ``embeddings`` load them."""
     from lightning_modules.head_stage import HeadStage
     from lightning_modules.maskcnn_stage import MaskCNNStage
+    from lightning_modules.seg_stage import SegStage
     from lightning_modules.vit_stage import ViTStage
-    from stages.embeddings import data_hparams, load_stage, vit_input_size
-    from stages.masks import load_seg, seg_input_size
 
-    seg = load_seg(paths["seg"])
-    vit, maskcnn = load_stage(ViTStage, paths["vit"]), load_stage(MaskCNNStage, paths["maskcnn"])
-    head = load_stage(HeadStage, paths["head"])
-    vit_data, mask_data = data_hparams(paths["vit"]), data_hparams(paths["maskcnn"])
-    img_size = vit_input_size(vit, vit_data)
+    seg, seg_data = SegStage.from_checkpoint(paths["seg"])
+    vit, vit_data = ViTStage.from_checkpoint(paths["vit"])
+    maskcnn, mask_data = MaskCNNStage.from_checkpoint(paths["maskcnn"])
+    head, _ = HeadStage.from_checkpoint(paths["head"])
+    img_size = vit.input_size(vit_data)
     dev = pick_device(device)
     return Predictor(
         seg=seg.to(dev), vit=vit.to(dev), maskcnn=maskcnn.to(dev), head=head.to(dev),
-        seg_size=int(seg_input_size(paths["seg"]) or 256),
+        seg_size=int(seg_data.get("size") or 256),
         seg_threshold=float(seg.hparams.get("threshold", 0.5) if mask_threshold is None else mask_threshold),
         vit_data=vit_data, mask_data=mask_data, img_size=img_size,
         mask_size=int(mask_data.get("img_size") or img_size), device=dev,
@@ -132,7 +131,7 @@ def load_predictor(paths: dict[str, Path], device: str = "auto", mask_threshold:
 # ---------------------------------------------------------------------------------------------- pipeline
 def segment(p: Predictor, frames: np.ndarray, batch_size: int = 16) -> np.ndarray:
     """(T, H, W) uint8 {0, 1} predicted masks, by the mask inference of ``usnodule masks``."""
-    from stages.masks import segment_frames
+    from lightning_modules.export import segment_frames
 
     return segment_frames(p.seg, frames, p.seg_size, p.seg_threshold, p.device, batch_size)
 
@@ -143,7 +142,8 @@ def embed(p: Predictor, cine: StanfordCine, masks: PredictedMasks,
     """Per-stack ``image``/``seg`` embeddings (S, 256) and ``image_prob`` (S,), in stack order, exactly as
     ``usnodule embeddings --boxes predicted`` computes them for a nodule (``cine``, ``masks``:
     :func:`clip_data`)."""
-    from stages.embeddings import EmbeddingExport, build_dataset
+    from datamodules.stacks import build_dataset
+    from lightning_modules.export import EmbeddingExport
 
     dataset = build_dataset(cine, masks, p.vit_data, p.mask_data, p.img_size, p.mask_size,
                             predicted_boxes=True)

@@ -147,16 +147,16 @@ def test_cli_print_config(paired, tmp_path, capsys):
 
 def test_scores_count_ddp_padding_repeats_once():
     """DistributedSampler pads a rank's last batch by repeating cases: the metrics must see each case once."""
-    from lightning_modules.asycmst import Scores, binary_metrics
+    from lightning_modules.base import CaseMetrics
 
-    once, padded = Scores(), Scores()
+    once, padded = CaseMetrics(), CaseMetrics()
     prob, label, index = torch.tensor([0.9, 0.2, 0.7]), torch.tensor([1, 0, 0]), torch.tensor([0, 1, 2])
-    once.update(prob, label, index)
-    padded.update(prob[:2], label[:2], index[:2])
-    padded.update(torch.tensor([0.7, 0.9]), torch.tensor([0, 1]), torch.tensor([2, 0]))  # case 0 repeated
-    p1, l1, _ = once.compute()
-    p2, l2, i2 = padded.compute()
-    assert sorted(i2.tolist()) == [0, 1, 2]
-    m1, m2 = binary_metrics(p1, l1), binary_metrics(p2, l2)
+    once.update(index, prob, label, torch.zeros_like(index))  # how AsyCMST feeds it: one row per case
+    padded.update(index[:2], prob[:2], label[:2], torch.zeros(2, dtype=torch.long))
+    padded.update(torch.tensor([2, 0]), torch.tensor([0.7, 0.9]), torch.tensor([0, 1]),
+                  torch.zeros(2, dtype=torch.long))  # case 0 repeated
+    m1 = once.compute()
+    m2 = padded.compute()
+    assert sorted(padded.scores["nodule"].tolist()) == [0, 1, 2]
     assert all(torch.allclose(m1[k], m2[k]) for k in m1)
     assert m2["acc"] == pytest.approx(2 / 3)  # with the repeat counted twice it would be 3/4

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lightning_modules.losses import dice_loss
 from lightning_modules.nets.asycmst import AsyCMSTNet
 from lightning_modules.nets.asycmst_attention import (
     STRATEGIES,
@@ -16,7 +17,7 @@ from lightning_modules.nets.asycmst_attention import (
     attend,
 )
 from lightning_modules.nets.asycmst_encoder import FrameEncoder, MaskDecoder
-from lightning_modules.nets.asycmst_losses import dice_loss, fss_loss, fss_loss_loop
+from lightning_modules.nets.asycmst_losses import fss_loss, fss_loss_loop
 
 TINY = dict(dim=16, depth=2, heads=2, num_frames=4, img_size=64, backbone="test_resnet", decoder_width=16)
 

@@ -61,11 +61,11 @@ def test_cross_attention_uses_segmentation_as_key_value():
     seg2[valid] += torch.randn_like(seg2[valid])
     assert not torch.allclose(head(img, seg2, valid), out)
     # pooled [self || cross]: only the cross half (query = image, K2 = V2 = seg) moves with seg
-    e1, e2 = head.encode(img, seg, valid), head.encode(img, seg2, valid)
+    e1, e2 = head.forward_features(img, seg, valid), head.forward_features(img, seg2, valid)
     torch.testing.assert_close(e2[:, :D], e1[:, :D])
     assert not torch.allclose(e2[:, D:], e1[:, D:])
     # and it moves with the image (the query) as well
-    assert not torch.allclose(head.encode(img + 1.0, seg, valid)[:, D:], e1[:, D:])
+    assert not torch.allclose(head.forward_features(img + 1.0, seg, valid)[:, D:], e1[:, D:])
     # seg at padded positions is never attended
     seg3 = seg.clone()
     seg3[~valid] = 123.0

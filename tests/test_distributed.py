@@ -115,7 +115,7 @@ def test_two_process_fit_of_the_attention_head(files):
     assert ckpt["epoch"] in (0, 1) and any(k.startswith("net.") for k in ckpt["state_dict"])
     assert (root / "checkpoints" / "last.ckpt").is_file()
     metrics = logged(root / "logs")  # rank 0 alone wrote the one metrics.csv
-    assert {"train/loss_epoch", "val/loss", "val/nodule_auroc", "val/nodule_acc"} <= set(metrics)
+    assert {"train/loss_epoch", "val/loss", "val/auroc", "val/acc"} <= set(metrics)
     assert np.isfinite(metrics["val/loss"])
 
 
@@ -131,7 +131,7 @@ def test_ddp_validation_metrics_equal_single_process(files):
           *csv_logger(single)])
     run_cli("lightning", "validate", *common, *ddp(), f"--trainer.default_root_dir={multi}", *csv_logger(multi))
     a, b = logged(single), logged(multi)
-    keys = {f"val/{p}{k}" for p in ("nodule_", "stack_") for k in ("acc", "precision", "recall", "specificity",
+    keys = {f"val/{p}{k}" for p in ("", "stack_") for k in ("acc", "precision", "recall", "specificity",
                                                                    "f1", "auroc")} | {"val/loss"}
     assert keys <= set(a) and keys <= set(b)
     for k in sorted(keys):
@@ -139,7 +139,7 @@ def test_ddp_validation_metrics_equal_single_process(files):
     # The single-process numbers are the plain ones: 3 nodules, 7 stacks (sanity of the fixture sizes).
     assert VAL_STACKS % 2 == 1 and 0.0 <= a["val/stack_acc"] <= 1.0
     assert a["val/stack_acc"] * VAL_STACKS == pytest.approx(round(a["val/stack_acc"] * VAL_STACKS), abs=1e-4)
-    assert a["val/nodule_acc"] * 3 == pytest.approx(round(a["val/nodule_acc"] * 3), abs=1e-4)
+    assert a["val/acc"] * 3 == pytest.approx(round(a["val/acc"] * 3), abs=1e-4)
 
 
 @pytest.mark.timeout(300)
@@ -201,13 +201,13 @@ def test_two_process_fit_of_demo_asycmst(tmp_path):
 
 def test_sampler_repeats_count_once_in_stack_loss_and_pixel_metrics():
     """What DDP padding looks like to the metrics (rank states concatenated): repeated keys count once."""
-    from lightning_modules.classifier import NoduleMetrics
+    from lightning_modules.base import CaseMetrics
     from lightning_modules.seg_stage import PixelOverlap
 
     nod, stack = torch.tensor([0, 0, 0, 1, 2]), torch.tensor([0, 1, 2, 0, 0])
     prob, label = torch.tensor([0.9, 0.8, 0.2, 0.3, 0.7]), torch.tensor([1, 1, 1, 0, 0])
     loss = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])
-    plain, padded = NoduleMetrics(stack_level=True), NoduleMetrics(stack_level=True)
+    plain, padded = CaseMetrics(stack_level=True), CaseMetrics(stack_level=True)
     plain.update(nod, prob, label, stack, loss)
     padded.update(nod[[0, 2, 4]], prob[[0, 2, 4]], label[[0, 2, 4]], stack[[0, 2, 4]], loss[[0, 2, 4]])  # rank 0
     padded.update(nod[[1, 3, 0]], prob[[1, 3, 0]], label[[1, 3, 0]], stack[[1, 3, 0]], loss[[1, 3, 0]])  # rank 1

@@ -13,10 +13,10 @@ import torch
 
 from datamodules.embeddings import EmbeddingDataModule, EmbeddingDataset, pad_collate, read_index
 from datamodules.errors import DataError
-from datamodules.stacks import PredictedMasks
+from datamodules.stacks import PredictedMasks, build_dataset
 from datamodules.stanford import StanfordCine
-from stages import embeddings as emb_stage
-from stages.embeddings import EmbeddingExport, build_dataset, export, merge_shards
+from lightning_modules.export import EmbeddingExport
+from stages.embeddings import export, merge_shards
 from stages.masks import predict_masks
 from tests.stanford_files import write_stanford
 
@@ -87,8 +87,8 @@ def test_export_one_group_per_nodule_matching_direct_forward(chain):
     from lightning_modules.maskcnn_stage import MaskCNNStage
     from lightning_modules.vit_stage import ViTStage
 
-    model = EmbeddingExport(emb_stage.load_stage(ViTStage, chain["vit"]),
-                            emb_stage.load_stage(MaskCNNStage, chain["maskcnn"]))
+    model = EmbeddingExport(ViTStage.from_checkpoint(chain["vit"])[0],
+                            MaskCNNStage.from_checkpoint(chain["maskcnn"])[0])
     ds = build_dataset(cine, PredictedMasks(chain["masks"], cine), {"normalize": "half"}, {}, 32, 16)
     batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
     with torch.inference_mode():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
-from lightning_modules.losses import FocalLoss, SegLoss, focal_loss, soft_dice_loss
+from lightning_modules.losses import FocalLoss, SegLoss, dice_loss, focal_loss
 
 
 def _formula(logits, target, alpha, gamma):
@@ -49,7 +49,7 @@ def test_seg_loss_weights_and_dice():
     torch.testing.assert_close(loss(logits, target), expect)
     assert set(SegLoss(focal_weight=0.0).terms(logits, target)) == {"dice", "bce"}
     # perfect confident prediction -> dice loss ~0; empty mask with empty prediction -> 0
-    assert soft_dice_loss((target * 2 - 1) * 50, target) < 1e-3
-    assert soft_dice_loss(torch.full((1, 1, 4, 4), -50.0), torch.zeros(1, 1, 4, 4)) < 1e-6
+    assert dice_loss((target * 2 - 1) * 50, target, smooth=1.0) < 1e-3  # SegLoss's smooth
+    assert dice_loss(torch.full((1, 1, 4, 4), -50.0), torch.zeros(1, 1, 4, 4), smooth=1.0) < 1e-6
     with pytest.raises(ValueError):
         SegLoss(0.0, 0.0, 0.0)

@@ -86,13 +86,12 @@ def _clip(chain) -> tuple[str, np.ndarray]:
 
 def _reference(chain, annot_id: str) -> tuple[float, float]:
     """Head probability and ViT avepool of the nodule from the ``usnodule embeddings`` export."""
-    from lightning_modules.classifier import load_for_inference
     from lightning_modules.head_stage import HeadStage
 
     with h5py.File(chain["emb"]) as f:
         g = f[group_name(annot_id)]
         image, seg, image_prob = g["image"][()], g["seg"][()], g["image_prob"][()]
-    head = load_for_inference(HeadStage, chain["fold"] / "head_stact.ckpt")
+    head, _ = HeadStage.from_checkpoint(chain["fold"] / "head_stact.ckpt")
     with torch.inference_mode():
         logits = head(torch.from_numpy(image)[None], torch.from_numpy(seg)[None],
                       torch.ones(1, len(image), dtype=torch.bool))
@@ -163,7 +162,7 @@ def test_roi_and_mask_stacks_match_training_code(chain, tmp_path):
         for key in ("image", "seg", "image_prob"):
             np.testing.assert_allclose(got[key].numpy(), g[key][()], atol=1e-5)
     # The test means something: real boxes smaller than the frame, and the first stack on the fallback box.
-    from stages.embeddings import build_dataset
+    from datamodules.stacks import build_dataset
 
     ds = build_dataset(clip, clip_masks, p.vit_data, p.mask_data, p.img_size, p.mask_size, True).image
     boxes = [ds.roi("clip", pos) for _, _, pos in ds.index]

@@ -16,7 +16,7 @@ import yaml
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch.utils.data import DataLoader
 
-from lightning_modules.classifier import NoduleMetrics, load_for_inference, nodule_scores
+from lightning_modules.base import CaseMetrics, case_scores
 from lightning_modules.head_stage import HEAD_VARIANTS, HeadStage
 from lightning_modules.maskcnn_stage import MaskCNNStage
 from lightning_modules.seg_stage import SegStage
@@ -62,29 +62,29 @@ def _nodule_reference(model, rows):
 
 
 def _check_nodule_metrics(metrics, p, y):
-    assert metrics["val/nodule_auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-5)
-    assert metrics["val/nodule_acc"] == pytest.approx(accuracy_score(y, p >= 0.5), abs=1e-6)
-    assert metrics["val/nodule_f1"] == pytest.approx(f1_score(y, p >= 0.5, zero_division=0), abs=1e-6)
+    assert metrics["val/auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-5)
+    assert metrics["val/acc"] == pytest.approx(accuracy_score(y, p >= 0.5), abs=1e-6)
+    assert metrics["val/f1"] == pytest.approx(f1_score(y, p >= 0.5, zero_division=0), abs=1e-6)
 
 
 def test_nodule_scores_and_metric_groups_by_nodule():
     nod = torch.tensor([3, 1, 3, 1, 7])
     prob = torch.tensor([0.2, 0.9, 0.4, 0.7, 0.6])
     lab = torch.tensor([0, 1, 0, 1, 1])
-    ids, mean, y = nodule_scores(nod, prob, lab)
+    ids, mean, y = case_scores(nod, prob, lab)
     assert ids.tolist() == [1, 3, 7] and y.tolist() == [1, 0, 1]
     torch.testing.assert_close(mean, torch.tensor([0.8, 0.3, 0.6]))
-    m = NoduleMetrics()
+    m = CaseMetrics()
     m.update(nod[:2], prob[:2], lab[:2])
     m.update(nod[2:], prob[2:], lab[2:])
     out = m.compute()
     assert out["acc"] == 1.0 and out["auroc"] == 1.0
     # DistributedSampler-style repeat of (nodule 3, stack 0) does not bias the nodule mean
-    dup = NoduleMetrics(threshold=0.29)
+    dup = CaseMetrics(threshold=0.29)
     dup.update(torch.tensor([3, 3, 9]), torch.tensor([0.2, 0.4, 0.9]), torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
     dup.update(torch.tensor([3]), torch.tensor([0.2]), torch.tensor([0]), torch.tensor([0]))
     assert dup.compute()["acc"] == 0.5  # mean 0.3 > 0.29 -> wrong; with the repeat it would be 0.267 -> right
-    one_class = NoduleMetrics()
+    one_class = CaseMetrics()
     one_class.update(nod, prob, torch.ones(5, dtype=torch.long))
     assert torch.isnan(one_class.compute()["auroc"])
 
@@ -107,10 +107,10 @@ def test_vit_stage_head_only_training_and_nodule_metrics(tmp_path):
     out = trainer.predict(model, DataLoader(rows[:5], batch_size=5))[0]
     assert out["embedding"].shape == (5, 256) and out["prob"].shape == (5,)
     assert out["nodule"].tolist() == [0, 0, 0, 1, 1] and out["stack"].tolist() == [0, 1, 2, 0, 1]
-    # load_for_inference: same numbers from the checkpoint, no pretrained fetch
+    # from_checkpoint: same numbers from the checkpoint, no pretrained fetch
     ckpt = tmp_path / "vit.ckpt"
     trainer.save_checkpoint(ckpt)
-    again = load_for_inference(ViTStage, str(ckpt))
+    again, _ = ViTStage.from_checkpoint(str(ckpt))
     with torch.no_grad():
         torch.testing.assert_close(again.predict_step(next(iter(DataLoader(rows[:5], batch_size=5))), 0)["prob"],
                                    out["prob"])
@@ -175,10 +175,10 @@ def test_seg_stage_fit_metrics_predict_and_finetune_checkpoint(tmp_path):
     for path in ("seg.ckpt", "msunet.pth"):
         tuned = SegStage(base=2, checkpoint_path=str(tmp_path / path))
         torch.testing.assert_close(tuned.net.state_dict(), model.net.state_dict())
-    # reloading a stage fine-tuned from a start file that is gone: load_for_inference does not read it again
+    # reloading a stage fine-tuned from a start file that is gone: from_checkpoint does not read it again
     torch.save({"state_dict": tuned.state_dict(), "hyper_parameters": dict(tuned.hparams)}, tmp_path / "t.ckpt")
     (tmp_path / "msunet.pth").unlink()
-    again = load_for_inference(SegStage, tmp_path / "t.ckpt")
+    again, _ = SegStage.from_checkpoint(tmp_path / "t.ckpt")
     assert again.hparams["checkpoint_path"] is None and not again.training
     torch.testing.assert_close(again.net.state_dict(), model.net.state_dict())
 

@@ -19,9 +19,9 @@ def net():
 def test_shapes_and_embed(net):
     x = torch.randn(3, 3, 32, 32)
     assert net(x).shape == (3, 2)
-    emb = net.embed(x)
+    emb = net.forward_features(x)
     assert emb.shape == (3, 256)
-    torch.testing.assert_close(net.fc2(emb), net(x))  # logits = last layer of the 256-d hidden layer
+    torch.testing.assert_close(net.forward_head(emb), net(x))  # logits = last layer of the 256-d hidden layer
 
 
 def test_frozen_backbone_only_head_trains(net):
@@ -39,15 +39,20 @@ def test_checkpoint_path_loads_local_weights(tmp_path):
     torch.save(src.state_dict(), path)
     net = StackClassifier(backbone="test_vit", img_size=32, checkpoint_path=str(path))
     torch.testing.assert_close(net.backbone.patch_embed.proj.weight, src.patch_embed.proj.weight)
-    with pytest.raises(DataError, match="not found"):
+    # nets import nothing from datamodules: the net raises FileNotFoundError, the stage the one-line DataError
+    with pytest.raises(FileNotFoundError, match="not found"):
         StackClassifier(backbone="test_vit", img_size=32, checkpoint_path=str(tmp_path / "missing.pth"))
+    from lightning_modules.vit_stage import ViTStage
+
+    with pytest.raises(DataError, match="missing.pth: backbone checkpoint not found"):
+        ViTStage(backbone="test_vit", img_size=32, checkpoint_path=str(tmp_path / "missing.pth"))
 
 
 def test_mask_cnn_shapes():
     net = MaskCNN()
     x = (torch.rand(4, 3, 40, 48) > 0.5).float()
     assert net(x).shape == (4, 2)
-    assert net.embed(x).shape == (4, 256)
+    assert net.forward_features(x).shape == (4, 256)
     assert sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()) == 2
 
 

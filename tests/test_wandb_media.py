@@ -158,7 +158,7 @@ def test_offline_run_holds_metrics_media_and_config(files, offline, stage):
         assert {"val/dice", "val/iou"} <= hist
         assert any(m.startswith("media/images/mask/") for m in run["media"])  # prediction / truth overlays
     else:
-        assert {"val/nodule_auroc", "val/nodule_acc"} <= hist
+        assert {"val/auroc", "val/acc"} <= hist
         for table in ("predictions", "confusion_matrix_table", "roc_table"):  # per-nodule table, CM, ROC
             assert any(k.startswith(f"val/{table}/") for k in hist), (table, hist)
             assert any(m.startswith(f"media/table/val/{table}_") for m in run["media"]), (table, run["media"])

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
+from datamodules.parts import BaseDataModule
+from lightning_modules.base import BaseStage
 
-class ToyData(LightningDataModule):
+
+class ToyData(BaseDataModule):
     def __init__(self, n: int = 64, batch_size: int = 8, fold: int | None = None, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
@@ -22,7 +25,7 @@ class ToyData(LightningDataModule):
         return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
 
 
-class ToyStage(LightningModule):
+class ToyStage(BaseStage):
     def __init__(self, hidden: int = 8):
         super().__init__()
         self.save_hyperparameters()

@@ -115,8 +115,8 @@ class AsyCMSTNet(nn.Module):
         self.head = nn.Linear(dim, num_classes)
         self.apply(_init_linear)
 
-    def encode(self, c: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frame features ``F_C, F_B``: ``(B, T, N, D)`` each."""
+    def forward_frames(self, c: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frame features ``F_C, F_B``: ``(B, T, N, D)`` each (the frame encoders, Sec. 3.1)."""
         if c.shape != b.shape:
             raise ValueError(f"both streams need the same shape, got {tuple(c.shape)} and {tuple(b.shape)}")
         if c.ndim != 5 or c.shape[1] != self.num_frames or c.shape[-1] != self.img_size:
@@ -125,8 +125,17 @@ class AsyCMSTNet(nn.Module):
             )
         return self.encoder_c(c), self.encoder_b(b)
 
-    def fuse(self, f_c: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
-        """Positional encodings, L stages of STSA (+ ACMST), GAP of ``X_C + X_B`` -> ``(B, D)`` pre-logits."""
+    def forward_features(self, c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` pre-logit features of two clips: :meth:`forward_frames`, then :meth:`forward_fusion`."""
+        return self.forward_fusion(*self.forward_frames(c, b))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Logits from the pre-logit features (``pre_logits``: the features unchanged)."""
+        return x if pre_logits else self.head(x)
+
+    def forward_fusion(self, f_c: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
+        """Positional encodings, L stages of STSA (+ ACMST), GAP of ``X_C + X_B`` -> ``(B, D)`` pre-logits,
+        from the frame features of :meth:`forward_frames`."""
         x_c, x_b = f_c + self.pos_c, f_b + self.pos_b
         for i, (blk_c, blk_b) in enumerate(zip(self.stsa_c, self.stsa_b, strict=True)):
             x_c, x_b = blk_c(x_c), blk_b(x_b)
@@ -141,7 +150,7 @@ class AsyCMSTNet(nn.Module):
         if not len(self.acmst):
             return {}
         last = max(int(i) for i in self.acmst)
-        x_c, x_b = self.encode(c, b)
+        x_c, x_b = self.forward_frames(c, b)
         x_c, x_b = x_c + self.pos_c, x_b + self.pos_b
         for i, (blk_c, blk_b) in enumerate(zip(self.stsa_c, self.stsa_b, strict=True)):
             x_c, x_b = blk_c(x_c), blk_b(x_b)
@@ -174,8 +183,8 @@ class AsyCMSTNet(nn.Module):
         Returns a dict with ``logits (B, num_classes)``, and when built with the heads: ``sort_scores (B, T)``
         (FSS), ``mask_logits (K, 1, H, W)`` (NS, only when frames were asked for).
         """
-        f_c, f_b = self.encode(c, b)
-        out = {"logits": self.head(self.fuse(f_c, f_b))}
+        f_c, f_b = self.forward_frames(c, b)
+        out = {"logits": self.forward_head(self.forward_fusion(f_c, f_b))}
         if self.sorter is not None:
             out["sort_scores"] = self.sorter(f_c)
         if self.decoder is not None and (mask_frames is not None or masks):

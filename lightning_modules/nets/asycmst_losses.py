@@ -1,4 +1,5 @@
-"""AsyCMST auxiliary losses: frame self-sorting (Eq. 3-4, Algorithm 1) and Dice (Eq. 5)."""
+"""AsyCMST auxiliary loss: frame self-sorting (Eq. 3-4, Algorithm 1); its Dice (Eq. 5) is
+:func:`lightning_modules.losses.dice_loss`."""
 
 from __future__ import annotations
 
@@ -44,17 +45,3 @@ def fss_loss_loop(scores: torch.Tensor, *, phi: float = 0.9) -> torch.Tensor:
                 total = total + -torch.log(torch.minimum(torch.sigmoid(s[i] - s[t]), s.new_tensor(phi)))
         losses.append(total / (0.5 * t_len * (t_len - 1)))
     return torch.stack(losses).mean()
-
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
-    """Soft Dice loss, Eq. 5: ``1 - (2 sum p g + eps) / (sum p + sum g + eps)`` with ``p = sigmoid(logits)``.
-
-    Computed per frame (sums over that frame's pixels) and averaged over frames; pass only annotated frames.
-    An empty input (no annotated frame in the batch) gives a zero that still keeps the graph.
-    """
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    p = torch.sigmoid(logits.float()).flatten(1)
-    g = target.float().flatten(1)
-    dice = (2 * (p * g).sum(1) + eps) / (p.sum(1) + g.sum(1) + eps)
-    return (1 - dice).mean()

@@ -113,8 +113,8 @@ class AttentionHead(nn.Module):
         out_dim = 2 * dim if variant in ("stact", "joint") else dim
         self.classifier = nn.Linear(out_dim, num_classes)
 
-    def encode(self, image_emb: Tensor, seg_emb: Tensor, valid: Tensor) -> Tensor:
-        """Pooled nodule representation (B, out_dim) before the classifier."""
+    def forward_features(self, image_emb: Tensor, seg_emb: Tensor, valid: Tensor) -> Tensor:
+        """Pooled nodule representation (B, out_dim) before the classifier: the pre-logit features."""
         b, s, _ = image_emb.shape
         valid = _check_valid(valid, b, s)
         pe = add_position if self.positional else (lambda t: t)
@@ -131,12 +131,17 @@ class AttentionHead(nn.Module):
                 h = torch.cat([h, self.cross_attn(x, pe(seg_emb), valid)], dim=-1)
         return masked_mean(h, valid)
 
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits from :meth:`forward_features` (``pre_logits``: the features unchanged)."""
+        return x if pre_logits else self.classifier(x)
+
     def forward(self, image_emb: Tensor, seg_emb: Tensor, valid: Tensor) -> Tensor:
-        return self.classifier(self.encode(image_emb, seg_emb, valid))
+        return self.forward_head(self.forward_features(image_emb, seg_emb, valid))
 
     @torch.no_grad()
     def attention_maps(self, image_emb: Tensor, seg_emb: Tensor, valid: Tensor) -> dict[str, Tensor]:
-        """Attention weights of each block, (B, S, S) averaged over heads, with the inputs of :meth:`encode`:
+        """Attention weights of each block, (B, S, S) averaged over heads, with the inputs of
+        :meth:`forward_features`:
         ``"self"`` (image, or seg / joint for those variants) and, for "stact", ``"cross"`` (query image stacks,
         key segmentation stacks). For dashboards only; not on the training path."""
         b, s, _ = image_emb.shape
@@ -176,12 +181,20 @@ class CineTransformer(nn.Module):
         self.positional = positional
         self.classifier = nn.Linear(dim, num_classes)
 
-    def forward(self, feats: Tensor, valid: Tensor) -> Tensor:
+    def forward_features(self, feats: Tensor, valid: Tensor) -> Tensor:
+        """Masked mean of the encoder outputs (B, dim) before the classifier: the pre-logit features."""
         b, s, _ = feats.shape
         valid = _check_valid(valid, b, s)
         x = add_position(feats) if self.positional else feats
         h = self.encoder(x, src_key_padding_mask=~valid)
-        return self.classifier(masked_mean(h, valid))
+        return masked_mean(h, valid)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits from :meth:`forward_features` (``pre_logits``: the features unchanged)."""
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, feats: Tensor, valid: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(feats, valid))
 
     @torch.no_grad()
     def attention_maps(self, feats: Tensor, valid: Tensor) -> dict[str, Tensor]:

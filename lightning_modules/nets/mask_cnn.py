@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 
 class MaskCNN(nn.Module):
-    """(B, 3, h, w) stacks of predicted masks -> (B, num_classes) logits; ``embed`` -> (B, hidden_dim)."""
+    """(B, 3, h, w) stacks of predicted masks -> (B, num_classes) logits; ``forward_features`` ->
+    (B, hidden_dim) pre-logit features, ``forward_head`` -> logits."""
 
     def __init__(
         self,
@@ -40,9 +41,14 @@ class MaskCNN(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden_dim, num_classes)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """The 256-d "last hidden layer" segmentation embedding."""
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The 256-d "last hidden layer" segmentation embedding: the pre-logit features."""
         return self.act(self.fc1(self.conv(x)))
 
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits from :meth:`forward_features` (``pre_logits``: the features after the head's dropout)."""
+        x = self.dropout(x)
+        return x if pre_logits else self.fc2(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(self.embed(x)))
+        return self.forward_head(self.forward_features(x))

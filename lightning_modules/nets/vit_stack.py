@@ -2,8 +2,8 @@
 
 Three adjacent frames in the RGB channels -> backbone pooled features -> Linear(256) -> activation -> Linear(2).
 The paper fine-tunes only "the last two fully connected layers" of an ImageNet ViT and takes the 256-d "last
-hidden layer" as the stack embedding (``embed``). The paper does not name the activation between the two
-layers; we use GELU (the ViT's own MLP activation), configurable.
+hidden layer" as the stack embedding (``forward_features``). The paper does not name the activation between
+the two layers; we use GELU (the ViT's own MLP activation), configurable.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from typing import Any
 
 import timm
 from torch import Tensor, nn
-
-from datamodules.errors import DataError
 
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "identity": nn.Identity}
 
@@ -41,12 +39,13 @@ def create_backbone(
     the input side.  ``pretrained=True`` downloads timm's weights (needs a network); ``checkpoint_path`` instead
     loads a local weights file (timm/ImageNet state dict, .pth/.bin/.safetensors) through timm's own loader,
     which drops the ImageNet classifier and resamples ViT position embeddings when ``img_size`` differs.
-    Neither: random init.
+    Neither: random init.  A missing ``checkpoint_path`` is a ``FileNotFoundError`` (``<path>: backbone
+    checkpoint not found``; the stage turns it into the one-line ``DataError`` of the command lines).
     """
     if checkpoint_path is not None:
         path = Path(checkpoint_path)
         if not path.is_file():
-            raise DataError(path, "backbone checkpoint not found")
+            raise FileNotFoundError(f"{path}: backbone checkpoint not found")
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     else:
         kwargs["pretrained"] = pretrained
@@ -76,7 +75,8 @@ class StackClassifier(nn.Module):
 
     ``freeze_backbone=True`` (paper): backbone parameters get ``requires_grad=False`` and the backbone stays in
     eval mode even when the module is put in train mode, so dropout/BN statistics of the frozen part do not
-    move either. ``embed`` returns the ``hidden_dim`` (256) hidden layer after its activation.
+    move either. ``forward_features`` returns the ``hidden_dim`` (256) hidden layer after its activation (the
+    stack embedding), ``forward_head`` the logits on it.
     """
 
     def __init__(
@@ -113,13 +113,18 @@ class StackClassifier(nn.Module):
             self.backbone.eval()
         return self
 
-    def features(self, x: Tensor) -> Tensor:
+    def forward_backbone(self, x: Tensor) -> Tensor:
         """Backbone pooled features (B, num_features) via timm ``forward_features`` + ``forward_head``."""
         return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """The 256-d "last hidden layer" stack embedding (paper sec. 2.3)."""
-        return self.act(self.fc1(self.features(x)))
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The 256-d "last hidden layer" stack embedding (paper sec. 2.3): the pre-logit features."""
+        return self.act(self.fc1(self.forward_backbone(x)))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Logits from :meth:`forward_features` (``pre_logits``: the features after the head's dropout)."""
+        x = self.dropout(x)
+        return x if pre_logits else self.fc2(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(self.embed(x)))
+        return self.forward_head(self.forward_features(x))

@@ -209,11 +209,13 @@ $(REPORT)/asycmst/results.md: $(call ASYCMST_PRED,$(ASYCMST_METHODS))
 	  --title AsyCMST $$(test -f $(PAIRED)/truth.csv && echo --truth $(PAIRED)/truth.csv) $(REPORT_ARGS)
 
 # ---------------------------------------------------------------------------------------------- checks
-test: $(STAMP) ## run the whole test suite
+LINTED := stages datamodules lightning_modules tests benchmarks
+test: lint ## lint, then run the whole test suite
 	$(PY) -m pytest
 
-lint: $(STAMP) ## ruff
-	$(VENV)/bin/ruff check stages datamodules lightning_modules tests benchmarks
+lint: $(STAMP) ## ruff format --check and ruff check (`ruff format` fixes the first)
+	$(VENV)/bin/ruff format --check --quiet $(LINTED) || { echo "run: $(VENV)/bin/ruff format $(LINTED)"; exit 1; }
+	$(VENV)/bin/ruff check --quiet $(LINTED)
 
 clean-runs: ## remove runs/ and reports/ of EXP
 	rm -rf $(RUNS) $(REPORT)

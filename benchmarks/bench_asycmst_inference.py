@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--batch", type=int, nargs="+", default=[1])
-    p.add_argument("--models", nargs="+", default=["asycmst", "symmetric", "global", "vivit-resnet", "vivit-patch16"])
+    p.add_argument(
+        "--models", nargs="+", default=["asycmst", "symmetric", "global", "vivit-resnet", "vivit-patch16"]
+    )
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--depth", type=int, default=6)
     p.add_argument("--heads", type=int, default=6)
@@ -126,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--fuse-only", action="store_true", help="time the token stages only, not the frame encoders")
+    p.add_argument(
+        "--fuse-only", action="store_true", help="time the token stages only, not the frame encoders"
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -157,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "asycmst_inference",
         "part": "fuse_only" if args.fuse_only else "whole_model",
         "size": size,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "device_type": device.type,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
@@ -166,8 +172,10 @@ def main(argv: list[str] | None = None) -> None:
         "ratios": ratios,
     }
     for r in ratios:
-        print(f"B={r['batch']} {r['model']:14s} / {r['baseline']:14s} = {r['ratio']:.2f}x "
-              f"(of minima {r['ratio_of_min']:.2f}x)")
+        print(
+            f"B={r['batch']} {r['model']:14s} / {r['baseline']:14s} = {r['ratio']:.2f}x "
+            f"(of minima {r['ratio_of_min']:.2f}x)"
+        )
     suffix = "_fuse" if args.fuse_only else ""
     out = args.out or Path(__file__).parent / "results" / f"asycmst_inference{suffix}_{device.type}.json"
     print(f"wrote {write_json(result, out)}")

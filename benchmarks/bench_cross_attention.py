@@ -207,7 +207,9 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "cross_attention",
         "shape": {"T": t, "N": n, "D": d_model, "M": m},
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
         "device_type": device.type,
         "threads": torch.get_num_threads(),
         "dtype": args.dtype,
@@ -224,7 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--naive-batch", type=int, nargs="*", default=[1])
-    p.add_argument("--strategies", nargs="+", default=["asymmetric", "symmetric", "global", "spatial", "temporal"])
+    p.add_argument(
+        "--strategies", nargs="+", default=["asymmetric", "symmetric", "global", "spatial", "temporal"]
+    )
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--tokens", type=int, default=49)
     p.add_argument("--dim", type=int, default=384)

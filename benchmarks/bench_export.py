@@ -42,8 +42,16 @@ import torch
 
 from datamodules.atomic import write_json
 
-HEADER = ["annot_id", "ti-rads_composition", "ti-rads_echogenicity", "ti-rads_shape", "ti-rads_margin",
-          "ti-rads_echogenicfoci", "ti-rads_level", "histopath_diagnosis"]
+HEADER = [
+    "annot_id",
+    "ti-rads_composition",
+    "ti-rads_echogenicity",
+    "ti-rads_shape",
+    "ti-rads_margin",
+    "ti-rads_echogenicfoci",
+    "ti-rads_level",
+    "histopath_diagnosis",
+]
 
 
 def make_data(root: Path, nodules: int, frames: int, size: int, seed: int = 0) -> tuple[Path, Path]:
@@ -64,16 +72,31 @@ def make_data(root: Path, nodules: int, frames: int, size: int, seed: int = 0) -
         nums = np.tile([str(j + 1).encode() for j in range(frames)], nodules)
         f["annot_id"], f["frame_num"], m["annot_id"], m["frame_num"] = ids, nums, ids, nums
         for i in range(nodules):
-            cy, cx, r = rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size, rng.uniform(0.06, 0.15) * size
+            cy, cx, r = (
+                rng.uniform(0.3, 0.7) * size,
+                rng.uniform(0.3, 0.7) * size,
+                rng.uniform(0.06, 0.15) * size,
+            )
             block = rng.integers(40, 120, (frames, size, size), dtype=np.uint8)
-            inside = np.stack([((yy - cy) ** 2 + (xx - cx - 0.002 * size * j) ** 2) < r * r for j in range(frames)])
+            inside = np.stack(
+                [((yy - cy) ** 2 + (xx - cx - 0.002 * size * j) ** 2) < r * r for j in range(frames)]
+            )
             block[inside] = 30
             sl = slice(i * frames, (i + 1) * frames)
             img[sl], msk[sl], pm[sl] = block, inside.astype(np.uint8) * 255, inside.astype(np.uint8)
-    meta = pd.DataFrame({"annot_id": [f"{i}_" for i in range(nodules)], "ti-rads_composition": 2,
-                         "ti-rads_echogenicity": 2, "ti-rads_shape": 0, "ti-rads_margin": 0,
-                         "ti-rads_echogenicfoci": 0, "ti-rads_level": "TR3",
-                         "histopath_diagnosis": [i % 2 for i in range(nodules)]}, columns=HEADER)
+    meta = pd.DataFrame(
+        {
+            "annot_id": [f"{i}_" for i in range(nodules)],
+            "ti-rads_composition": 2,
+            "ti-rads_echogenicity": 2,
+            "ti-rads_shape": 0,
+            "ti-rads_margin": 0,
+            "ti-rads_echogenicfoci": 0,
+            "ti-rads_level": "TR3",
+            "histopath_diagnosis": [i % 2 for i in range(nodules)],
+        },
+        columns=HEADER,
+    )
     meta.to_csv(root / "metadata.csv", index=False)
     return h5, masks
 
@@ -84,11 +107,20 @@ def make_checkpoints(root: Path, backbone: str, img_size: int) -> tuple[Path, Pa
     from lightning_modules.vit_stage import ViTStage
 
     out = []
-    for model, data, name in ((ViTStage(backbone=backbone, img_size=img_size), {"img_size": img_size}, "vit"),
-                              (MaskCNNStage(), {"img_size": img_size}, "maskcnn")):
+    for model, data, name in (
+        (ViTStage(backbone=backbone, img_size=img_size), {"img_size": img_size}, "vit"),
+        (MaskCNNStage(), {"img_size": img_size}, "maskcnn"),
+    ):
         path = root / f"{name}.ckpt"
-        torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                    "pytorch-lightning_version": lightning.__version__, "datamodule_hyper_parameters": data}, path)
+        torch.save(
+            {
+                "state_dict": model.state_dict(),
+                "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": lightning.__version__,
+                "datamodule_hyper_parameters": data,
+            },
+            path,
+        )
         out.append(path)
     return out[0], out[1]
 
@@ -113,14 +145,29 @@ def run_export(args, h5: Path, masks: Path, vit: Path, maskcnn: Path, out: Path)
 
     timer = LoopTimer()
     t0 = time.perf_counter()
-    export(cine=h5, masks=masks, vit=vit, maskcnn=maskcnn, out=out, batch_size=args.batch_size,
-           num_workers=args.workers, accelerator="gpu" if args.device.startswith("cuda") else "cpu",
-           precision=args.precision, progress=False, callbacks=[timer])
+    export(
+        cine=h5,
+        masks=masks,
+        vit=vit,
+        maskcnn=maskcnn,
+        out=out,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+        precision=args.precision,
+        progress=False,
+        callbacks=[timer],
+    )
     total = time.perf_counter() - t0
     with h5py.File(out, "r") as f:
         stacks = sum(f[g]["image"].shape[0] for g in f)
     # The first batch's wait (worker start-up) is outside the loop timer; its compute is inside.
-    return {"stacks": stacks, "end_to_end_s": total, "loop_s": timer.end - timer.start, "batches": timer.batches}
+    return {
+        "stacks": stacks,
+        "end_to_end_s": total,
+        "loop_s": timer.end - timer.start,
+        "batches": timer.batches,
+    }
 
 
 def make_bare(args, h5: Path, masks: Path, vit_path: Path, maskcnn_path: Path):
@@ -135,8 +182,10 @@ def make_bare(args, h5: Path, masks: Path, vit_path: Path, maskcnn_path: Path):
     cine = StanfordCine(h5)
     ds = build_dataset(cine, PredictedMasks(masks, cine), vit_data, {}, args.img_size, args.img_size)
     items = [ds[i] for i in range(len(ds))]
-    batches = [torch.utils.data.default_collate(items[i:i + args.batch_size])
-               for i in range(0, len(items), args.batch_size)]
+    batches = [
+        torch.utils.data.default_collate(items[i : i + args.batch_size])
+        for i in range(0, len(items), args.batch_size)
+    ]
     batches = [(b["image"].to(args.device), b["mask"].to(args.device)) for b in batches]
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(args.precision))
     dev_type = "cuda" if args.device.startswith("cuda") else "cpu"
@@ -162,11 +211,21 @@ def child_memory(args) -> None:
     """Subprocess entry: export once, print JSON with peak RSS and tracemalloc peak."""
     root = Path(args.child_memory)
     tracemalloc.start()
-    res = run_export(args, root / "dataset.hdf5", root / "masks.h5", root / "vit.ckpt", root / "maskcnn.ckpt",
-                     root / "embeddings.h5")
+    res = run_export(
+        args,
+        root / "dataset.hdf5",
+        root / "masks.h5",
+        root / "vit.ckpt",
+        root / "maskcnn.ckpt",
+        root / "embeddings.h5",
+    )
     _, peak = tracemalloc.get_traced_memory()
-    res.update({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "tracemalloc_peak_mib": peak / 2**20})
+    res.update(
+        {
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "tracemalloc_peak_mib": peak / 2**20,
+        }
+    )
     print("RESULT " + json.dumps(res))
 
 
@@ -181,8 +240,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default=None, help="Trainer precision, e.g. bf16-mixed")
-    p.add_argument("--repeats", type=int, default=3, help="alternating export / bare passes (medians reported)")
-    p.add_argument("--scales", type=int, nargs="*", default=[1, 2, 4], help="nodule multiples for the memory runs")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="alternating export / bare passes (medians reported)"
+    )
+    p.add_argument(
+        "--scales", type=int, nargs="*", default=[1, 2, 4], help="nodule multiples for the memory runs"
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "export.json")
     p.add_argument("--child-memory", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -191,9 +254,13 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        result = {"platform": platform.platform(), "torch": torch.__version__, "cpus": torch.get_num_threads(),
-                  "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-                  "args": {k: v for k, v in vars(args).items() if k not in ("out", "child_memory")}}
+        result = {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "cpus": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "args": {k: v for k, v in vars(args).items() if k not in ("out", "child_memory")},
+        }
         base = tmp / "x1"
         h5, masks = make_data(base, args.nodules, args.frames, args.size)
         vit, maskcnn = make_checkpoints(base, args.backbone, args.img_size)
@@ -214,7 +281,8 @@ def main() -> None:
             "bare_forward_stacks_per_s": stacks / bare_s,
             "export_loop_vs_bare": bare_s / loop,
             "export_end_to_end_vs_bare": bare_s / total,
-            "runs": exports, "bare_s": bare,
+            "runs": exports,
+            "bare_s": bare,
         }
         memory = []
         for k in args.scales:
@@ -222,20 +290,31 @@ def main() -> None:
             make_data(root, args.nodules * k, args.frames, args.size, seed=k)
             make_checkpoints(root, args.backbone, args.img_size)
             cmd = [sys.executable, __file__, "--child-memory", str(root)] + [
-                a for kv in (("--batch-size", args.batch_size), ("--workers", args.workers),
-                             ("--device", args.device), ("--img-size", args.img_size)) for a in map(str, kv)]
+                a
+                for kv in (
+                    ("--batch-size", args.batch_size),
+                    ("--workers", args.workers),
+                    ("--device", args.device),
+                    ("--img-size", args.img_size),
+                )
+                for a in map(str, kv)
+            ]
             if args.precision:
                 cmd += ["--precision", args.precision]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             res = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
             memory.append({"scale": k, "nodules": args.nodules * k, **res})
-            print(f"memory x{k}: {res['stacks']} stacks, peak RSS {res['peak_rss_mib']:.0f} MiB, "
-                  f"tracemalloc peak {res['tracemalloc_peak_mib']:.1f} MiB")
+            print(
+                f"memory x{k}: {res['stacks']} stacks, peak RSS {res['peak_rss_mib']:.0f} MiB, "
+                f"tracemalloc peak {res['tracemalloc_peak_mib']:.1f} MiB"
+            )
         result["memory"] = memory
     t = result["throughput"]
-    print(f"export loop {t['export_loop_stacks_per_s']:.1f} stacks/s, end to end "
-          f"{t['export_end_to_end_stacks_per_s']:.1f}, bare forward {t['bare_forward_stacks_per_s']:.1f} -> "
-          f"loop/bare {t['export_loop_vs_bare']:.2f}, end-to-end/bare {t['export_end_to_end_vs_bare']:.2f}")
+    print(
+        f"export loop {t['export_loop_stacks_per_s']:.1f} stacks/s, end to end "
+        f"{t['export_end_to_end_stacks_per_s']:.1f}, bare forward {t['bare_forward_stacks_per_s']:.1f} -> "
+        f"loop/bare {t['export_loop_vs_bare']:.2f}, end-to-end/bare {t['export_end_to_end_vs_bare']:.2f}"
+    )
     print(f"wrote {write_json(result, args.out)}")
     print(f"wrote {args.out}")
 

@@ -41,7 +41,12 @@ def reader_pass(ds: StanfordCine, plan) -> float:
         idx = np.arange(3 * s, 3 * s + 3)
         box = bbox_from_mask(ds.masks(annot_id, idx).max(0))
         if box is not None:
-            box = (max(box[0] - BUFFER, 0), max(box[1] - BUFFER, 0), min(box[2] + BUFFER, h), min(box[3] + BUFFER, w))
+            box = (
+                max(box[0] - BUFFER, 0),
+                max(box[1] - BUFFER, 0),
+                min(box[2] + BUFFER, h),
+                min(box[3] + BUFFER, w),
+            )
         ds.frames(annot_id, idx, box=box)
     return time.perf_counter() - t
 
@@ -52,7 +57,7 @@ def bare_pass(h5_path: Path, jobs) -> float:
         t = time.perf_counter()
         for rows, box in jobs:
             mask[rows]
-            image[rows, box[0]:box[2], box[1]:box[3]]
+            image[rows, box[0] : box[2], box[1] : box[3]]
         return time.perf_counter() - t
 
 
@@ -75,17 +80,33 @@ def main() -> None:
     jobs = []
     h, w = ds.image_shape
     for annot_id, s in plan:
-        rows = ds.by_id[annot_id].rows[3 * s:3 * s + 3]
+        rows = ds.by_id[annot_id].rows[3 * s : 3 * s + 3]
         box = bbox_from_mask(ds.masks(annot_id, np.arange(3 * s, 3 * s + 3)).max(0)) or (0, 0, h, w)
-        box = (max(box[0] - BUFFER, 0), max(box[1] - BUFFER, 0), min(box[2] + BUFFER, h), min(box[3] + BUFFER, w))
-        jobs.append((slice(int(rows.min()), int(rows.max()) + 1) if np.all(np.diff(rows) == 1) else sorted(rows.tolist()), box))
+        box = (
+            max(box[0] - BUFFER, 0),
+            max(box[1] - BUFFER, 0),
+            min(box[2] + BUFFER, h),
+            min(box[3] + BUFFER, w),
+        )
+        jobs.append(
+            (
+                slice(int(rows.min()), int(rows.max()) + 1)
+                if np.all(np.diff(rows) == 1)
+                else sorted(rows.tolist()),
+                box,
+            )
+        )
     reader = min(reader_pass(ds, plan) for _ in range(args.repeats))
     bare = min(bare_pass(args.h5, jobs) for _ in range(args.repeats))
     result = {
         "benchmark": "3-stack ROI reads",
-        "h5": str(args.h5), "frames": int(sum(n.n_frames for n in ds.nodules)), "nodules": len(ds),
-        "image_shape": list(ds.image_shape), "stacks": args.stacks,
-        "reader_stacks_per_s": args.stacks / reader, "bare_h5py_stacks_per_s": args.stacks / bare,
+        "h5": str(args.h5),
+        "frames": int(sum(n.n_frames for n in ds.nodules)),
+        "nodules": len(ds),
+        "image_shape": list(ds.image_shape),
+        "stacks": args.stacks,
+        "reader_stacks_per_s": args.stacks / reader,
+        "bare_h5py_stacks_per_s": args.stacks / bare,
         "reader_over_bare_throughput": bare / reader,
         "machine": f"{platform.machine()} {platform.processor() or ''} {platform.node()}".strip(),
     }

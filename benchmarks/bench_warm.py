@@ -32,8 +32,25 @@ def _steps(n: int, env: dict[str, str], log: Path) -> list[float]:
     times = []
     for _ in range(n):
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "stages.step", "--name", "bench", "--log", str(log), "--",
-                        str(USNODULE), "report", "--help"], cwd=ROOT, env=env, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "stages.step",
+                "--name",
+                "bench",
+                "--log",
+                str(log),
+                "--",
+                str(USNODULE),
+                "report",
+                "--help",
+            ],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         times.append(time.perf_counter() - t)
     return times
 
@@ -47,8 +64,13 @@ def main() -> None:
         log, sock = Path(tmp) / "bench.log", str(Path(tmp) / "sock")
         cold = _steps(args.runs, env, log)
         t = time.perf_counter()
-        server = subprocess.Popen([sys.executable, "-m", "stages.warm", "--serve", sock], cwd=ROOT,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "stages.warm", "--serve", sock],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
         while not os.path.exists(sock):
             time.sleep(0.02)
         ready = time.perf_counter() - t
@@ -58,13 +80,23 @@ def main() -> None:
             server.terminate()
             server.wait()
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    result = {"machine": platform.platform(), "cpus": os.cpu_count(), "runs": args.runs,
-              "cold_s": cold, "warm_s": warm, "server_ready_s": ready,
-              "median_cold_s": med(cold), "median_warm_s": med(warm), "ratio_cold_over_warm": med(cold) / med(warm)}
+    result = {
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "runs": args.runs,
+        "cold_s": cold,
+        "warm_s": warm,
+        "server_ready_s": ready,
+        "median_cold_s": med(cold),
+        "median_warm_s": med(warm),
+        "ratio_cold_over_warm": med(cold) / med(warm),
+    }
     out = ROOT / "benchmarks" / "results" / "warm.json"
     write_json(result, out)
-    print(f"step start-up: cold {med(cold):.2f} s, warm {med(warm):.2f} s (x{med(cold) / med(warm):.0f}); "
-          f"server ready in {ready:.1f} s")
+    print(
+        f"step start-up: cold {med(cold):.2f} s, warm {med(warm):.2f} s (x{med(cold) / med(warm):.0f}); "
+        f"server ready in {ready:.1f} s"
+    )
 
 
 if __name__ == "__main__":

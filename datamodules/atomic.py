@@ -47,15 +47,21 @@ def write_json(doc, path: str | os.PathLike) -> Path:
     return path
 
 
-def write_predictions(path: str | os.PathLike, ids: Sequence[str], labels: Sequence[int], probs: Sequence[float],
-                      **extra: Sequence) -> Path:
+def write_predictions(
+    path: str | os.PathLike,
+    ids: Sequence[str],
+    labels: Sequence[int],
+    probs: Sequence[float],
+    **extra: Sequence,
+) -> Path:
     """``annot_id,label,prob`` CSV (+ extra columns), atomically: the per-fold prediction format every method
     writes (``usnodule baselines``, the AsyCMST test step) and ``usnodule report`` reads."""
     import numpy as np
     import pandas as pd
 
-    df = pd.DataFrame({"annot_id": list(ids), **extra, "label": np.asarray(labels, int),
-                       "prob": np.asarray(probs, float)})
+    df = pd.DataFrame(
+        {"annot_id": list(ids), **extra, "label": np.asarray(labels, int), "prob": np.asarray(probs, float)}
+    )
     path = Path(path)
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")

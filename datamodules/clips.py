@@ -179,7 +179,6 @@ def _check_annotated(ann: np.ndarray, n: int, path: Path) -> np.ndarray:
     return ann
 
 
-
 # --------------------------------------------------------------------------------------------- format readers
 # Per format a ``read(path, index, mask) -> RawClip`` and a ``shape(path, mask) -> (T,H,W)``; shape/dtype are
 # validated before pixel data is read where the format allows.
@@ -379,8 +378,6 @@ def _h5_shape(path: Path, mask: bool) -> tuple[int, ...]:
         raise
     except (OSError, ValueError, KeyError) as e:
         raise DataError(path, f"not a readable HDF5 clip ({e})") from None
-
-
 
 
 def _read_h5(path: Path, index, mask: bool) -> RawClip:

@@ -58,14 +58,20 @@ class EmbeddingDataset(Dataset):
     the same tensors every epoch; ``pad_collate`` copies them, nothing writes to them.
     """
 
-    def __init__(self, path: str | os.PathLike, nodule_ids: Sequence[str] | None = None,
-                 index: dict[str, dict] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        nodule_ids: Sequence[str] | None = None,
+        index: dict[str, dict] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.info = index if index is not None else read_index(self.path)
         ids = sorted(self.info) if nodule_ids is None else sorted(str(i) for i in nodule_ids)
         missing = [i for i in ids if i not in self.info]
         if missing:
-            raise DataError(self.path, f"{len(missing)} nodule(s) of the split have no embeddings, e.g. {missing[:3]}")
+            raise DataError(
+                self.path, f"{len(missing)} nodule(s) of the split have no embeddings, e.g. {missing[:3]}"
+            )
         self.nodule_ids = ids
         self.labels = [self.info[i]["label"] for i in ids]
         self._h5 = LazyH5(self.path)
@@ -79,10 +85,12 @@ class EmbeddingDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if i not in self._items:
-            self._items[i] = {"image_emb": torch.from_numpy(self.read(i, "image")).float(),
-                              "seg_emb": torch.from_numpy(self.read(i, "seg")).float(),
-                              "label": torch.tensor(self.labels[i], dtype=torch.long),
-                              "nodule": torch.tensor(i, dtype=torch.long)}
+            self._items[i] = {
+                "image_emb": torch.from_numpy(self.read(i, "image")).float(),
+                "seg_emb": torch.from_numpy(self.read(i, "seg")).float(),
+                "label": torch.tensor(self.labels[i], dtype=torch.long),
+                "nodule": torch.tensor(i, dtype=torch.long),
+            }
         return self._items[i]
 
 
@@ -107,8 +115,15 @@ class EmbeddingDataModule(BaseDataModule):
 
     collate_fn = staticmethod(pad_collate)
 
-    def __init__(self, path: str, splits: str, fold: int | None = 0, batch_size: int = 16, num_workers: int = 0,
-                 predict_ids: str | list[str] = "all") -> None:
+    def __init__(
+        self,
+        path: str,
+        splits: str,
+        fold: int | None = 0,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        predict_ids: str | list[str] = "all",
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.datasets: dict[str, EmbeddingDataset] = {}

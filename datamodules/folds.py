@@ -22,8 +22,15 @@ from datamodules.errors import DataError
 PARTS = ("train", "val", "test")
 
 
-def make_folds(ids: Sequence[str], labels: Sequence[int], groups: Sequence[str], *, k: int = 5,
-               seed: int = 0, source: str | None = None) -> dict:
+def make_folds(
+    ids: Sequence[str],
+    labels: Sequence[int],
+    groups: Sequence[str],
+    *,
+    k: int = 5,
+    seed: int = 0,
+    source: str | None = None,
+) -> dict:
     """Assign ids to ``k`` label-stratified, group-disjoint folds; return the splits.json document."""
     ids = [str(i) for i in ids]
     labels = np.asarray(labels, dtype=int)
@@ -35,8 +42,11 @@ def make_folds(ids: Sequence[str], labels: Sequence[int], groups: Sequence[str],
     for cls, name in ((1, "malignant"), (0, "benign")):
         n_groups = len(set(groups[labels == cls]))
         if n_groups < k:
-            raise DataError(source, f"only {n_groups} {name} patient group(s): every fold needs one, so this "
-                                    f"data set supports at most {max(n_groups, 0)} folds, not {k}")
+            raise DataError(
+                source,
+                f"only {n_groups} {name} patient group(s): every fold needs one, so this "
+                f"data set supports at most {max(n_groups, 0)} folds, not {k}",
+            )
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     fold_of = np.empty(len(ids), dtype=int)
     for f, (_, test_idx) in enumerate(splitter.split(np.zeros(len(ids)), labels, groups)):
@@ -48,9 +58,18 @@ def make_folds(ids: Sequence[str], labels: Sequence[int], groups: Sequence[str],
         folds.append({"fold": f, **{p: sorted(np.asarray(ids)[m].tolist()) for p, m in part.items()}})
     for fold in folds:
         if not labels[np.isin(ids, fold["test"])].any():
-            raise DataError(source, f"fold {fold['fold']} got no malignant case; use fewer folds or another seed")
-    return {"k": k, "seed": seed, "source": source, "n": len(ids), "n_positive": int(labels.sum()),
-            "folds": folds, "groups": dict(zip(ids, groups.tolist(), strict=True))}
+            raise DataError(
+                source, f"fold {fold['fold']} got no malignant case; use fewer folds or another seed"
+            )
+    return {
+        "k": k,
+        "seed": seed,
+        "source": source,
+        "n": len(ids),
+        "n_positive": int(labels.sum()),
+        "folds": folds,
+        "groups": dict(zip(ids, groups.tolist(), strict=True)),
+    }
 
 
 def write_splits(doc: dict, path: str | os.PathLike) -> Path:

@@ -63,7 +63,7 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray, box: Box | None = None) -> np.
     ys = slice(None) if box is None else slice(box[0], box[2])
     xs = slice(None) if box is None else slice(box[1], box[3])
     if uniq.size and uniq[-1] - uniq[0] + 1 == uniq.size:
-        data = ds[int(uniq[0]):int(uniq[-1]) + 1, ys, xs]
+        data = ds[int(uniq[0]) : int(uniq[-1]) + 1, ys, xs]
     else:
         data = ds[uniq.tolist(), ys, xs]
     return data[inverse]

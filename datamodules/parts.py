@@ -42,9 +42,16 @@ class BaseDataModule(L.LightningDataModule):
     def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
         data = self.datasets[part]
-        return DataLoader(data, batch_size=hp.batch_size, shuffle=shuffle, num_workers=hp.num_workers,
-                          collate_fn=self.collate_fn, persistent_workers=hp.num_workers > 0,
-                          pin_memory=torch.cuda.is_available(), drop_last=self.drop_last(part, data))
+        return DataLoader(
+            data,
+            batch_size=hp.batch_size,
+            shuffle=shuffle,
+            num_workers=hp.num_workers,
+            collate_fn=self.collate_fn,
+            persistent_workers=hp.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=self.drop_last(part, data),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -60,7 +60,12 @@ def union_box(boxes: Sequence[Box | None]) -> Box | None:
     real = [b for b in boxes if b is not None]
     if not real:
         return None
-    return (min(b[0] for b in real), min(b[1] for b in real), max(b[2] for b in real), max(b[3] for b in real))
+    return (
+        min(b[0] for b in real),
+        min(b[1] for b in real),
+        max(b[2] for b in real),
+        max(b[3] for b in real),
+    )
 
 
 def grow_box(box: Box, buffer: int, shape: tuple[int, int]) -> Box:
@@ -144,8 +149,11 @@ class PredictedMasks:
         bad = np.flatnonzero((ids != want_ids) | (nums != want_nums))
         if bad.size:
             r = int(bad[0])
-            raise DataError(path, f"row {r} is ({ids[r]}, {nums[r]}) but the cine file has "
-                                  f"({want_ids[r]}, {want_nums[r]}); masks were made from another file")
+            raise DataError(
+                path,
+                f"row {r} is ({ids[r]}, {nums[r]}) but the cine file has "
+                f"({want_ids[r]}, {want_nums[r]}); masks were made from another file",
+            )
 
     def masks(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
         """(k, H, W) uint8 {0, 1} predicted masks at positions ``idx`` of the nodule's ordered frames."""
@@ -165,7 +173,9 @@ def row_columns(cine: StanfordCine) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------------- datasets
-def _as_cine(cine: StanfordCine | str | os.PathLike, metadata: str | os.PathLike | None = None) -> StanfordCine:
+def _as_cine(
+    cine: StanfordCine | str | os.PathLike, metadata: str | os.PathLike | None = None
+) -> StanfordCine:
     return cine if isinstance(cine, StanfordCine) else StanfordCine(cine, metadata)
 
 
@@ -173,7 +183,9 @@ def _check_ids(cine: StanfordCine, ids: Sequence[str]) -> list[str]:
     ids = [str(i) for i in ids]
     missing = [i for i in ids if i not in cine.by_id]
     if missing:
-        raise DataError(cine.h5_path, f"{len(missing)} id(s) of the split are not in the file, e.g. {missing[:3]}")
+        raise DataError(
+            cine.h5_path, f"{len(missing)} id(s) of the split are not in the file, e.g. {missing[:3]}"
+        )
     return ids
 
 
@@ -214,7 +226,9 @@ class StackDataset(Dataset):
         self.mask_roi = mask_roi
         self.transform = transform  # albumentations-style callable on an (h, w, 3) array, training only
         if (kind == "mask" or use_predicted_boxes) and masks_h5 is None:
-            raise DataError(None, f"kind={kind!r} / use_predicted_boxes needs masks_h5 (from `usnodule masks`)")
+            raise DataError(
+                None, f"kind={kind!r} / use_predicted_boxes needs masks_h5 (from `usnodule masks`)"
+            )
         if isinstance(masks_h5, PredictedMasks) or masks_h5 is None:
             self.pred = masks_h5
         else:
@@ -286,8 +300,12 @@ class StackDataset(Dataset):
         img = resize(x, self.size) / 255.0
         if self.kind == "image" and self.mean is not None:
             img = (img - self.mean) / self.std
-        return {"image": img, "label": torch.tensor(self.labels[j], dtype=torch.long),
-                "nodule": torch.tensor(j, dtype=torch.long), "stack": torch.tensor(s, dtype=torch.long)}
+        return {
+            "image": img,
+            "label": torch.tensor(self.labels[j], dtype=torch.long),
+            "nodule": torch.tensor(j, dtype=torch.long),
+            "stack": torch.tensor(s, dtype=torch.long),
+        }
 
 
 class PairedStackDataset(Dataset):
@@ -314,12 +332,23 @@ class PairedStackDataset(Dataset):
 
 
 # ``normalize`` setting of StackDataModule -> (mean, std) of its image stacks.
-NORMALIZE = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "half": ((0.5,) * 3, (0.5,) * 3), None: (None, None),
-             "none": (None, None)}
+NORMALIZE = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "half": ((0.5,) * 3, (0.5,) * 3),
+    None: (None, None),
+    "none": (None, None),
+}
 
 
-def build_dataset(cine: StanfordCine, masks: PredictedMasks, vit_data: dict, mask_data: dict, img_size: int,
-                  mask_size: int, predicted_boxes: bool | None = None) -> PairedStackDataset:
+def build_dataset(
+    cine: StanfordCine,
+    masks: PredictedMasks,
+    vit_data: dict,
+    mask_data: dict,
+    img_size: int,
+    mask_size: int,
+    predicted_boxes: bool | None = None,
+) -> PairedStackDataset:
     """Image and mask stacks of every nodule, with the data settings the two stages were trained with
     (``vit_data`` / ``mask_data``: the StackDataModule settings from ``BaseStage.from_checkpoint``).
 
@@ -329,10 +358,26 @@ def build_dataset(cine: StanfordCine, masks: PredictedMasks, vit_data: dict, mas
     mean, std = NORMALIZE[vit_data.get("normalize", "imagenet")]
     if predicted_boxes is None:
         predicted_boxes = bool(vit_data.get("use_predicted_boxes", False))
-    image = StackDataset(cine, None, "image", masks, img_size=img_size, buffer=vit_data.get("buffer", 5),
-                         use_predicted_boxes=predicted_boxes, mean=mean, std=std)
-    mask = StackDataset(cine, None, "mask", masks, img_size=mask_size, buffer=mask_data.get("buffer", 5),
-                        mask_roi=mask_data.get("mask_roi", False))
+    image = StackDataset(
+        cine,
+        None,
+        "image",
+        masks,
+        img_size=img_size,
+        buffer=vit_data.get("buffer", 5),
+        use_predicted_boxes=predicted_boxes,
+        mean=mean,
+        std=std,
+    )
+    mask = StackDataset(
+        cine,
+        None,
+        "mask",
+        masks,
+        img_size=mask_size,
+        buffer=mask_data.get("buffer", 5),
+        mask_roi=mask_data.get("mask_roi", False),
+    )
     return PairedStackDataset(image, mask)
 
 
@@ -344,15 +389,25 @@ class FrameDataset(Dataset):
     (plus ``nodule``/``frame`` indices). Frames: bilinear antialiased resize; masks: nearest.
     """
 
-    def __init__(self, cine: StanfordCine | str | os.PathLike, nodule_ids: Sequence[str] | None = None,
-                 size: int | Sequence[int] = 256, transform=None, cache: bool = False) -> None:
+    def __init__(
+        self,
+        cine: StanfordCine | str | os.PathLike,
+        nodule_ids: Sequence[str] | None = None,
+        size: int | Sequence[int] = 256,
+        transform=None,
+        cache: bool = False,
+    ) -> None:
         self.cine = _as_cine(cine)
         ids = [n.annot_id for n in self.cine.nodules] if nodule_ids is None else nodule_ids
         self.nodule_ids = sorted(_check_ids(self.cine, ids))
         self.size = _size2(size)
         self.transform = transform  # albumentations-style: same parameters for image and mask
-        self.index = [(j, p) for j, nid in enumerate(self.nodule_ids) for p in range(self.cine.by_id[nid].n_frames)]
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None  # as StackDataset's
+        self.index = [
+            (j, p) for j, nid in enumerate(self.nodule_ids) for p in range(self.cine.by_id[nid].n_frames)
+        ]
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = (
+            {} if cache else None
+        )  # as StackDataset's
 
     def __len__(self) -> int:
         return len(self.index)
@@ -374,18 +429,25 @@ class FrameDataset(Dataset):
         if self.transform is not None:
             out = seeded(self.transform)(image=img, mask=mask)
             img, mask = out["image"], out["mask"]
-        return {"image": resize(img[None], self.size) / 255.0,
-                "mask": resize(mask[None], self.size, mode="nearest"),  # stays {0, 1}
-                "nodule": torch.tensor(j, dtype=torch.long), "frame": torch.tensor(p, dtype=torch.long)}
+        return {
+            "image": resize(img[None], self.size) / 255.0,
+            "mask": resize(mask[None], self.size, mode="nearest"),  # stays {0, 1}
+            "nodule": torch.tensor(j, dtype=torch.long),
+            "frame": torch.tensor(p, dtype=torch.long),
+        }
 
 
 # ---------------------------------------------------------------------------------------------- datamodules
-def _predict_ids(split: dict[str, list[str]], cine: StanfordCine, predict_ids: str | Sequence[str]) -> list[str]:
+def _predict_ids(
+    split: dict[str, list[str]], cine: StanfordCine, predict_ids: str | Sequence[str]
+) -> list[str]:
     if isinstance(predict_ids, str):
         if predict_ids == "all":
             return [n.annot_id for n in cine.nodules]
         if predict_ids not in split:
-            raise ValueError(f"predict_ids must be 'all', 'train', 'val', 'test' or a list of ids, got {predict_ids!r}")
+            raise ValueError(
+                f"predict_ids must be 'all', 'train', 'val', 'test' or a list of ids, got {predict_ids!r}"
+            )
         return split[predict_ids]
     return list(predict_ids)
 
@@ -455,10 +517,20 @@ class StackDataModule(BaseDataModule):
         mean, std = NORMALIZE[hp.normalize if hp.kind == "image" else None]
         if self.pred is None and hp.masks_h5 is not None:
             self.pred = PredictedMasks(hp.masks_h5, self.cine)
-        return StackDataset(self.cine, ids, kind=hp.kind, masks_h5=self.pred, img_size=hp.img_size,
-                            buffer=hp.buffer, use_predicted_boxes=hp.use_predicted_boxes, mean=mean, std=std,
-                            mask_roi=hp.mask_roi, transform=_augment(hp.kind) if (train and hp.augment) else None,
-                            cache=hp.cache)
+        return StackDataset(
+            self.cine,
+            ids,
+            kind=hp.kind,
+            masks_h5=self.pred,
+            img_size=hp.img_size,
+            buffer=hp.buffer,
+            use_predicted_boxes=hp.use_predicted_boxes,
+            mean=mean,
+            std=std,
+            mask_roi=hp.mask_roi,
+            transform=_augment(hp.kind) if (train and hp.augment) else None,
+            cache=hp.cache,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.cine is None:
@@ -473,7 +545,9 @@ class StackDataModule(BaseDataModule):
         if stage in ("test", None) and "test" not in self.datasets:
             self.datasets["test"] = self._dataset(self.split["test"])
         if stage in ("predict", None) and "predict" not in self.datasets:
-            self.datasets["predict"] = self._dataset(_predict_ids(self.split, self.cine, self.hparams.predict_ids))
+            self.datasets["predict"] = self._dataset(
+                _predict_ids(self.split, self.cine, self.hparams.predict_ids)
+            )
 
 
 class FrameDataModule(BaseDataModule):
@@ -510,9 +584,13 @@ class FrameDataModule(BaseDataModule):
             transform = A.Compose([A.HorizontalFlip(p=0.5)])
         for part in ("train", "val", "test"):
             if part not in self.datasets:
-                self.datasets[part] = FrameDataset(self.cine, self.split[part], hp.size,
-                                                   transform=transform if part == "train" else None,
-                                                   cache=hp.cache)
+                self.datasets[part] = FrameDataset(
+                    self.cine,
+                    self.split[part],
+                    hp.size,
+                    transform=transform if part == "train" else None,
+                    cache=hp.cache,
+                )
         if "predict" not in self.datasets:
             self.datasets["predict"] = FrameDataset(self.cine, None, hp.size)
 
@@ -523,8 +601,9 @@ class RowBlocks(Dataset):
     ``source``: the cine HDF5 (its ``image`` dataset), or (N, H, W) uint8 frames already in memory (a clip).
     """
 
-    def __init__(self, source: str | os.PathLike | np.ndarray, n_rows: int, block: int,
-                 size: tuple[int, int]) -> None:
+    def __init__(
+        self, source: str | os.PathLike | np.ndarray, n_rows: int, block: int, size: tuple[int, int]
+    ) -> None:
         self.n_rows, self.block, self.size = n_rows, block, size
         self._h5 = InMemoryH5({"image": source}) if isinstance(source, np.ndarray) else LazyH5(source)
 
@@ -533,5 +612,5 @@ class RowBlocks(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         r0 = i * self.block
-        frames = self._h5.file["image"][r0:min(self.n_rows, r0 + self.block)]
+        frames = self._h5.file["image"][r0 : min(self.n_rows, r0 + self.block)]
         return r0, resize(frames, self.size)[:, None] / 255.0

@@ -33,7 +33,6 @@ METADATA_COLUMNS = (
 REQUIRED_COLUMNS = ("annot_id", "histopath_diagnosis")
 
 
-
 @dataclass(frozen=True)
 class Nodule:
     """One nodule: its HDF5 rows in frame order, its label and its TI-RADS descriptors (ACR points)."""
@@ -77,19 +76,32 @@ class StanfordCine:
     HDF5 rows, so callers cannot mix nodules or depend on the file's row order.
     """
 
-    def __init__(self, h5_path: str | os.PathLike, metadata_csv: str | os.PathLike | None = None,
-                 *, require_mask: bool = True):
+    def __init__(
+        self,
+        h5_path: str | os.PathLike,
+        metadata_csv: str | os.PathLike | None = None,
+        *,
+        require_mask: bool = True,
+    ):
         h5_path = Path(h5_path)
         metadata_path = Path(metadata_csv) if metadata_csv else h5_path.with_name("metadata.csv")
         ids, frame_nums, image_shape, has_mask = self._read_index(h5_path, require_mask)
         metadata = self._read_metadata(metadata_path)
-        self._setup(h5_path=h5_path, metadata_path=metadata_path, require_mask=require_mask,
-                    store=LazyH5(h5_path), image_shape=image_shape, has_mask=has_mask, metadata=metadata,
-                    nodules=self._group(ids, frame_nums, metadata, h5_path, metadata_path))
+        self._setup(
+            h5_path=h5_path,
+            metadata_path=metadata_path,
+            require_mask=require_mask,
+            store=LazyH5(h5_path),
+            image_shape=image_shape,
+            has_mask=has_mask,
+            metadata=metadata,
+            nodules=self._group(ids, frame_nums, metadata, h5_path, metadata_path),
+        )
 
     @classmethod
-    def from_arrays(cls, name: str, frames: np.ndarray, masks: np.ndarray | None = None,
-                    *, label: int = -1) -> StanfordCine:
+    def from_arrays(
+        cls, name: str, frames: np.ndarray, masks: np.ndarray | None = None, *, label: int = -1
+    ) -> StanfordCine:
         """One clip held in memory as a one-nodule set (id, patient and path = ``name``), so that code written
         for the Stanford file (:class:`~datamodules.stacks.StackDataset`: stacks, ROI boxes, crops) runs on it
         unchanged.
@@ -99,27 +111,47 @@ class StanfordCine:
         """
         frames = np.asarray(frames)
         if frames.ndim != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-            raise DataError(name, f"frames must be non-empty (T, H, W) uint8, got {frames.dtype} "
-                                  f"{frames.shape}")
+            raise DataError(
+                name, f"frames must be non-empty (T, H, W) uint8, got {frames.dtype} {frames.shape}"
+            )
         arrays = {"image": frames}
         if masks is not None:
             if masks.shape != frames.shape:
                 raise DataError(name, f"masks shape {masks.shape} differs from frames shape {frames.shape}")
             arrays["mask"] = masks
         n = len(frames)
-        nodule = Nodule(annot_id=name, patient_id=name, label=label, rows=np.arange(n, dtype=np.int64),
-                        frame_nums=np.arange(n, dtype=np.int64))
+        nodule = Nodule(
+            annot_id=name,
+            patient_id=name,
+            label=label,
+            rows=np.arange(n, dtype=np.int64),
+            frame_nums=np.arange(n, dtype=np.int64),
+        )
         cine = cls.__new__(cls)
-        cine._setup(h5_path=Path(name), metadata_path=None, require_mask=False,
-                    store=InMemoryH5(arrays, name), image_shape=(int(frames.shape[1]), int(frames.shape[2])),
-                    has_mask=masks is not None,
-                    metadata=pd.DataFrame({"annot_id": [name]}).set_index("annot_id", drop=False),
-                    nodules=[nodule])
+        cine._setup(
+            h5_path=Path(name),
+            metadata_path=None,
+            require_mask=False,
+            store=InMemoryH5(arrays, name),
+            image_shape=(int(frames.shape[1]), int(frames.shape[2])),
+            has_mask=masks is not None,
+            metadata=pd.DataFrame({"annot_id": [name]}).set_index("annot_id", drop=False),
+            nodules=[nodule],
+        )
         return cine
 
-    def _setup(self, *, h5_path: Path, metadata_path: Path | None, require_mask: bool,
-               store: LazyH5 | InMemoryH5, image_shape: tuple[int, int], has_mask: bool,
-               metadata: pd.DataFrame, nodules: list[Nodule]) -> None:
+    def _setup(
+        self,
+        *,
+        h5_path: Path,
+        metadata_path: Path | None,
+        require_mask: bool,
+        store: LazyH5 | InMemoryH5,
+        image_shape: tuple[int, int],
+        has_mask: bool,
+        metadata: pd.DataFrame,
+        nodules: list[Nodule],
+    ) -> None:
         # The one place attributes are set, for both constructors: keyword-only without defaults, so an
         # attribute added here fails loudly in from_arrays too instead of being silently missing there.
         self.h5_path = h5_path
@@ -149,7 +181,9 @@ class StanfordCine:
             if has_mask:
                 mask = f["mask"]
                 if mask.shape != image.shape:
-                    raise DataError(path, f"'mask' shape {mask.shape} differs from 'image' shape {image.shape}")
+                    raise DataError(
+                        path, f"'mask' shape {mask.shape} differs from 'image' shape {image.shape}"
+                    )
                 if mask.dtype != np.uint8:
                     raise DataError(path, f"'mask' must be uint8, got {mask.dtype}")
             ids = np.asarray(f["annot_id"][()])
@@ -186,8 +220,11 @@ class StanfordCine:
         bad = ~labels.isin([0, 1])
         if bad.any():
             row = meta.loc[bad].iloc[0]
-            raise DataError(path, f"histopath_diagnosis must be 0 or 1, got {str(row['histopath_diagnosis'])!r} "
-                                  f"for annot_id {row['annot_id']!r}")
+            raise DataError(
+                path,
+                f"histopath_diagnosis must be 0 or 1, got {str(row['histopath_diagnosis'])!r} "
+                f"for annot_id {row['annot_id']!r}",
+            )
         meta["histopath_diagnosis"] = labels.astype(int)
         for col in (f"ti-rads_{f}" for f in TIRADS_FEATURES):
             if col in meta.columns:
@@ -195,18 +232,23 @@ class StanfordCine:
         return meta.set_index("annot_id", drop=False)
 
     @staticmethod
-    def _group(ids: np.ndarray, frame_nums: np.ndarray, metadata: pd.DataFrame, h5_path: Path,
-               metadata_path: Path) -> list[Nodule]:
+    def _group(
+        ids: np.ndarray, frame_nums: np.ndarray, metadata: pd.DataFrame, h5_path: Path, metadata_path: Path
+    ) -> list[Nodule]:
         in_h5 = set(ids.tolist())
         in_meta = set(metadata.index)
         if in_h5 - in_meta:
             some = sorted(in_h5 - in_meta)[:3]
-            raise DataError(metadata_path, f"{len(in_h5 - in_meta)} annot_id(s) of {h5_path.name} "
-                                           f"have no metadata row, e.g. {some}")
+            raise DataError(
+                metadata_path,
+                f"{len(in_h5 - in_meta)} annot_id(s) of {h5_path.name} have no metadata row, e.g. {some}",
+            )
         if in_meta - in_h5:
             some = sorted(in_meta - in_h5)[:3]
-            raise DataError(h5_path, f"{len(in_meta - in_h5)} annot_id(s) of {metadata_path.name} "
-                                     f"have no frames, e.g. {some}")
+            raise DataError(
+                h5_path,
+                f"{len(in_meta - in_h5)} annot_id(s) of {metadata_path.name} have no frames, e.g. {some}",
+            )
         # One stable sort by (nodule, frame_num, row) groups interleaved rows and orders frames.
         uniq, inverse = np.unique(ids.astype(str), return_inverse=True)
         order = np.lexsort((np.arange(len(ids)), frame_nums, inverse))
@@ -214,16 +256,24 @@ class StanfordCine:
         has_patient = "patient_id" in metadata.columns
         nodules = []
         for j, annot_id in enumerate(uniq):
-            rows = order[bounds[j]:bounds[j + 1]].astype(np.int64)
+            rows = order[bounds[j] : bounds[j + 1]].astype(np.int64)
             meta = metadata.loc[annot_id]
             patient = meta["patient_id"] if has_patient else None
-            patient = annot_id if patient is None or pd.isna(patient) or not str(patient).strip() else str(patient)
+            patient = (
+                annot_id if patient is None or pd.isna(patient) or not str(patient).strip() else str(patient)
+            )
             tirads = {f: float(meta.get(f"ti-rads_{f}", np.nan)) for f in TIRADS_FEATURES}
-            nodules.append(Nodule(
-                annot_id=str(annot_id), patient_id=patient, label=int(meta["histopath_diagnosis"]),
-                rows=rows, frame_nums=frame_nums[rows], tirads=tirads,
-                tirads_level=parse_level(meta.get("ti-rads_level")),
-            ))
+            nodules.append(
+                Nodule(
+                    annot_id=str(annot_id),
+                    patient_id=patient,
+                    label=int(meta["histopath_diagnosis"]),
+                    rows=rows,
+                    frame_nums=frame_nums[rows],
+                    tirads=tirads,
+                    tirads_level=parse_level(meta.get("ti-rads_level")),
+                )
+            )
         return nodules
 
     # ------------------------------------------------------------------ lazy access
@@ -237,7 +287,9 @@ class StanfordCine:
         nodule = self.by_id[annot_id]
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < -nodule.n_frames or idx.max() >= nodule.n_frames):
-            raise IndexError(f"frame index out of range for nodule {annot_id!r} with {nodule.n_frames} frames")
+            raise IndexError(
+                f"frame index out of range for nodule {annot_id!r} with {nodule.n_frames} frames"
+            )
         return read_rows(self._h5.file[key], nodule.rows[idx], box)
 
     def frames(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
@@ -250,7 +302,9 @@ class StanfordCine:
             raise DataError(self.h5_path, "no 'mask' dataset in this file")
         m = self._read("mask", annot_id, idx, box)
         if ((m != 0) & (m != 255) & (m != 1)).any():
-            raise DataError(self.h5_path, f"mask values of nodule {annot_id!r} lie outside {{0, 1}} / {{0, 255}}")
+            raise DataError(
+                self.h5_path, f"mask values of nodule {annot_id!r} lie outside {{0, 1}} / {{0, 255}}"
+            )
         return (m > 0).view(np.uint8)
 
     def bbox(self, annot_id: str, i: int) -> Box | None:

@@ -325,7 +325,9 @@ def _descriptor_points(d: dict) -> dict[str, int]:
 
 def _tirads_risk(d: dict) -> float:
     """Malignancy risk (log-odds scale, before the intercept) of one nodule's descriptors + hidden signals."""
-    return _metadata_risk(_descriptor_points(d), d["age"]) + _hidden_bmode_risk(d["heterogeneity"], d["shape_change"])
+    return _metadata_risk(_descriptor_points(d), d["age"]) + _hidden_bmode_risk(
+        d["heterogeneity"], d["shape_change"]
+    )
 
 
 def plan_stanford(
@@ -372,10 +374,12 @@ def plan_paired(
     pattern = rng.choice(4, size=n_cases, p=(0.35, 0.2, 0.25, 0.2))
     ttp = np.clip(0.32 - 0.06 * latent + 0.04 * rng.standard_normal(n_cases), 0.14, 0.5)
     washout = np.clip(2.2 + 0.6 * latent + 0.4 * rng.standard_normal(n_cases), 0.9, 4.5)
-    risk = np.array([
-        _tirads_risk({**d, "shape_change": 0.0}) + _ceus_risk(CEUS_PATTERNS[p], t, a)
-        for d, p, t, a in zip(rows, pattern, ttp, washout, strict=True)
-    ])
+    risk = np.array(
+        [
+            _tirads_risk({**d, "shape_change": 0.0}) + _ceus_risk(CEUS_PATTERNS[p], t, a)
+            for d, p, t, a in zip(rows, pattern, ttp, washout, strict=True)
+        ]
+    )
     label, noisy = _top_q(rng, risk, prevalence, label_noise)
     return [
         CaseSpec(case_id=d["annot_id"],
@@ -655,7 +659,9 @@ def _nodule(spec: NoduleSpec, scene: _Scene, rng: np.random.Generator, pattern: 
         harmonics += [(k, 0.035 * rng.uniform(0.3, 1.0), rng.uniform(0, 6.3)) for k in range(7, 15)]
     edge_px = {"ill-defined": 0.3 * min(a0, b0)}.get(spec.margin, 1.5)
     # Patch large enough for the biggest boundary any frame can have (see _frame_nodule).
-    ext = 1.0 + sum(a for _, a, _ in harmonics) + (SHAPE_ASPECT + SHAPE_LOBES) * g + edge_px / min(a0, b0) + 0.2
+    ext = (
+        1.0 + sum(a for _, a, _ in harmonics) + (SHAPE_ASPECT + SHAPE_LOBES) * g + edge_px / min(a0, b0) + 0.2
+    )
     rho, theta, v, hy, hx = _polar(a0, b0, ext)
     static = np.ones_like(rho)
     for k, amp, ph in harmonics:

@@ -71,7 +71,9 @@ def save_roc_png(prob: Tensor, label: Tensor, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
     ax.plot(fpr.numpy(), tpr.numpy(), label=f"AsyCMST (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.02))
+    ax.set(
+        xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.02)
+    )
     ax.legend(loc="lower right")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -221,7 +223,9 @@ class AsyCMST(BaseStage):
             maps = self.net.attention_maps(*(batch[s] for s in self.streams))
             side = max(m.shape[-1] for m in maps.values()) if maps else 0
             valid = torch.ones(len(batch["label"]), side, dtype=torch.bool)
-            captions = [f"case {int(i)} label {int(y)}" for i, y in zip(batch["index"], batch["label"], strict=True)]
+            captions = [
+                f"case {int(i)} label {int(y)}" for i, y in zip(batch["index"], batch["label"], strict=True)
+            ]
             wandb_media.log_attention(run, "val/attention", maps, valid, self.global_step, captions)
         return self._eval_step(batch, "val")
 

@@ -125,8 +125,14 @@ class CaseMetrics(Metric):
         for name in ("nodule", "prob", "label", "stack", "loss"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, nodule: Tensor, prob: Tensor, label: Tensor, stack: Tensor | None = None,
-               loss: Tensor | None = None) -> None:
+    def update(
+        self,
+        nodule: Tensor,
+        prob: Tensor,
+        label: Tensor,
+        stack: Tensor | None = None,
+        loss: Tensor | None = None,
+    ) -> None:
         """``nodule``: the case id of each row; ``stack`` (position of the row in its case), when given, lets
         ``compute`` drop repeated (case, stack) rows; ``loss`` is the per-sample loss (NaN when not given)."""
         nodule = nodule.detach().long().flatten()
@@ -134,8 +140,11 @@ class CaseMetrics(Metric):
         self.prob.append(prob.detach().float().flatten())
         self.label.append(label.detach().long().flatten())
         self.stack.append(torch.full_like(nodule, -1) if stack is None else stack.detach().long().flatten())
-        self.loss.append(torch.full_like(nodule, float("nan"), dtype=torch.float) if loss is None
-                         else loss.detach().float().flatten())
+        self.loss.append(
+            torch.full_like(nodule, float("nan"), dtype=torch.float)
+            if loss is None
+            else loss.detach().float().flatten()
+        )
 
     def compute(self) -> dict[str, Tensor]:
         nodule, prob = dim_zero_cat(self.nodule), dim_zero_cat(self.prob)
@@ -199,8 +208,10 @@ class BaseStage(L.LightningModule):
         """One-line error when the batch lacks a key of :attr:`batch_keys` (a datamodule of another stage)."""
         missing = [k for k in self.batch_keys if k not in batch]
         if missing:
-            raise KeyError(f"{type(self).__name__} needs batch keys {list(self.batch_keys)}, "
-                           f"missing {missing} (got {sorted(batch)})")
+            raise KeyError(
+                f"{type(self).__name__} needs batch keys {list(self.batch_keys)}, "
+                f"missing {missing} (got {sorted(batch)})"
+            )
 
     @staticmethod
     def passthrough(batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -227,15 +238,25 @@ class BaseStage(L.LightningModule):
         scores = metric.scores
         if (run := wandb_media.wandb_run(self)) is not None:
             names = wandb_media.nodule_names(self, split, scores["nodule"])
-            wandb_media.log_classification(run, split, names, scores["prob"], scores["label"],
-                                           self.global_step, threshold=metric.threshold)
+            wandb_media.log_classification(
+                run,
+                split,
+                names,
+                scores["prob"],
+                scores["label"],
+                self.global_step,
+                threshold=metric.threshold,
+            )
         metric.reset()
         return scores
 
     # -- reload ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, map_location: Any = "cpu",
-                        ) -> tuple[BaseStage, dict[str, Any]]:
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        map_location: Any = "cpu",
+    ) -> tuple[BaseStage, dict[str, Any]]:
         """``(model in eval mode, data settings)`` from a Lightning checkpoint of this stage.
 
         The data settings are the datamodule's init args saved with the checkpoint (``img_size``, ``size``,

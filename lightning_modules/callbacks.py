@@ -23,7 +23,13 @@ class RNGState(Callback):
         states = _collect_rng_states(include_cuda=False)
         # numpy arrays would make the checkpoint unloadable with torch.load(weights_only=True): use a tensor.
         name, keys, pos, has_gauss, gauss = states["numpy"]
-        states["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+        states["numpy"] = (
+            name,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        )
         return states
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

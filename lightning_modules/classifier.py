@@ -69,7 +69,9 @@ class ClassifierStage(BaseStage):
         self.train_acc(prob, label)
         bs = len(label)
         # sync_dist: the epoch value is the mean over all ranks, not rank 0's share (one small all-reduce a step).
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True
+        )
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=bs)
         return loss
 
@@ -112,7 +114,9 @@ class StackStage(ClassifierStage):
     def logits(self, batch: dict[str, Tensor]) -> Tensor:
         return self.net(batch["image"])
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+    def predict_step(
+        self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
         """{"embedding": (B,256), "prob": (B,) malignant probability, + nodule/stack/label/index from the batch}."""
         emb = self.net.forward_features(batch["image"])
         prob = self.malignant_prob(self.net.forward_head(emb))

@@ -31,19 +31,30 @@ class EmbeddingExport(L.LightningModule):
         super().__init__()
         self.vit, self.maskcnn = vit, maskcnn
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+    def predict_step(
+        self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
         image = self.vit.net.forward_features(batch["image"])
         seg = self.maskcnn.net.forward_features(batch["mask"])
         return {
-            "nodule": batch["nodule"], "stack": batch["stack"], "image": image, "seg": seg,
+            "nodule": batch["nodule"],
+            "stack": batch["stack"],
+            "image": image,
+            "seg": seg,
             "image_prob": self.vit.malignant_prob(self.vit.net.forward_head(image)),
             "seg_prob": self.maskcnn.malignant_prob(self.maskcnn.net.forward_head(seg)),
         }
 
 
 @torch.inference_mode()
-def segment_blocks(model: torch.nn.Module, blocks: RowBlocks, shape: tuple[int, int], threshold: float,
-                   device: torch.device, num_workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+def segment_blocks(
+    model: torch.nn.Module,
+    blocks: RowBlocks,
+    shape: tuple[int, int],
+    threshold: float,
+    device: torch.device,
+    num_workers: int = 0,
+) -> Iterator[tuple[int, np.ndarray]]:
     """``(first row, (b, H, W) uint8 {0, 1} masks)`` per block: the mask inference of ``usnodule masks`` and
     ``usnodule predict``, one copy so that a new clip is segmented exactly as the training set was."""
     loader = DataLoader(blocks, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -54,13 +65,19 @@ def segment_blocks(model: torch.nn.Module, blocks: RowBlocks, shape: tuple[int, 
         yield r0, (torch.sigmoid(logits) > threshold)[:, 0].to(torch.uint8).cpu().numpy()
 
 
-def segment_frames(model: torch.nn.Module, frames: np.ndarray, size: int, threshold: float,
-                   device: torch.device, batch_size: int = 16) -> np.ndarray:
+def segment_frames(
+    model: torch.nn.Module,
+    frames: np.ndarray,
+    size: int,
+    threshold: float,
+    device: torch.device,
+    batch_size: int = 16,
+) -> np.ndarray:
     """(T, H, W) uint8 {0, 1} masks of a clip held in memory, computed as :func:`predict_masks` computes them
     for the rows of a cine file."""
     out = np.empty(frames.shape, dtype=np.uint8)
     blocks = RowBlocks(frames, len(frames), batch_size, (size, size))
     shape = (int(frames.shape[1]), int(frames.shape[2]))
     for r0, mask in segment_blocks(model, blocks, shape, threshold, device):
-        out[r0:r0 + len(mask)] = mask
+        out[r0 : r0 + len(mask)] = mask
     return out

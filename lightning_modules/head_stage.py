@@ -67,10 +67,16 @@ class HeadStage(ClassifierStage):
     def log_samples(self, run: Any, batch: dict[str, Tensor], prob: Tensor) -> None:
         """W&B: attention maps of the first nodules of the first validation batch."""
         names = wandb_media.nodule_names(self, "val", batch["nodule"])
-        captions = [f"{n} label {int(y)} p={float(p):.2f}" for n, y, p in zip(names, batch["label"], prob, strict=True)]
-        wandb_media.log_attention(run, "val/attention", self.attention_maps(batch), batch["valid"],
-                                  self.global_step, captions)
+        captions = [
+            f"{n} label {int(y)} p={float(p):.2f}"
+            for n, y, p in zip(names, batch["label"], prob, strict=True)
+        ]
+        wandb_media.log_attention(
+            run, "val/attention", self.attention_maps(batch), batch["valid"], self.global_step, captions
+        )
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+    def predict_step(
+        self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
         """{"prob": (B,) malignant probability per nodule, + nodule/label/index from the batch}."""
         return {**self.passthrough(batch), "prob": self.malignant_prob(self.logits(batch))}

@@ -61,7 +61,9 @@ class PixelOverlap(Metric):
         for name in ("nodule", "frame", "counts"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
-    def update(self, prob: Tensor, target: Tensor, nodule: Tensor | None = None, frame: Tensor | None = None) -> None:
+    def update(
+        self, prob: Tensor, target: Tensor, nodule: Tensor | None = None, frame: Tensor | None = None
+    ) -> None:
         pred, true = prob.detach().flatten(1) > self.threshold, target.detach().flatten(1).bool()
         counts = torch.stack([(pred & true).sum(1), (pred & ~true).sum(1), (~pred & true).sum(1)], 1)
         self.counts.append(counts.long())
@@ -71,7 +73,9 @@ class PixelOverlap(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         counts = dim_zero_cat(self.counts)
-        tp, fp, fn = counts[first_per_key(dim_zero_cat(self.nodule), dim_zero_cat(self.frame))].sum(0).double()
+        tp, fp, fn = (
+            counts[first_per_key(dim_zero_cat(self.nodule), dim_zero_cat(self.frame))].sum(0).double()
+        )
         dice = 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn > 0 else tp * 0
         iou = tp / (tp + fp + fn) if tp + fp + fn > 0 else tp * 0
         return {"dice": dice.float(), "iou": iou.float()}
@@ -119,8 +123,15 @@ class SegStage(BaseStage):
         loss = self.loss_fn.combine(terms)
         bs = len(logits)
         # sync_dist: epoch values are means over all DDP ranks (train too: not rank 0's share alone).
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True, batch_size=bs,
-                 sync_dist=True)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            prog_bar=True,
+            on_step=stage == "train",
+            on_epoch=True,
+            batch_size=bs,
+            sync_dist=True,
+        )
         for k, v in terms.items():
             self.log(f"{stage}/loss_{k}", v, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         if stage != "train":
@@ -129,10 +140,23 @@ class SegStage(BaseStage):
             metrics.update(prob, target, batch.get("nodule"), batch.get("frame"))
             if stage == "val" and batch_idx == 0 and (run := wandb_media.wandb_run(self)) is not None:
                 names = wandb_media.nodule_names(self, "val", batch["nodule"]) if "nodule" in batch else None
-                captions = None if names is None else [
-                    f"{n} frame {int(f)}" for n, f in zip(names, batch.get("frame", batch["nodule"]), strict=True)]
-                wandb_media.log_mask_overlays(run, "val/masks", batch["image"], prob > self.hparams.threshold,
-                                              target, self.global_step, captions=captions)
+                captions = (
+                    None
+                    if names is None
+                    else [
+                        f"{n} frame {int(f)}"
+                        for n, f in zip(names, batch.get("frame", batch["nodule"]), strict=True)
+                    ]
+                )
+                wandb_media.log_mask_overlays(
+                    run,
+                    "val/masks",
+                    batch["image"],
+                    prob > self.hparams.threshold,
+                    target,
+                    self.global_step,
+                    captions=captions,
+                )
         return loss
 
     def _log_overlap(self, stage: str) -> None:
@@ -156,7 +180,9 @@ class SegStage(BaseStage):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, "test", batch_idx)
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+    def predict_step(
+        self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> dict[str, Tensor]:
         """{"prob": (B,1,H,W) sigmoid mask probability, + "index"/"nodule"/"frame" when the batch has them}."""
         out = {k: batch[k] for k in ("index", "nodule", "frame") if k in batch}
         out["prob"] = torch.sigmoid(self.net(batch["image"]))

@@ -48,8 +48,9 @@ def _log(run: Any, media: dict[str, Any], step: int) -> None:
     run.log({**media, STEP_KEY: step})
 
 
-def log_classification(run: Any, stage: str, names: Sequence[str], prob: Tensor, label: Tensor, step: int,
-                       threshold: float = 0.5) -> None:
+def log_classification(
+    run: Any, stage: str, names: Sequence[str], prob: Tensor, label: Tensor, step: int, threshold: float = 0.5
+) -> None:
     """``<stage>/roc`` (W&B ROC chart, malignant class), ``<stage>/confusion_matrix`` at ``threshold`` and
     ``<stage>/predictions`` (table: nodule, label, prob, pred) from per-nodule scores."""
     import wandb
@@ -57,18 +58,27 @@ def log_classification(run: Any, stage: str, names: Sequence[str], prob: Tensor,
     p = prob.detach().float().cpu().numpy()
     y = label.detach().long().cpu().numpy()
     pred = (p >= threshold).astype(int)
-    table = wandb.Table(columns=["nodule", "label", "prob", "pred"],
-                        data=[[n, int(a), float(b), int(c)] for n, a, b, c in zip(names, y, p, pred, strict=True)])
+    table = wandb.Table(
+        columns=["nodule", "label", "prob", "pred"],
+        data=[[n, int(a), float(b), int(c)] for n, a, b, c in zip(names, y, p, pred, strict=True)],
+    )
     media = {
         f"{stage}/predictions": table,
         f"{stage}/confusion_matrix": wandb.plot.confusion_matrix(
-            y_true=y.tolist(), preds=pred.tolist(), class_names=list(CLASSES),
-            title=f"{stage} confusion matrix (threshold {threshold:g})"),
+            y_true=y.tolist(),
+            preds=pred.tolist(),
+            class_names=list(CLASSES),
+            title=f"{stage} confusion matrix (threshold {threshold:g})",
+        ),
     }
     if len(np.unique(y)) == 2:  # a ROC curve needs both classes
-        media[f"{stage}/roc"] = wandb.plot.roc_curve(y.tolist(), np.stack([1 - p, p], 1).tolist(),
-                                                     labels=list(CLASSES), classes_to_plot=[1],
-                                                     title=f"{stage} ROC (nodule level)")
+        media[f"{stage}/roc"] = wandb.plot.roc_curve(
+            y.tolist(),
+            np.stack([1 - p, p], 1).tolist(),
+            labels=list(CLASSES),
+            classes_to_plot=[1],
+            title=f"{stage} ROC (nodule level)",
+        )
     _log(run, media, step)
 
 
@@ -93,21 +103,40 @@ def log_stacks(run: Any, key: str, batch: dict[str, Tensor], prob: Tensor, step:
     _log(run, {key: images}, step)
 
 
-def log_mask_overlays(run: Any, key: str, image: Tensor, pred: Tensor, target: Tensor | None, step: int,
-                      k: int = 4, captions: Sequence[str] | None = None) -> None:
+def log_mask_overlays(
+    run: Any,
+    key: str,
+    image: Tensor,
+    pred: Tensor,
+    target: Tensor | None,
+    step: int,
+    k: int = 4,
+    captions: Sequence[str] | None = None,
+) -> None:
     """Frames (B,1,H,W) with the predicted (and ground-truth) masks (B,1,H,W) {0,1} as W&B mask overlays."""
     import wandb
 
     labels = {0: "background", 1: "nodule"}
     images = []
     for i in range(min(k, len(image))):
-        masks = {"prediction": {"mask_data": pred[i, 0].detach().cpu().numpy().astype(np.uint8),
-                                "class_labels": labels}}
+        masks = {
+            "prediction": {
+                "mask_data": pred[i, 0].detach().cpu().numpy().astype(np.uint8),
+                "class_labels": labels,
+            }
+        }
         if target is not None:
-            masks["ground_truth"] = {"mask_data": target[i, 0].detach().cpu().numpy().astype(np.uint8),
-                                     "class_labels": labels}
-        images.append(wandb.Image(to_uint8(image[i, 0].detach().float().cpu().numpy()), masks=masks,
-                                  caption=None if captions is None else captions[i]))
+            masks["ground_truth"] = {
+                "mask_data": target[i, 0].detach().cpu().numpy().astype(np.uint8),
+                "class_labels": labels,
+            }
+        images.append(
+            wandb.Image(
+                to_uint8(image[i, 0].detach().float().cpu().numpy()),
+                masks=masks,
+                caption=None if captions is None else captions[i],
+            )
+        )
     _log(run, {key: images}, step)
 
 
@@ -134,8 +163,9 @@ def attention_figure(maps: dict[str, Tensor], length: int, title: str) -> np.nda
     return rgb
 
 
-def log_attention(run: Any, key: str, maps: dict[str, Tensor], valid: Tensor, step: int,
-                  captions: Sequence[str], k: int = 2) -> None:
+def log_attention(
+    run: Any, key: str, maps: dict[str, Tensor], valid: Tensor, step: int, captions: Sequence[str], k: int = 2
+) -> None:
     """Attention weights ``maps`` (name -> (B, S, S), averaged over heads) of the first ``k`` samples."""
     import wandb
 
@@ -144,8 +174,11 @@ def log_attention(run: Any, key: str, maps: dict[str, Tensor], valid: Tensor, st
     images = []
     for i in range(min(k, len(valid))):
         length = int(valid[i].sum())
-        images.append(wandb.Image(attention_figure({n: w[i] for n, w in maps.items()}, length, captions[i]),
-                                  caption=captions[i]))
+        images.append(
+            wandb.Image(
+                attention_figure({n: w[i] for n, w in maps.items()}, length, captions[i]), caption=captions[i]
+            )
+        )
     _log(run, {key: images}, step)
 
 
@@ -164,4 +197,3 @@ class WandbSaveConfig(SaveConfigCallback):
             run = logger.experiment
             if not getattr(run, "disabled", False):
                 run.config.update({"cli": config}, allow_val_change=True)
-

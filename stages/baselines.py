@@ -57,8 +57,14 @@ def tirads_features(cine: StanfordCine, ids: Sequence[str]) -> np.ndarray:
     return np.asarray(rows, dtype=float)
 
 
-def tirads_forest(cine: StanfordCine, train_ids: Sequence[str], test_ids: Sequence[str], *, seed: int = 0,
-                  n_estimators: int = 500) -> np.ndarray:
+def tirads_forest(
+    cine: StanfordCine,
+    train_ids: Sequence[str],
+    test_ids: Sequence[str],
+    *,
+    seed: int = 0,
+    n_estimators: int = 500,
+) -> np.ndarray:
     """Malignant probability of ``test_ids`` from a random forest fitted on ``train_ids`` only."""
     x_train, x_test = tirads_features(cine, train_ids), tirads_features(cine, test_ids)
     y_train = np.array([cine.by_id[i].label for i in train_ids])
@@ -85,14 +91,26 @@ def stack_probabilities(path: str | os.PathLike, ids: Sequence[str], key: str) -
             if key not in g:
                 raise DataError(path, f"nodule {i!r} has no '{key}' (re-export with `usnodule embeddings`)")
             p = g[key][()]
-            parts.append(pd.DataFrame({"annot_id": i, "stack": np.arange(len(p)), "label": index[i]["label"],
-                                       "prob": p.astype(float)}))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "annot_id": i,
+                        "stack": np.arange(len(p)),
+                        "label": index[i]["label"],
+                        "prob": p.astype(float),
+                    }
+                )
+            )
     return pd.concat(parts, ignore_index=True)
 
 
 def average_pool(stacks: pd.DataFrame) -> pd.DataFrame:
     """CineCNN-AvePool: nodule probability = mean of its stack probabilities."""
-    return stacks.groupby("annot_id", sort=True).agg(label=("label", "first"), prob=("prob", "mean")).reset_index()
+    return (
+        stacks.groupby("annot_id", sort=True)
+        .agg(label=("label", "first"), prob=("prob", "mean"))
+        .reset_index()
+    )
 
 
 @torch.inference_mode()
@@ -116,8 +134,14 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return Path(a).resolve() == Path(b).resolve()
 
 
-def load_head(path: str | os.PathLike, *, fold: int | None = None, embeddings: str | os.PathLike | None = None,
-              splits: str | os.PathLike | None = None, variant: str | None = None):
+def load_head(
+    path: str | os.PathLike,
+    *,
+    fold: int | None = None,
+    embeddings: str | os.PathLike | None = None,
+    splits: str | os.PathLike | None = None,
+    variant: str | None = None,
+):
     """A trained ``HeadStage``; with ``fold``/``embeddings``/``splits``/``variant`` given, the checkpoint must
     say it was fitted on exactly those (the datamodule init args ``lightning fit`` saves in it), so a head of
     another fold -- which saw this fold's test nodules in training -- never scores them."""
@@ -139,11 +163,21 @@ def load_head(path: str | os.PathLike, *, fold: int | None = None, embeddings: s
 
 
 # ---------------------------------------------------------------------------------------------- stage
-def run_baselines(*, cine: str | os.PathLike | None, splits: str | os.PathLike, runs: str | os.PathLike,
-                  methods: Sequence[str] = ("tirads", "avepool", "cinetrans"), folds: Sequence[int] | None = None,
-                  embeddings: str = "{runs}/fold{fold}/embeddings.h5", heads: dict[str, str] | None = None,
-                  cinetrans: str = "{runs}/fold{fold}/head_cine_trans.ckpt", seed: int = 0,
-                  n_estimators: int = 500, metadata: str | os.PathLike | None = None, log=print) -> list[Path]:
+def run_baselines(
+    *,
+    cine: str | os.PathLike | None,
+    splits: str | os.PathLike,
+    runs: str | os.PathLike,
+    methods: Sequence[str] = ("tirads", "avepool", "cinetrans"),
+    folds: Sequence[int] | None = None,
+    embeddings: str = "{runs}/fold{fold}/embeddings.h5",
+    heads: dict[str, str] | None = None,
+    cinetrans: str = "{runs}/fold{fold}/head_cine_trans.ckpt",
+    seed: int = 0,
+    n_estimators: int = 500,
+    metadata: str | os.PathLike | None = None,
+    log=print,
+) -> list[Path]:
     """Write every requested method's predictions for every fold; returns the files written.
 
     ``cinetrans`` and ``heads`` are checkpoint patterns (``{runs}``, ``{fold}``); they are only read."""
@@ -156,14 +190,19 @@ def run_baselines(*, cine: str | os.PathLike | None, splits: str | os.PathLike, 
     data = None
     if "tirads" in methods:
         if cine is None:
-            raise DataError(None, "the TI-RADS baseline needs --cine (its metadata.csv holds the descriptors)")
+            raise DataError(
+                None, "the TI-RADS baseline needs --cine (its metadata.csv holds the descriptors)"
+            )
         data = StanfordCine(cine, metadata, require_mask=False)
     if "cinetrans" in methods:  # before any fold's work: a missing fit is a one-line error, not a half run
         for k in folds:
             ckpt = Path(cinetrans.format(runs=runs, fold=k))
             if not ckpt.is_file():
-                raise DataError(ckpt, "CineCNN-Trans checkpoint not found; `usnodule baselines` only predicts: "
-                                      "fit it first (`make cinetrans`, or `lightning fit -c conf/cinetrans.yaml`)")
+                raise DataError(
+                    ckpt,
+                    "CineCNN-Trans checkpoint not found; `usnodule baselines` only predicts: "
+                    "fit it first (`make cinetrans`, or `lightning fit -c conf/cinetrans.yaml`)",
+                )
     written = []
     for k in folds:
         split = load_fold(splits, k)
@@ -176,21 +215,38 @@ def run_baselines(*, cine: str | os.PathLike | None, splits: str | os.PathLike, 
         if "avepool" in methods:
             for key, name in (("image_prob", "vit"), ("seg_prob", "seg")):
                 stacks = stack_probabilities(emb, split["test"], key)
-                written.append(write_predictions(out / f"stack_predictions_{name}.csv", stacks["annot_id"],
-                                                 stacks["label"], stacks["prob"], stack=stacks["stack"]))
+                written.append(
+                    write_predictions(
+                        out / f"stack_predictions_{name}.csv",
+                        stacks["annot_id"],
+                        stacks["label"],
+                        stacks["prob"],
+                        stack=stacks["stack"],
+                    )
+                )
                 if name == "vit":
                     nod = average_pool(stacks)
-                    written.append(write_predictions(out / "predictions_cinecnn_avepool.csv", nod["annot_id"],
-                                                     nod["label"], nod["prob"]))
+                    written.append(
+                        write_predictions(
+                            out / "predictions_cinecnn_avepool.csv",
+                            nod["annot_id"],
+                            nod["label"],
+                            nod["prob"],
+                        )
+                    )
         todo = {name: (pattern, None) for name, pattern in (heads or {}).items()}
         if "cinetrans" in methods:
             todo = {"cinecnn_trans": (cinetrans, "cine_trans"), **todo}
         for name, (pattern, variant) in todo.items():
-            model = load_head(pattern.format(runs=runs, fold=k), fold=k, embeddings=emb, splits=splits,
-                              variant=variant)
+            model = load_head(
+                pattern.format(runs=runs, fold=k), fold=k, embeddings=emb, splits=splits, variant=variant
+            )
             pred = predict_head(model, EmbeddingDataset(emb, split["test"]))
-            written.append(write_predictions(out / f"predictions_{name}.csv", pred["annot_id"], pred["label"],
-                                             pred["prob"]))
+            written.append(
+                write_predictions(
+                    out / f"predictions_{name}.csv", pred["annot_id"], pred["label"], pred["prob"]
+                )
+            )
         log(f"fold {k}: wrote {', '.join(p.name for p in written if p.parent == out)}")
     return written
 
@@ -203,23 +259,45 @@ def _head_arg(text: str) -> tuple[str, str]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("baselines", help="TI-RADS forest, CineCNN-AvePool/-Trans (and head) predictions per fold",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "baselines",
+        help="TI-RADS forest, CineCNN-AvePool/-Trans (and head) predictions per fold",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--cine", type=Path, default=None, help="Stanford dataset.hdf5 (metadata.csv beside it)")
     p.add_argument("--metadata", type=Path, default=None, help="metadata CSV (default: beside the HDF5)")
     p.add_argument("--splits", type=Path, required=True, help="splits.json")
-    p.add_argument("--runs", type=Path, required=True, help="experiment folder holding fold<k>/ (e.g. runs/demo)")
-    p.add_argument("--methods", default="tirads,avepool,cinetrans",
-                   help="comma list of tirads, avepool, cinetrans (default: all); empty for none")
+    p.add_argument(
+        "--runs", type=Path, required=True, help="experiment folder holding fold<k>/ (e.g. runs/demo)"
+    )
+    p.add_argument(
+        "--methods",
+        default="tirads,avepool,cinetrans",
+        help="comma list of tirads, avepool, cinetrans (default: all); empty for none",
+    )
     p.add_argument("--folds", type=int, nargs="*", default=None, help="folds to run (default: all in splits)")
-    p.add_argument("--embeddings", default="{runs}/fold{fold}/embeddings.h5",
-                   help="embeddings file pattern (default: {runs}/fold{fold}/embeddings.h5)")
-    p.add_argument("--cinetrans", default="{runs}/fold{fold}/head_cine_trans.ckpt", metavar="PATTERN",
-                   help="CineCNN-Trans checkpoint of each fold, fitted by `lightning fit -c conf/cinetrans.yaml` "
-                        "(default: {runs}/fold{fold}/head_cine_trans.ckpt)")
-    p.add_argument("--head", type=_head_arg, action="append", default=[], metavar="NAME=PATTERN",
-                   help="HeadStage checkpoint pattern, e.g. stact={runs}/fold{fold}/head/last.ckpt "
-                        "(writes predictions_NAME.csv; repeatable)")
+    p.add_argument(
+        "--embeddings",
+        default="{runs}/fold{fold}/embeddings.h5",
+        help="embeddings file pattern (default: {runs}/fold{fold}/embeddings.h5)",
+    )
+    p.add_argument(
+        "--cinetrans",
+        default="{runs}/fold{fold}/head_cine_trans.ckpt",
+        metavar="PATTERN",
+        help="CineCNN-Trans checkpoint of each fold, fitted by `lightning fit -c conf/cinetrans.yaml` "
+        "(default: {runs}/fold{fold}/head_cine_trans.ckpt)",
+    )
+    p.add_argument(
+        "--head",
+        type=_head_arg,
+        action="append",
+        default=[],
+        metavar="NAME=PATTERN",
+        help="HeadStage checkpoint pattern, e.g. stact={runs}/fold{fold}/head/last.ckpt "
+        "(writes predictions_NAME.csv; repeatable)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random forest seed")
     p.add_argument("--n-estimators", type=int, default=500, help="random forest trees")
     p.set_defaults(func=run)
@@ -227,10 +305,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    written = run_baselines(cine=args.cine, splits=args.splits, runs=args.runs, methods=methods,
-                            folds=args.folds, embeddings=args.embeddings, heads=dict(args.head),
-                            cinetrans=args.cinetrans, seed=args.seed, n_estimators=args.n_estimators,
-                            metadata=args.metadata)
+    written = run_baselines(
+        cine=args.cine,
+        splits=args.splits,
+        runs=args.runs,
+        methods=methods,
+        folds=args.folds,
+        embeddings=args.embeddings,
+        heads=dict(args.head),
+        cinetrans=args.cinetrans,
+        seed=args.seed,
+        n_estimators=args.n_estimators,
+        metadata=args.metadata,
+    )
     names = {p.name for p in written if p.name.startswith("predictions_")}
     folds = {p.parent for p in written}
     print(f"RESULT methods={len(names)} folds={len(folds)}")  # the key numbers for `python -m stages.step`

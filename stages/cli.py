@@ -30,7 +30,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="usnodule",
         description="Ultrasound nodule malignancy pipeline: data, folds and the non-fit stages. "
-                    "Fits run through `lightning fit -c conf/<stage>.yaml`.",
+        "Fits run through `lightning fit -c conf/<stage>.yaml`.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS if only is None else (only,):

@@ -65,8 +65,14 @@ class EmbeddingWriter(BasePredictionWriter):
     nodule); ``file_attrs`` go on the output file (checkpoints, inputs).
     """
 
-    def __init__(self, out: str | os.PathLike, nodule_ids: Sequence[str], n_stacks: Sequence[int],
-                 group_attrs: Sequence[dict], file_attrs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        nodule_ids: Sequence[str],
+        n_stacks: Sequence[int],
+        group_attrs: Sequence[dict],
+        file_attrs: dict[str, Any],
+    ) -> None:
         super().__init__(write_interval="batch")
         self.out = Path(out)
         self.nodule_ids, self.n_stacks = list(nodule_ids), list(n_stacks)
@@ -88,20 +94,25 @@ class EmbeddingWriter(BasePredictionWriter):
             shape, dtype = ((0, dim), np.float32) if key in ("image", "seg") else ((0,), np.float32)
             if key in ("nodule", "stack"):
                 dtype = np.int64
-            f.create_dataset(key, shape=shape, maxshape=(None, *shape[1:]), dtype=dtype,
-                             chunks=(256, *shape[1:]))
+            f.create_dataset(
+                key, shape=shape, maxshape=(None, *shape[1:]), dtype=dtype, chunks=(256, *shape[1:])
+            )
         return f
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
-                           dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         if self._shard is None:
             self._shard = self._open_shard(trainer.global_rank, int(prediction["image"].shape[1]))
         n = len(prediction["nodule"])
         for key in SHARD_KEYS:
             ds = self._shard[key]
             ds.resize(ds.shape[0] + n, axis=0)
-            ds[-n:] = prediction[key].detach().float().cpu().numpy() if key not in ("nodule", "stack") \
+            ds[-n:] = (
+                prediction[key].detach().float().cpu().numpy()
+                if key not in ("nodule", "stack")
                 else prediction[key].cpu().numpy()
+            )
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._shard is not None:
@@ -110,13 +121,21 @@ class EmbeddingWriter(BasePredictionWriter):
         trainer.strategy.barrier("embeddings-shards-written")
         if trainer.is_global_zero:
             try:
-                merge_shards(sorted(self.shard_dir.glob("rank*.h5")), self.out, self.nodule_ids, self.n_stacks,
-                             self.group_attrs, self.file_attrs)
+                merge_shards(
+                    sorted(self.shard_dir.glob("rank*.h5")),
+                    self.out,
+                    self.nodule_ids,
+                    self.n_stacks,
+                    self.group_attrs,
+                    self.file_attrs,
+                )
             finally:
                 shutil.rmtree(self.shard_dir.parent, ignore_errors=True)
         trainer.strategy.barrier("embeddings-merged")
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         if self._shard is not None:
             self._shard.close()
             self._shard = None
@@ -128,8 +147,15 @@ class EmbeddingWriter(BasePredictionWriter):
                 pass
 
 
-def merge_shards(shards: Sequence[Path], out: Path, nodule_ids: Sequence[str], n_stacks: Sequence[int],
-                 group_attrs: Sequence[dict], file_attrs: dict[str, Any], block: int = 1024) -> Path:
+def merge_shards(
+    shards: Sequence[Path],
+    out: Path,
+    nodule_ids: Sequence[str],
+    n_stacks: Sequence[int],
+    group_attrs: Sequence[dict],
+    file_attrs: dict[str, Any],
+    block: int = 1024,
+) -> Path:
     """Write ``out``: one group per nodule (id order), rows placed by (nodule, stack); streams ``block`` rows.
 
     Every (nodule, stack) must arrive exactly once or more (duplicates carry the same values); a hole is an
@@ -179,12 +205,28 @@ def merge_shards(shards: Sequence[Path], out: Path, nodule_ids: Sequence[str], n
 
 
 # ---------------------------------------------------------------------------------------------- stage
-def export(*, cine: str | os.PathLike, masks: str | os.PathLike, vit: str | os.PathLike,
-           maskcnn: str | os.PathLike, out: str | os.PathLike, splits: str | os.PathLike | None = None,
-           fold: int | None = None, metadata: str | os.PathLike | None = None, batch_size: int = 32,
-           num_workers: int = 0, img_size: int | None = None, mask_size: int | None = None,
-           accelerator: str = "auto", devices: Any = 1, strategy: str = "auto", precision: Any = None,
-           boxes: str = "auto", progress: bool = True, callbacks: Sequence[L.Callback] = ()) -> Path:
+def export(
+    *,
+    cine: str | os.PathLike,
+    masks: str | os.PathLike,
+    vit: str | os.PathLike,
+    maskcnn: str | os.PathLike,
+    out: str | os.PathLike,
+    splits: str | os.PathLike | None = None,
+    fold: int | None = None,
+    metadata: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    img_size: int | None = None,
+    mask_size: int | None = None,
+    accelerator: str = "auto",
+    devices: Any = 1,
+    strategy: str = "auto",
+    precision: Any = None,
+    boxes: str = "auto",
+    progress: bool = True,
+    callbacks: Sequence[L.Callback] = (),
+) -> Path:
     """Export embeddings of every nodule to ``out``; see the module docstring. Returns ``out``."""
     from lightning_modules.maskcnn_stage import MaskCNNStage
     from lightning_modules.vit_stage import ViTStage
@@ -208,17 +250,28 @@ def export(*, cine: str | os.PathLike, masks: str | os.PathLike, vit: str | os.P
     if splits is not None:
         split = load_fold(splits, fold)
         part_of = {i: p for p, ids in split.items() for i in ids}
-    group_attrs = [{"label": int(lab), "fold": -1 if fold is None else int(fold), "part": part_of.get(nid, ""),
-                    "source": str(Path(cine).resolve())}
-                   for nid, lab in zip(dataset.nodule_ids, dataset.labels, strict=True)]
+    group_attrs = [
+        {
+            "label": int(lab),
+            "fold": -1 if fold is None else int(fold),
+            "part": part_of.get(nid, ""),
+            "source": str(Path(cine).resolve()),
+        }
+        for nid, lab in zip(dataset.nodule_ids, dataset.labels, strict=True)
+    ]
     file_attrs = {
         "format": "usnodule-embeddings/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "cine": str(Path(cine).resolve()), "masks": str(Path(masks).resolve()),
-        "vit_checkpoint": str(Path(vit).resolve()), "vit_sha256": file_digest(vit),
-        "maskcnn_checkpoint": str(Path(maskcnn).resolve()), "maskcnn_sha256": file_digest(maskcnn),
-        "splits": "" if splits is None else str(Path(splits).resolve()), "fold": -1 if fold is None else int(fold),
-        "img_size": int(img_size), "mask_size": int(mask_size),
+        "cine": str(Path(cine).resolve()),
+        "masks": str(Path(masks).resolve()),
+        "vit_checkpoint": str(Path(vit).resolve()),
+        "vit_sha256": file_digest(vit),
+        "maskcnn_checkpoint": str(Path(maskcnn).resolve()),
+        "maskcnn_sha256": file_digest(maskcnn),
+        "splits": "" if splits is None else str(Path(splits).resolve()),
+        "fold": -1 if fold is None else int(fold),
+        "img_size": int(img_size),
+        "mask_size": int(mask_size),
         "boxes": "predicted masks" if predicted_boxes else "annotated masks",
         "stack_order": "groups by annot_id; rows = non-overlapping 3-frame windows in frame_num order",
     }
@@ -228,18 +281,36 @@ def export(*, cine: str | os.PathLike, masks: str | os.PathLike, vit: str | os.P
         from lightning.pytorch.callbacks import RichProgressBar
 
         bar = [RichProgressBar()]
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision=precision,
-                        logger=False, enable_checkpointing=False, enable_model_summary=False,
-                        enable_progress_bar=bool(bar), callbacks=[writer, *bar, *callbacks])
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=bool(bar),
+        callbacks=[writer, *bar, *callbacks],
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
     trainer.predict(EmbeddingExport(vit_model, mask_model), dataloaders=loader, return_predictions=False)
     return out
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embeddings", help="export per-nodule image + segmentation embeddings to embeddings.h5",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "embeddings",
+        help="export per-nodule image + segmentation embeddings to embeddings.h5",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--cine", type=Path, required=True, help="Stanford dataset.hdf5 (metadata.csv beside it)")
     p.add_argument("--metadata", type=Path, default=None, help="metadata CSV (default: beside the HDF5)")
     p.add_argument("--masks", type=Path, required=True, help="predicted masks (from `usnodule masks`)")
@@ -251,10 +322,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--img-size", type=int, default=None, help="ViT input size (default: from the checkpoint)")
-    p.add_argument("--mask-size", type=int, default=None, help="mask CNN input size (default: from the checkpoint)")
-    p.add_argument("--boxes", choices=("auto", "annotated", "predicted"), default="auto",
-                   help="ROI boxes of the image crops: as the ViT was trained (auto), from the annotated masks, or "
-                        "from the predicted masks (for clips without annotations)")
+    p.add_argument(
+        "--mask-size", type=int, default=None, help="mask CNN input size (default: from the checkpoint)"
+    )
+    p.add_argument(
+        "--boxes",
+        choices=("auto", "annotated", "predicted"),
+        default="auto",
+        help="ROI boxes of the image crops: as the ViT was trained (auto), from the annotated masks, or "
+        "from the predicted masks (for clips without annotations)",
+    )
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--devices", default="1", help="Trainer devices (e.g. 1, 4, auto)")
     p.add_argument("--strategy", default="auto", help="Trainer strategy (e.g. ddp)")
@@ -267,11 +344,25 @@ def _devices(text: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> None:
-    out = export(cine=args.cine, masks=args.masks, vit=args.vit, maskcnn=args.maskcnn, out=args.out,
-                 splits=args.splits, fold=args.fold, metadata=args.metadata, batch_size=args.batch_size,
-                 num_workers=args.num_workers, img_size=args.img_size, mask_size=args.mask_size,
-                 accelerator=args.accelerator, devices=_devices(args.devices), strategy=args.strategy,
-                 precision=args.precision, boxes=args.boxes)
+    out = export(
+        cine=args.cine,
+        masks=args.masks,
+        vit=args.vit,
+        maskcnn=args.maskcnn,
+        out=args.out,
+        splits=args.splits,
+        fold=args.fold,
+        metadata=args.metadata,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        img_size=args.img_size,
+        mask_size=args.mask_size,
+        accelerator=args.accelerator,
+        devices=_devices(args.devices),
+        strategy=args.strategy,
+        precision=args.precision,
+        boxes=args.boxes,
+    )
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         print(f"wrote {out}")
         with h5py.File(out, "r") as f:  # the key numbers for `python -m stages.step`

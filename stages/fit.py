@@ -71,11 +71,19 @@ def stage_name(model: LightningModule) -> str:
 
 class UsnoduleCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--ckpt_out", type=str | None, default=None,
-                            help="copy the best checkpoint of `fit` here when it ends")
+        parser.add_argument(
+            "--ckpt_out",
+            type=str | None,
+            default=None,
+            help="copy the best checkpoint of `fit` here when it ends",
+        )
         parser.add_argument("--exp", type=str, default="default", help="experiment name (W&B group)")
-        parser.add_argument("--resume", type=bool, default=True,
-                            help="resume from <default_root_dir>/checkpoints/last.ckpt of the same experiment")
+        parser.add_argument(
+            "--resume",
+            type=bool,
+            default=True,
+            help="resume from <default_root_dir>/checkpoints/last.ckpt of the same experiment",
+        )
 
     def _sub(self) -> dict:
         return self.config[self.subcommand] if self.subcommand else self.config
@@ -113,8 +121,14 @@ class UsnoduleCLI(LightningCLI):
         # credentials, else offline.  Never offline=True when WANDB_MODE is set: WandbLogger then overwrites it
         # with "dryrun" for the rest of the process.
         offline = os.environ.get("WANDB_MODE") is None and not os.environ.get("WANDB_API_KEY")
-        return WandbLogger(project="usnodule", group=self._sub().get("exp"), job_type=stage, name=name,
-                           save_dir=str(root), offline=offline)
+        return WandbLogger(
+            project="usnodule",
+            group=self._sub().get("exp"),
+            job_type=stage,
+            name=name,
+            save_dir=str(root),
+            offline=offline,
+        )
 
     # ---------------------------------------------------------------------------------------- resume
     def _experiment_hash(self) -> str:
@@ -195,8 +209,9 @@ def result_line(trainer: Trainer) -> str | None:
 
 def main(args: ArgsType = None) -> None:
     argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, list | tuple) and any(a in ("-h", "--help") or str(a).split("=")[0].endswith(".help")
-                                              for a in argv):
+    if isinstance(argv, list | tuple) and any(
+        a in ("-h", "--help") or str(a).split("=")[0].endswith(".help") for a in argv
+    ):
         for name in STAGE_MODULES:
             importlib.import_module(name)
     try:

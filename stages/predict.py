@@ -80,8 +80,15 @@ class Predictor:
     device: torch.device
 
 
-def resolve_checkpoints(*, fold_dir: str | os.PathLike | None, seg=None, vit=None, maskcnn=None, head=None,
-                        head_variant: str = "stact") -> dict[str, Path]:
+def resolve_checkpoints(
+    *,
+    fold_dir: str | os.PathLike | None,
+    seg=None,
+    vit=None,
+    maskcnn=None,
+    head=None,
+    head_variant: str = "stact",
+) -> dict[str, Path]:
     """Explicit paths win; the rest come from ``fold_dir`` (seg.ckpt, vit.ckpt, maskcnn.ckpt,
     head_<variant>.ckpt). Every file must exist (DataError naming the first missing one)."""
     given = {"seg": seg, "vit": vit, "maskcnn": maskcnn, "head": head}
@@ -106,7 +113,9 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_predictor(paths: dict[str, Path], device: str = "auto", mask_threshold: float | None = None) -> Predictor:
+def load_predictor(
+    paths: dict[str, Path], device: str = "auto", mask_threshold: float | None = None
+) -> Predictor:
     """Load the four stages in eval mode, as ``usnodule masks`` / ``embeddings`` load them."""
     from lightning_modules.head_stage import HeadStage
     from lightning_modules.maskcnn_stage import MaskCNNStage
@@ -120,11 +129,17 @@ def load_predictor(paths: dict[str, Path], device: str = "auto", mask_threshold:
     img_size = vit.input_size(vit_data)
     dev = pick_device(device)
     return Predictor(
-        seg=seg.to(dev), vit=vit.to(dev), maskcnn=maskcnn.to(dev), head=head.to(dev),
+        seg=seg.to(dev),
+        vit=vit.to(dev),
+        maskcnn=maskcnn.to(dev),
+        head=head.to(dev),
         seg_size=int(seg_data.get("size") or 256),
         seg_threshold=float(seg.hparams.get("threshold", 0.5) if mask_threshold is None else mask_threshold),
-        vit_data=vit_data, mask_data=mask_data, img_size=img_size,
-        mask_size=int(mask_data.get("img_size") or img_size), device=dev,
+        vit_data=vit_data,
+        mask_data=mask_data,
+        img_size=img_size,
+        mask_size=int(mask_data.get("img_size") or img_size),
+        device=dev,
     )
 
 
@@ -137,16 +152,18 @@ def segment(p: Predictor, frames: np.ndarray, batch_size: int = 16) -> np.ndarra
 
 
 @torch.inference_mode()
-def embed(p: Predictor, cine: StanfordCine, masks: PredictedMasks,
-          batch_size: int = 16) -> dict[str, torch.Tensor]:
+def embed(
+    p: Predictor, cine: StanfordCine, masks: PredictedMasks, batch_size: int = 16
+) -> dict[str, torch.Tensor]:
     """Per-stack ``image``/``seg`` embeddings (S, 256) and ``image_prob`` (S,), in stack order, exactly as
     ``usnodule embeddings --boxes predicted`` computes them for a nodule (``cine``, ``masks``:
     :func:`clip_data`)."""
     from datamodules.stacks import build_dataset
     from lightning_modules.export import EmbeddingExport
 
-    dataset = build_dataset(cine, masks, p.vit_data, p.mask_data, p.img_size, p.mask_size,
-                            predicted_boxes=True)
+    dataset = build_dataset(
+        cine, masks, p.vit_data, p.mask_data, p.img_size, p.mask_size, predicted_boxes=True
+    )
     export = EmbeddingExport(p.vit, p.maskcnn)
     parts: dict[str, list[torch.Tensor]] = {"image": [], "seg": [], "image_prob": []}
     for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size, shuffle=False)):
@@ -160,28 +177,51 @@ def embed(p: Predictor, cine: StanfordCine, masks: PredictedMasks,
 @torch.inference_mode()
 def head_prob(p: Predictor, emb: dict[str, torch.Tensor]) -> float:
     """HeadStage malignant probability of one sequence, batched as the head's DataModule batches it."""
-    item = {"image_emb": emb["image"], "seg_emb": emb["seg"], "label": torch.tensor(-1),
-            "nodule": torch.tensor(0)}
+    item = {
+        "image_emb": emb["image"],
+        "seg_emb": emb["seg"],
+        "label": torch.tensor(-1),
+        "nodule": torch.tensor(0),
+    }
     batch = {k: v.to(p.device) for k, v in pad_collate([item]).items()}
     return float(p.head.predict_step(batch, 0)["prob"][0])
 
 
-def predict_clip(p: Predictor, path: str | os.PathLike, *, threshold: float = 0.5, batch_size: int = 16) -> dict:
+def predict_clip(
+    p: Predictor, path: str | os.PathLike, *, threshold: float = 0.5, batch_size: int = 16
+) -> dict:
     """One CSV row for the clip at ``path``."""
     frames = read_clip(path)
     masks = segment(p, frames, batch_size)
     emb = embed(p, *clip_data(str(path), frames, masks), batch_size)
     prob = head_prob(p, emb)
-    return {"clip": str(path), "n_frames": int(len(frames)), "n_stacks": int(len(emb["image"])),
-            "frames_with_mask": int(masks.reshape(len(masks), -1).any(axis=1).sum()),
-            "prob_malignant": prob, "pred": int(prob >= threshold),
-            "prob_avepool": float(emb["image_prob"].mean())}
+    return {
+        "clip": str(path),
+        "n_frames": int(len(frames)),
+        "n_stacks": int(len(emb["image"])),
+        "frames_with_mask": int(masks.reshape(len(masks), -1).any(axis=1).sum()),
+        "prob_malignant": prob,
+        "pred": int(prob >= threshold),
+        "prob_avepool": float(emb["image_prob"].mean()),
+    }
 
 
-def predict(clips: Sequence[str | os.PathLike], *, seg=None, vit=None, maskcnn=None, head=None,
-            fold_dir: str | os.PathLike | None = None, head_variant: str = "stact",
-            out: str | os.PathLike | None = None, threshold: float = 0.5, device: str = "auto",
-            batch_size: int = 16, mask_threshold: float | None = None, progress: bool = True) -> pd.DataFrame:
+def predict(
+    clips: Sequence[str | os.PathLike],
+    *,
+    seg=None,
+    vit=None,
+    maskcnn=None,
+    head=None,
+    fold_dir: str | os.PathLike | None = None,
+    head_variant: str = "stact",
+    out: str | os.PathLike | None = None,
+    threshold: float = 0.5,
+    device: str = "auto",
+    batch_size: int = 16,
+    mask_threshold: float | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Predict every clip; write ``out`` (atomically, only if all succeed) when given. Returns the table."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -190,12 +230,18 @@ def predict(clips: Sequence[str | os.PathLike], *, seg=None, vit=None, maskcnn=N
     for c in clips:  # fail before loading models for a plain typo
         if not split_h5_spec(c)[0].exists():  # "clip.h5:/key" names a dataset inside clip.h5
             raise DataError(c, "does not exist")
-    paths = resolve_checkpoints(fold_dir=fold_dir, seg=seg, vit=vit, maskcnn=maskcnn, head=head,
-                                head_variant=head_variant)
+    paths = resolve_checkpoints(
+        fold_dir=fold_dir, seg=seg, vit=vit, maskcnn=maskcnn, head=head, head_variant=head_variant
+    )
     p = load_predictor(paths, device, mask_threshold)
     rows = []
-    bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   disable=not (progress and sys.stdout.isatty()))
+    bar = Progress(
+        TextColumn("predict"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not (progress and sys.stdout.isatty()),
+    )
     with bar:
         task = bar.add_task("predict", total=len(clips))
         for c in clips:
@@ -210,20 +256,36 @@ def predict(clips: Sequence[str | os.PathLike], *, seg=None, vit=None, maskcnn=N
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="STACT-Time malignancy probability of new clips (DICOM, video, .npy, ...)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "predict",
+        help="STACT-Time malignancy probability of new clips (DICOM, video, .npy, ...)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("clips", nargs="+", type=Path, help="clips: .dcm, .mp4/.avi, frame folder, .npy/.npz, .h5")
-    p.add_argument("--fold-dir", type=Path, default=None,
-                   help="runs/<exp>/fold<k>: seg.ckpt, vit.ckpt, maskcnn.ckpt, head_<variant>.ckpt inside it")
+    p.add_argument(
+        "--fold-dir",
+        type=Path,
+        default=None,
+        help="runs/<exp>/fold<k>: seg.ckpt, vit.ckpt, maskcnn.ckpt, head_<variant>.ckpt inside it",
+    )
     p.add_argument("--seg", type=Path, default=None, help="SegStage checkpoint (overrides --fold-dir)")
     p.add_argument("--vit", type=Path, default=None, help="ViTStage checkpoint (overrides --fold-dir)")
-    p.add_argument("--maskcnn", type=Path, default=None, help="MaskCNNStage checkpoint (overrides --fold-dir)")
+    p.add_argument(
+        "--maskcnn", type=Path, default=None, help="MaskCNNStage checkpoint (overrides --fold-dir)"
+    )
     p.add_argument("--head", type=Path, default=None, help="HeadStage checkpoint (overrides --fold-dir)")
     p.add_argument("--head-variant", default="stact", help="head file in --fold-dir: head_<variant>.ckpt")
-    p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="output CSV (default predictions.csv)")
+    p.add_argument(
+        "--out", type=Path, default=Path("predictions.csv"), help="output CSV (default predictions.csv)"
+    )
     p.add_argument("--threshold", type=float, default=0.5, help="decision threshold on prob_malignant")
-    p.add_argument("--mask-threshold", type=float, default=None,
-                   help="mask probability threshold (default: the SegStage's)")
+    p.add_argument(
+        "--mask-threshold",
+        type=float,
+        default=None,
+        help="mask probability threshold (default: the SegStage's)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=16, help="frames / stacks per forward pass")
     p.set_defaults(func=run)
@@ -237,15 +299,32 @@ def show(table: pd.DataFrame, threshold: float) -> None:
     for col in ("clip", "frames", "stacks", "masked", "prob", "pred", "avepool"):
         t.add_column(col, justify="left" if col == "clip" else "right", overflow="fold")
     for r in table.itertuples(index=False):
-        t.add_row(str(r.clip), str(r.n_frames), str(r.n_stacks), str(r.frames_with_mask), f"{r.prob_malignant:.3f}",
-                  "malignant" if r.pred else "benign", f"{r.prob_avepool:.3f}")
+        t.add_row(
+            str(r.clip),
+            str(r.n_frames),
+            str(r.n_stacks),
+            str(r.frames_with_mask),
+            f"{r.prob_malignant:.3f}",
+            "malignant" if r.pred else "benign",
+            f"{r.prob_avepool:.3f}",
+        )
     Console().print(t)
 
 
 def run(args: argparse.Namespace) -> None:
-    table = predict(args.clips, seg=args.seg, vit=args.vit, maskcnn=args.maskcnn, head=args.head,
-                    fold_dir=args.fold_dir, head_variant=args.head_variant, out=args.out,
-                    threshold=args.threshold, device=args.device, batch_size=args.batch_size,
-                    mask_threshold=args.mask_threshold)
+    table = predict(
+        args.clips,
+        seg=args.seg,
+        vit=args.vit,
+        maskcnn=args.maskcnn,
+        head=args.head,
+        fold_dir=args.fold_dir,
+        head_variant=args.head_variant,
+        out=args.out,
+        threshold=args.threshold,
+        device=args.device,
+        batch_size=args.batch_size,
+        mask_threshold=args.mask_threshold,
+    )
     show(table, args.threshold)
     print(f"wrote {args.out}")

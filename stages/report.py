@@ -51,13 +51,25 @@ from datamodules.errors import DataError
 
 METRICS = ("acc", "precision", "recall", "f1", "auroc", "specificity")
 TABLE_METRICS = ("acc", "precision", "recall", "f1", "auroc")
-HEADERS = {"acc": "Nodule ACC", "precision": "Nodule Precision", "recall": "Nodule Recall", "f1": "Nodule F1",
-           "auroc": "Nodule AUROC", "specificity": "Nodule Specificity"}
+HEADERS = {
+    "acc": "Nodule ACC",
+    "precision": "Nodule Precision",
+    "recall": "Nodule Recall",
+    "f1": "Nodule F1",
+    "auroc": "Nodule AUROC",
+    "specificity": "Nodule Specificity",
+}
 # Display names and the paper's row order (Table 2, then Table 4 variants); unknown methods follow by name.
 NAMES = {
-    "cinecnn_avepool": "CineCNN-AvePool", "cinecnn_trans": "CineCNN-Trans", "tirads": "TI-RADS",
-    "seg_self": "Seg + Self", "vit_self": "ViT + Self", "joint": "Joint fusion", "stact": "STACT-Time",
-    "asycmst": "AsyCMST", "asycmst_none": "AsyCMST (no cross-attention)",
+    "cinecnn_avepool": "CineCNN-AvePool",
+    "cinecnn_trans": "CineCNN-Trans",
+    "tirads": "TI-RADS",
+    "seg_self": "Seg + Self",
+    "vit_self": "ViT + Self",
+    "joint": "Joint fusion",
+    "stact": "STACT-Time",
+    "asycmst": "AsyCMST",
+    "asycmst_none": "AsyCMST (no cross-attention)",
 }
 # Reference rows from a synthetic set's truth.csv (``--truth``): method key -> (display name, score column).
 REFERENCES = {"bayes_ceiling": ("Bayes ceiling", "risk"), "tirads_oracle": ("TI-RADS oracle", "tirads_risk")}
@@ -108,8 +120,9 @@ def rank_auroc(label: np.ndarray, prob: np.ndarray) -> np.ndarray:
         return ((ranks * label).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
-def bootstrap_auroc(label: np.ndarray, prob: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                    level: float = 0.95) -> tuple[float, float]:
+def bootstrap_auroc(
+    label: np.ndarray, prob: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap CI of the AUROC (resampling nodules with replacement; one-class draws skipped)."""
     label, prob = np.asarray(label, int), np.asarray(prob, float)
     if len(np.unique(label)) < 2 or n_boot <= 0:
@@ -126,13 +139,23 @@ def at_sensitivity(label: np.ndarray, prob: np.ndarray, target: float = 0.95) ->
     label, prob = np.asarray(label, int), np.asarray(prob, float)
     n_benign = int((label == 0).sum())
     if len(np.unique(label)) < 2:
-        return {"threshold": float("nan"), "sensitivity": float("nan"), "specificity": float("nan"),
-                "benign_spared": float("nan"), "n_benign": n_benign}
+        return {
+            "threshold": float("nan"),
+            "sensitivity": float("nan"),
+            "specificity": float("nan"),
+            "benign_spared": float("nan"),
+            "n_benign": n_benign,
+        }
     fpr, tpr, thr = roc_curve(label, prob, drop_intermediate=False)
     i = int(np.argmax(tpr >= target - 1e-12))  # tpr rises as the threshold falls: first index reaching target
     t = float(min(thr[i], 1.0)) if np.isfinite(thr[i]) else 1.0
-    return {"threshold": t, "sensitivity": float(tpr[i]), "specificity": float(1 - fpr[i]),
-            "benign_spared": int(((label == 0) & (prob < thr[i])).sum()), "n_benign": n_benign}
+    return {
+        "threshold": t,
+        "sensitivity": float(tpr[i]),
+        "specificity": float(1 - fpr[i]),
+        "benign_spared": int(((label == 0) & (prob < thr[i])).sum()),
+        "n_benign": n_benign,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -152,7 +175,7 @@ def read_predictions(runs: str | os.PathLike, prefix: str = "predictions_") -> p
             if not df["label"].isin([0, 1]).all() or df["prob"].isna().any():
                 raise DataError(csv, "labels must be 0/1 and every prob a number")
             df.insert(0, "fold", fold)
-            df.insert(0, "method", csv.stem[len(prefix):])
+            df.insert(0, "method", csv.stem[len(prefix) :])
             frames.append(df)
     if not frames:
         return pd.DataFrame(columns=["method", "fold", "annot_id", "label", "prob"])
@@ -164,12 +187,17 @@ def read_truth(path: str | os.PathLike) -> pd.DataFrame:
     tirads_risk and label (other columns kept)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, "truth file does not exist (usnodule synth writes <out>/stanford/truth.csv and "
-                              "<out>/paired/truth.csv)")
+        raise DataError(
+            path,
+            "truth file does not exist (usnodule synth writes <out>/stanford/truth.csv and "
+            "<out>/paired/truth.csv)",
+        )
     try:
         df = pd.read_csv(path, dtype={"annot_id": str, "case_id": str})
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise DataError(path, f"not a readable CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        raise DataError(
+            path, f"not a readable CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from e
     key = next((c for c in ("annot_id", "case_id") if c in df.columns), None)
     need = {"risk", "tirads_risk", "label"}
     if key is None or need - set(df.columns):
@@ -192,13 +220,19 @@ def reference_predictions(preds: pd.DataFrame, truth_path: str | os.PathLike) ->
     nod = preds[["fold", "annot_id", "label"]].drop_duplicates(["fold", "annot_id"]).reset_index(drop=True)
     missing = sorted(set(nod["annot_id"]) - set(truth.index))
     if missing:
-        raise DataError(truth_path, f"{len(missing)} test nodule id(s) of the predictions not in it (e.g. "
-                                    f"{', '.join(missing[:3])}): the truth.csv of another data set?")
+        raise DataError(
+            truth_path,
+            f"{len(missing)} test nodule id(s) of the predictions not in it (e.g. "
+            f"{', '.join(missing[:3])}): the truth.csv of another data set?",
+        )
     t = truth.loc[nod["annot_id"]]
     differ = nod.loc[t["label"].to_numpy() != nod["label"].to_numpy(), "annot_id"]
     if len(differ):
-        raise DataError(truth_path, f"label differs from the predictions' for {differ.nunique()} nodule(s) (e.g. "
-                                    f"{', '.join(sorted(set(differ))[:3])}): the truth.csv of another data set?")
+        raise DataError(
+            truth_path,
+            f"label differs from the predictions' for {differ.nunique()} nodule(s) (e.g. "
+            f"{', '.join(sorted(set(differ))[:3])}): the truth.csv of another data set?",
+        )
     frames = [nod.assign(method=m, prob=t[col].to_numpy()) for m, (_, col) in REFERENCES.items()]
     return pd.concat(frames, ignore_index=True)[["method", "fold", "annot_id", "label", "prob"]]
 
@@ -240,17 +274,28 @@ def _method_row(preds: pd.DataFrame, m: str, n_boot: int, seed: int) -> dict:
     """Table-2 row of one method (see :func:`nodule_table`)."""
     df = preds[preds["method"] == m]
     per_fold = [binary_metrics(g["label"], g["prob"]) for _, g in df.groupby("fold")]
-    row = {"method": m, "name": NAMES.get(m, m), "reference": False, "n_folds": df["fold"].nunique(),
-           "n_nodules": len(df)}
+    row = {
+        "method": m,
+        "name": NAMES.get(m, m),
+        "reference": False,
+        "n_folds": df["fold"].nunique(),
+        "n_nodules": len(df),
+    }
     for k in METRICS:
         row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_folds"] = mean_std([f[k] for f in per_fold])
     y, p = df["label"].to_numpy(), df["prob"].to_numpy()
     row["auroc_pooled"] = roc_auc_score(y, p) if len(np.unique(y)) == 2 else float("nan")
     row["auroc_ci_low"], row["auroc_ci_high"] = bootstrap_auroc(y, p, n_boot, seed)
     op = at_sensitivity(y, p, 0.95)
-    row.update({"sens95_threshold": op["threshold"], "sens95_sensitivity": op["sensitivity"],
-                "sens95_specificity": op["specificity"], "sens95_benign_spared": op["benign_spared"],
-                "n_benign": op["n_benign"]})
+    row.update(
+        {
+            "sens95_threshold": op["threshold"],
+            "sens95_sensitivity": op["sensitivity"],
+            "sens95_specificity": op["specificity"],
+            "sens95_benign_spared": op["benign_spared"],
+            "n_benign": op["n_benign"],
+        }
+    )
     return row
 
 
@@ -264,8 +309,14 @@ def stack_table(stacks: pd.DataFrame) -> pd.DataFrame:
         for _, g in df.groupby("fold"):
             nod = g.groupby("annot_id").agg(label=("label", "first"), prob=("prob", "mean"))
             s, n = binary_metrics(g["label"], g["prob"]), binary_metrics(nod["label"], nod["prob"])
-            per_fold.append({"stack_acc": s["acc"], "nodule_acc": n["acc"], "stack_auroc": s["auroc"],
-                             "nodule_auroc": n["auroc"]})
+            per_fold.append(
+                {
+                    "stack_acc": s["acc"],
+                    "nodule_acc": n["acc"],
+                    "stack_auroc": s["auroc"],
+                    "nodule_auroc": n["auroc"],
+                }
+            )
         row = {"backbone": b, "name": BACKBONES.get(b, b), "n_folds": df["fold"].nunique()}
         for k in ("stack_acc", "nodule_acc", "stack_auroc", "nodule_auroc"):
             row[f"{k}_mean"], row[f"{k}_std"], _ = mean_std([f[k] for f in per_fold])
@@ -277,58 +328,100 @@ def pm(mean: float, std: float) -> str:
     return "-" if np.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
 
 
-def markdown(table: pd.DataFrame, stack: pd.DataFrame, runs: Path, title: str | None = None,
-             truth: Path | None = None) -> str:
+def markdown(
+    table: pd.DataFrame, stack: pd.DataFrame, runs: Path, title: str | None = None, truth: Path | None = None
+) -> str:
     refs, table = table[table["reference"]], table[~table["reference"]]  # every row says (_method_row)
-    lines = [f"# {title}: results ({runs})" if title else f"# Results: {runs}", "",
-             "Nodule-level metrics, mean ± std (ddof 1) over cross-validation folds, threshold 0.5 (Table 2).", "",
-             "| Method | " + " | ".join(HEADERS[k] for k in TABLE_METRICS) + " | folds |",
-             "|---" * (len(TABLE_METRICS) + 2) + "|"]
+    lines = [
+        f"# {title}: results ({runs})" if title else f"# Results: {runs}",
+        "",
+        "Nodule-level metrics, mean ± std (ddof 1) over cross-validation folds, threshold 0.5 (Table 2).",
+        "",
+        "| Method | " + " | ".join(HEADERS[k] for k in TABLE_METRICS) + " | folds |",
+        "|---" * (len(TABLE_METRICS) + 2) + "|",
+    ]
     for _, r in table.iterrows():
         cells = [pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in TABLE_METRICS]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['n_folds']} |")
-    lines += ["", "Pooled over folds: AUROC with bootstrap 95% CI, and the operating point at 95% sensitivity "
-                  "(benign nodules whose biopsy would be spared).", "",
-              "| Method | Pooled AUROC [95% CI] | Threshold | Sensitivity | Specificity | Benign spared |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Pooled over folds: AUROC with bootstrap 95% CI, and the operating point at 95% sensitivity "
+        "(benign nodules whose biopsy would be spared).",
+        "",
+        "| Method | Pooled AUROC [95% CI] | Threshold | Sensitivity | Specificity | Benign spared |",
+        "|---|---|---|---|---|---|",
+    ]
     for _, r in table.iterrows():
-        auc = "-" if np.isnan(r["auroc_pooled"]) else (
-            f"{r['auroc_pooled']:.3f} [{r['auroc_ci_low']:.3f}, {r['auroc_ci_high']:.3f}]")
+        auc = (
+            "-"
+            if np.isnan(r["auroc_pooled"])
+            else (f"{r['auroc_pooled']:.3f} [{r['auroc_ci_low']:.3f}, {r['auroc_ci_high']:.3f}]")
+        )
         if np.isnan(r["sens95_specificity"]):
             op = ["-", "-", "-", "-"]
         else:
-            op = [f"{r['sens95_threshold']:.3f}", f"{r['sens95_sensitivity']:.3f}", f"{r['sens95_specificity']:.3f}",
-                  f"{int(r['sens95_benign_spared'])} / {int(r['n_benign'])}"]
+            op = [
+                f"{r['sens95_threshold']:.3f}",
+                f"{r['sens95_sensitivity']:.3f}",
+                f"{r['sens95_specificity']:.3f}",
+                f"{int(r['sens95_benign_spared'])} / {int(r['n_benign'])}",
+            ]
         lines.append(f"| {r['name']} | {auc} | " + " | ".join(op) + " |")
     if len(refs):
-        lines += ["", "## Reference (generator truth)", "",
-                  f"Not methods: scores from the synthetic generator's `{truth}` on the same test nodules of each "
-                  "fold. *Bayes ceiling* = the clean risk (log-odds before the label noise: what the data allows; "
-                  "a method can beat it only by chance); *TI-RADS oracle* = its TI-RADS-and-age part with the "
-                  "generator's own weights (what the metadata allows). The scores are not probabilities, so the "
-                  "metrics at threshold 0.5 are not defined (–).", "",
-                  "| Reference | Nodule AUROC | Pooled AUROC [95% CI] | Specificity @95% sens | Benign spared "
-                  "| folds | nodules |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Reference (generator truth)",
+            "",
+            f"Not methods: scores from the synthetic generator's `{truth}` on the same test nodules of each "
+            "fold. *Bayes ceiling* = the clean risk (log-odds before the label noise: what the data allows; "
+            "a method can beat it only by chance); *TI-RADS oracle* = its TI-RADS-and-age part with the "
+            "generator's own weights (what the metadata allows). The scores are not probabilities, so the "
+            "metrics at threshold 0.5 are not defined (–).",
+            "",
+            "| Reference | Nodule AUROC | Pooled AUROC [95% CI] | Specificity @95% sens | Benign spared "
+            "| folds | nodules |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for _, r in refs.iterrows():
-            auc = "-" if np.isnan(r["auroc_pooled"]) else (
-                f"{r['auroc_pooled']:.3f} [{r['auroc_ci_low']:.3f}, {r['auroc_ci_high']:.3f}]")
-            spec, spared = ("-", "-") if np.isnan(r["sens95_specificity"]) else (
-                f"{r['sens95_specificity']:.3f}", f"{int(r['sens95_benign_spared'])} / {int(r['n_benign'])}")
-            lines.append(f"| *{r['name']}* | {pm(r['auroc_mean'], r['auroc_std'])} | {auc} | {spec} | {spared} "
-                         f"| {r['n_folds']} | {r['n_nodules']} |")
+            auc = (
+                "-"
+                if np.isnan(r["auroc_pooled"])
+                else (f"{r['auroc_pooled']:.3f} [{r['auroc_ci_low']:.3f}, {r['auroc_ci_high']:.3f}]")
+            )
+            spec, spared = (
+                ("-", "-")
+                if np.isnan(r["sens95_specificity"])
+                else (
+                    f"{r['sens95_specificity']:.3f}",
+                    f"{int(r['sens95_benign_spared'])} / {int(r['n_benign'])}",
+                )
+            )
+            lines.append(
+                f"| *{r['name']}* | {pm(r['auroc_mean'], r['auroc_std'])} | {auc} | {spec} | {spared} "
+                f"| {r['n_folds']} | {r['n_nodules']} |"
+            )
     if len(stack):
-        lines += ["", "Backbones, stack (\"Frame\") and nodule level (nodule = mean of stack probabilities), "
-                      "mean ± std over folds (Table 3).", "",
-                  "| Backbone | Frame ACC | Nodule ACC | Frame AUROC | Nodule AUROC |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            'Backbones, stack ("Frame") and nodule level (nodule = mean of stack probabilities), '
+            "mean ± std over folds (Table 3).",
+            "",
+            "| Backbone | Frame ACC | Nodule ACC | Frame AUROC | Nodule AUROC |",
+            "|---|---|---|---|---|",
+        ]
         for _, r in stack.iterrows():
-            cells = [pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in ("stack_acc", "nodule_acc", "stack_auroc",
-                                                                  "nodule_auroc")]
+            cells = [
+                pm(r[f"{k}_mean"], r[f"{k}_std"])
+                for k in ("stack_acc", "nodule_acc", "stack_auroc", "nodule_auroc")
+            ]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     lines += ["", "Files: results.csv (all numbers), results_stack.csv, roc.png, predictions.csv.", ""]
     return "\n".join(lines)
 
 
-def plot_roc(preds: pd.DataFrame, path: Path, refs: pd.DataFrame | None = None, title: str | None = None) -> None:
+def plot_roc(
+    preds: pd.DataFrame, path: Path, refs: pd.DataFrame | None = None, title: str | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,11 +439,22 @@ def plot_roc(preds: pd.DataFrame, path: Path, refs: pd.DataFrame | None = None, 
         if df is None or df["label"].nunique() < 2:
             continue
         fpr, tpr, _ = roc_curve(df["label"], df["prob"])
-        ax.plot(fpr, tpr, color=color, lw=1.0, ls=(0, (4, 2)),
-                label=f"{name}, reference (AUROC {roc_auc_score(df['label'], df['prob']):.2f})")
+        ax.plot(
+            fpr,
+            tpr,
+            color=color,
+            lw=1.0,
+            ls=(0, (4, 2)),
+            label=f"{name}, reference (AUROC {roc_auc_score(df['label'], df['prob']):.2f})",
+        )
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1),
-           title=f"{title}: ROC, pooled over folds" if title else "ROC, pooled over folds")
+    ax.set(
+        xlabel="1 - specificity",
+        ylabel="sensitivity",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title=f"{title}: ROC, pooled over folds" if title else "ROC, pooled over folds",
+    )
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -388,39 +492,67 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
 
 
-def log_wandb(out: Path, exp: str, table: pd.DataFrame, stack: pd.DataFrame, preds: pd.DataFrame,
-              runs: Path) -> Path | None:
+def log_wandb(
+    out: Path, exp: str, table: pd.DataFrame, stack: pd.DataFrame, preds: pd.DataFrame, runs: Path
+) -> Path | None:
     """One W&B summary run of the cross-validation (module docstring); returns its local run folder."""
     import wandb
 
-    run = wandb.init(project="usnodule", group=exp, job_type="report", name=f"report-{exp}", dir=str(out),
-                     mode=wandb_mode(), config={"runs": str(runs), "exp": exp}, reinit="create_new")
+    run = wandb.init(
+        project="usnodule",
+        group=exp,
+        job_type="report",
+        name=f"report-{exp}",
+        dir=str(out),
+        mode=wandb_mode(),
+        config={"runs": str(runs), "exp": exp},
+        reinit="create_new",
+    )
     try:
-        media = {"report/results": wandb.Table(dataframe=table),
-                 "report/predictions": wandb.Table(dataframe=preds.sort_values(["method", "fold", "annot_id"])),
-                 "report/roc": wandb.Image(str(out / "roc.png"), caption="ROC pooled over folds")}
+        media = {
+            "report/results": wandb.Table(dataframe=table),
+            "report/predictions": wandb.Table(dataframe=preds.sort_values(["method", "fold", "annot_id"])),
+            "report/roc": wandb.Image(str(out / "roc.png"), caption="ROC pooled over folds"),
+        }
         if len(stack):
             media["report/results_stack"] = wandb.Table(dataframe=stack)
         run.log(media)
         for _, r in table.iterrows():
-            for k in (*(f"{m}_mean" for m in METRICS), *(f"{m}_std" for m in METRICS), "auroc_pooled",
-                      "auroc_ci_low", "auroc_ci_high", "sens95_specificity"):
+            for k in (
+                *(f"{m}_mean" for m in METRICS),
+                *(f"{m}_std" for m in METRICS),
+                "auroc_pooled",
+                "auroc_ci_low",
+                "auroc_ci_high",
+                "sens95_specificity",
+            ):
                 run.summary[f"{r['method']}/{k}"] = float(r[k])
         return Path(run.dir).parent if not run.disabled else None
     finally:
         run.finish()
 
 
-def report(runs: str | os.PathLike, out: str | os.PathLike, *, n_boot: int = 1000, seed: int = 0,
-           show: bool = True, wandb: bool = False, exp: str | None = None, truth: str | os.PathLike | None = None,
-           title: str | None = None) -> pd.DataFrame:
+def report(
+    runs: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    show: bool = True,
+    wandb: bool = False,
+    exp: str | None = None,
+    truth: str | os.PathLike | None = None,
+    title: str | None = None,
+) -> pd.DataFrame:
     """Write the report files (module docstring) and return the nodule table (methods, then the reference rows
     when ``truth`` names a synthetic set's truth.csv); ``wandb``: also log a summary run (group ``exp``,
     default the runs folder's name); ``title`` heads results.md, the terminal table and roc.png."""
     runs, out = Path(runs), Path(out)
     preds = read_predictions(runs)
     if preds.empty:
-        raise DataError(runs, "no fold<k>/predictions_<method>.csv files (run the stages and `usnodule baselines`)")
+        raise DataError(
+            runs, "no fold<k>/predictions_<method>.csv files (run the stages and `usnodule baselines`)"
+        )
     refs = reference_predictions(preds, truth) if truth is not None else None  # checked before any work
     stacks = read_predictions(runs, "stack_predictions_")
     table = nodule_table(preds, n_boot=n_boot, seed=seed)
@@ -428,8 +560,11 @@ def report(runs: str | os.PathLike, out: str | os.PathLike, *, n_boot: int = 100
         table = pd.concat([table, reference_table(refs, n_boot=n_boot, seed=seed)], ignore_index=True)
     stack = stack_table(stacks) if len(stacks) else pd.DataFrame()
     out.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("results.csv", table), ("results_stack.csv", stack),
-                        ("predictions.csv", preds.sort_values(["method", "fold", "annot_id"]))):
+    for name, frame in (
+        ("results.csv", table),
+        ("results_stack.csv", stack),
+        ("predictions.csv", preds.sort_values(["method", "fold", "annot_id"])),
+    ):
         if name == "results_stack.csv" and frame.empty:
             continue
         with atomic_path(out / name) as tmp:
@@ -446,23 +581,48 @@ def report(runs: str | os.PathLike, out: str | os.PathLike, *, n_boot: int = 100
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="Table-2-style results of every method: results.md/.csv, roc.png",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=Path, required=True, help="experiment folder with fold<k>/predictions_*.csv")
+    p = sub.add_parser(
+        "report",
+        help="Table-2-style results of every method: results.md/.csv, roc.png",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--runs", type=Path, required=True, help="experiment folder with fold<k>/predictions_*.csv"
+    )
     p.add_argument("--out", type=Path, required=True, help="report folder (e.g. reports/demo)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the AUROC CI")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wandb", action="store_true",
-                   help="also log a W&B summary run (job_type report; offline unless WANDB_MODE/credentials)")
-    p.add_argument("--exp", default=None, help="W&B group = experiment name (default: the --runs folder name)")
-    p.add_argument("--truth", type=Path, default=None,
-                   help="a synthetic set's truth.csv (e.g. data/synth/stanford/truth.csv): add the reference rows "
-                        "'Bayes ceiling' and 'TI-RADS oracle' on the same test nodules")
-    p.add_argument("--title", default=None, help="report title, e.g. STACT-Time or AsyCMST (results.md heading)")
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log a W&B summary run (job_type report; offline unless WANDB_MODE/credentials)",
+    )
+    p.add_argument(
+        "--exp", default=None, help="W&B group = experiment name (default: the --runs folder name)"
+    )
+    p.add_argument(
+        "--truth",
+        type=Path,
+        default=None,
+        help="a synthetic set's truth.csv (e.g. data/synth/stanford/truth.csv): add the reference rows "
+        "'Bayes ceiling' and 'TI-RADS oracle' on the same test nodules",
+    )
+    p.add_argument(
+        "--title", default=None, help="report title, e.g. STACT-Time or AsyCMST (results.md heading)"
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    report(args.runs, args.out, n_boot=args.n_boot, seed=args.seed, wandb=args.wandb, exp=args.exp,
-           truth=args.truth, title=args.title)
+    report(
+        args.runs,
+        args.out,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        wandb=args.wandb,
+        exp=args.exp,
+        truth=args.truth,
+        title=args.title,
+    )
     print(f"wrote {args.out}/results.md, results.csv, roc.png, predictions.csv")

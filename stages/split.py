@@ -9,13 +9,20 @@ from datamodules.folds import make_folds, write_splits
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("split", help="write splits.json: K folds grouped by patient, stratified by label",
-                       description=__doc__)
-    p.add_argument("data", type=Path, help="Stanford dataset.hdf5 (metadata.csv beside it) or a paired manifest.csv")
+    p = sub.add_parser(
+        "split",
+        help="write splits.json: K folds grouped by patient, stratified by label",
+        description=__doc__,
+    )
+    p.add_argument(
+        "data", type=Path, help="Stanford dataset.hdf5 (metadata.csv beside it) or a paired manifest.csv"
+    )
     p.add_argument("--metadata", type=Path, default=None, help="metadata CSV (default: beside the HDF5)")
     p.add_argument("-k", "--folds", type=int, default=5, help="number of folds (default 5, as the paper)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="output path (default: splits.json beside the data)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="output path (default: splits.json beside the data)"
+    )
     p.set_defaults(func=run)
 
 
@@ -25,7 +32,9 @@ def run(args: argparse.Namespace) -> None:
     out = write_splits(doc, args.out or args.data.with_name("splits.json"))
     n_groups = len(set(groups))
     print(f"wrote {out}: {len(ids)} cases ({sum(labels)} malignant) in {n_groups} groups, {args.folds} folds")
-    print(f"RESULT cases={len(ids)} malignant={sum(labels)} folds={args.folds}")  # for `python -m stages.step`
+    print(
+        f"RESULT cases={len(ids)} malignant={sum(labels)} folds={args.folds}"
+    )  # for `python -m stages.step`
 
 
 def _cases(data: Path, metadata: Path | None) -> tuple[list[str], list[int], list[str]]:

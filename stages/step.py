@@ -103,8 +103,9 @@ def _start(cmd: list[str], log) -> subprocess.Popen | WarmChild:
             child = WarmChild.start(server, cmd, env, (null.fileno(), log.fileno(), log.fileno()))
         if child is not None:
             return child
-    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            process_group=0)
+    return subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, process_group=0
+    )
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -121,8 +122,9 @@ def _signame(num: int) -> str:
         return str(num)
 
 
-def run_step(cmd: list[str], *, name: str, log: Path, fold: str | None = None, tail: int = 20,
-             out=None, err=None) -> int:
+def run_step(
+    cmd: list[str], *, name: str, log: Path, fold: str | None = None, tail: int = 20, out=None, err=None
+) -> int:
     """Run ``cmd`` as described in the module docstring; returns the exit status to exit with (negative: this
     step was interrupted by that signal).  The success line goes to ``out``, failures to ``err``."""
     out, err = out or sys.stdout, err or sys.stderr
@@ -159,8 +161,9 @@ def run_step(cmd: list[str], *, name: str, log: Path, fold: str | None = None, t
         seconds = time.monotonic() - start
         f.write(f"==== exit {code} after {seconds:.1f} s\n".encode())
     if received:
-        print(f"INTERRUPTED {label(name, fold)} ({_signame(received[0])}) -- log: {log}",
-              file=err, flush=True)
+        print(
+            f"INTERRUPTED {label(name, fold)} ({_signame(received[0])}) -- log: {log}", file=err, flush=True
+        )
         return -received[0]
     lines = _run_lines(log, offset)
     if code == 0:
@@ -178,18 +181,23 @@ def run_step(cmd: list[str], *, name: str, log: Path, fold: str | None = None, t
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--" not in argv:
-        print("usage: python -m stages.step --name NAME [--fold K] --log FILE [--tail N] -- COMMAND...",
-              file=sys.stderr)
+        print(
+            "usage: python -m stages.step --name NAME [--fold K] --log FILE [--tail N] -- COMMAND...",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     cut = argv.index("--")
-    p = argparse.ArgumentParser(prog="python -m stages.step", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m stages.step",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--name", required=True, help="step name shown in the summary line")
     p.add_argument("--fold", default=None, help="fold shown in the summary line (none: no fold column)")
     p.add_argument("--log", type=Path, required=True, help="log file the command's output is appended to")
     p.add_argument("--tail", type=int, default=20, help="log lines shown when the command fails (default 20)")
     args = p.parse_args(argv[:cut])
-    cmd = argv[cut + 1:]
+    cmd = argv[cut + 1 :]
     if not cmd:
         p.error("no command after --")
     code = run_step(cmd, name=args.name, log=args.log, fold=args.fold, tail=args.tail)

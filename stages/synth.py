@@ -65,8 +65,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="fraction malignant for both layouts (default 0.09 Stanford, 0.45 paired)",
     )
     g.add_argument("--balanced", action="store_const", const=0.5, dest="prevalence", help="prevalence 0.5")
-    p.add_argument("--paired-prevalence", type=_fraction, default=None,
-                   help="fraction malignant of the paired set alone (default: --prevalence, else 0.45)")
+    p.add_argument(
+        "--paired-prevalence",
+        type=_fraction,
+        default=None,
+        help="fraction malignant of the paired set alone (default: --prevalence, else 0.45)",
+    )
     p.add_argument(
         "--label-noise",
         type=float,

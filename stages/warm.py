@@ -44,8 +44,17 @@ from pathlib import Path
 ENV = "USNODULE_WARM"
 # What every step imports; a module that fails to import is skipped (logged), the step then imports it itself.
 # ``pkg.*``: the package and every module in it.
-PRELOAD = ("torch", "lightning.pytorch", "lightning.pytorch.cli", "timm", "h5py", "sklearn.metrics",
-           "stages.*", "lightning_modules.*", "datamodules.*")
+PRELOAD = (
+    "torch",
+    "lightning.pytorch",
+    "lightning.pytorch.cli",
+    "timm",
+    "h5py",
+    "sklearn.metrics",
+    "stages.*",
+    "lightning_modules.*",
+    "datamodules.*",
+)
 _MAX_REQUEST = 1 << 20
 _POOL_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -69,7 +78,9 @@ class WarmChild:
         self._conn, self._file, self.pid, self.returncode = conn, reply, pid, None
 
     @classmethod
-    def start(cls, path: str, argv: list[str], env: dict[str, str], fds: tuple[int, int, int]) -> WarmChild | None:
+    def start(
+        cls, path: str, argv: list[str], env: dict[str, str], fds: tuple[int, int, int]
+    ) -> WarmChild | None:
         """Hand ``argv`` to the server at ``path``; ``None`` when there is no server or it does not take it."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -133,8 +144,9 @@ def _run_worker(request: dict) -> int:
         sys.modules["numpy"].random.seed()
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if "torch" in sys.modules:  # the server imported torch single-threaded; give the step what it asked for
-        sys.modules["torch"].set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
-                                             else len(os.sched_getaffinity(0)))
+        sys.modules["torch"].set_num_threads(
+            int(threads) if threads.isdigit() and int(threads) > 0 else len(os.sched_getaffinity(0))
+        )
     sys.argv = list(request["argv"])
     code = 0
     try:
@@ -211,8 +223,11 @@ def _expand(names: tuple[str, ...]) -> list[str]:
         spec = importlib.util.find_spec(pkg)
         out.append(pkg)
         if spec and spec.submodule_search_locations:
-            out += [f"{pkg}.{m.name}" for m in pkgutil.iter_modules(spec.submodule_search_locations)
-                    if m.name not in ("__main__", "warm", "step")]
+            out += [
+                f"{pkg}.{m.name}"
+                for m in pkgutil.iter_modules(spec.submodule_search_locations)
+                if m.name not in ("__main__", "warm", "step")
+            ]
     return out
 
 
@@ -232,7 +247,9 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     gc.collect()
     gc.freeze()  # the imported objects stay shared: no refcount-free pass dirties their pages in each fork
     _log(f"imported {len(preload)} modules in {time.monotonic() - start:.1f} s; {_threads()} thread(s)")
-    hello = json.dumps({"python": sys.executable, "pythonpath": os.environ.get("PYTHONPATH")}).encode() + b"\n"
+    hello = (
+        json.dumps({"python": sys.executable, "pythonpath": os.environ.get("PYTHONPATH")}).encode() + b"\n"
+    )
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # handlers are reaped by the kernel
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -264,8 +281,9 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- wrapper
-def run_with_server(cmd: list[str], log: Path | None = None, ready_timeout: float = 0.0,
-                    preload: tuple[str, ...] = PRELOAD) -> int:
+def run_with_server(
+    cmd: list[str], log: Path | None = None, ready_timeout: float = 0.0, preload: tuple[str, ...] = PRELOAD
+) -> int:
     """Start a server, run ``cmd`` with ``USNODULE_WARM`` naming it, stop the server; ``cmd``'s exit status.
 
     Steps that start before the server listens run cold; ``ready_timeout`` > 0 waits up to that long first.
@@ -273,15 +291,22 @@ def run_with_server(cmd: list[str], log: Path | None = None, ready_timeout: floa
     folder = tempfile.mkdtemp(prefix="usnodule-warm-")
     path = os.path.join(folder, "sock")
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 -- closed below
-    server = subprocess.Popen([sys.executable, "-m", "stages.warm", "--serve", path, "--preload", ",".join(preload)],
-                              stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, process_group=0)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "stages.warm", "--serve", path, "--preload", ",".join(preload)],
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        process_group=0,
+    )
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline and not os.path.exists(path) and server.poll() is None:
         time.sleep(0.05)
     previous = signal.getsignal(signal.SIGINT)
     try:
         child = subprocess.Popen(cmd, env={**os.environ, ENV: path})
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches cmd (same process group); clean up after it
+        signal.signal(
+            signal.SIGINT, signal.SIG_IGN
+        )  # Ctrl-C reaches cmd (same process group); clean up after it
         return child.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -299,11 +324,18 @@ def run_with_server(cmd: list[str], log: Path | None = None, ready_timeout: floa
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m stages.warm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m stages.warm",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--log", type=Path, help="the server's own log (what it imported, in how long)")
-    p.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for the server first")
-    p.add_argument("--preload", default=",".join(PRELOAD), help="modules to import (pkg.* = with its modules)")
+    p.add_argument(
+        "--wait", type=float, default=0.0, help="wait up to this many seconds for the server first"
+    )
+    p.add_argument(
+        "--preload", default=",".join(PRELOAD), help="modules to import (pkg.* = with its modules)"
+    )
     p.add_argument("--serve", metavar="SOCKET", help=argparse.SUPPRESS)  # the server itself
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -312,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve:
         serve(args.serve, preload)
         return
-    cmd = argv[cut + 1:]
+    cmd = argv[cut + 1 :]
     if not cmd:
         p.error("no command after --")
     if args.log:

@@ -117,9 +117,18 @@ def test_cli_fit_then_test_in_one_process(paired, tmp_path):
     """``test_after_fit``: one ``lightning fit`` call leaves the checkpoint, the test ROC and the predictions CSV
     (here the strategy-none comparison, written beside the main run's folder as the Makefile does)."""
     out, preds = tmp_path / "fold0" / "asycmst_none.ckpt", tmp_path / "fold0"
-    main(["fit", *_cli_args(paired, tmp_path / "fold0" / "none"), "--trainer.max_epochs=1",
-          "--model.init_args.test_after_fit=true", "--model.init_args.strategy=none",
-          "--model.init_args.method=asycmst_none", f"--model.init_args.predictions_dir={preds}", f"--ckpt_out={out}"])
+    main(
+        [
+            "fit",
+            *_cli_args(paired, tmp_path / "fold0" / "none"),
+            "--trainer.max_epochs=1",
+            "--model.init_args.test_after_fit=true",
+            "--model.init_args.strategy=none",
+            "--model.init_args.method=asycmst_none",
+            f"--model.init_args.predictions_dir={preds}",
+            f"--ckpt_out={out}",
+        ]
+    )
     assert out.is_file()
     rows = _read_predictions(preds / "predictions_asycmst_none.csv")
     assert sorted(r["annot_id"] for r in rows) == sorted(_test_ids(paired))
@@ -130,9 +139,19 @@ def test_cli_fit_then_test_in_one_process(paired, tmp_path):
 def test_lr_per_step_spans_the_fit(paired, tmp_path):
     """``lr_per_step``: the cosine schedule is stepped per optimiser step and spans the fit's steps."""
     out = tmp_path / "last.ckpt"
-    main(["fit", *_cli_args(paired, tmp_path), "--trainer.max_steps=3", "--model.init_args.lr_per_step=true",
-          "--lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR", "--lr_scheduler.T_max=1000",
-          f"--ckpt_out={out}", "--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"])
+    main(
+        [
+            "fit",
+            *_cli_args(paired, tmp_path),
+            "--trainer.max_steps=3",
+            "--model.init_args.lr_per_step=true",
+            "--lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR",
+            "--lr_scheduler.T_max=1000",
+            f"--ckpt_out={out}",
+            "--trainer.callbacks=[]",
+            "--trainer.enable_checkpointing=false",
+        ]
+    )
     ckpt = torch.load(out, map_location="cpu", weights_only=False)
     sched, steps = ckpt["lr_schedulers"][0], ckpt["global_step"]
     assert steps >= 2 and sched["T_max"] == steps and sched["last_epoch"] == steps  # stepped once per step
@@ -153,8 +172,9 @@ def test_scores_count_ddp_padding_repeats_once():
     prob, label, index = torch.tensor([0.9, 0.2, 0.7]), torch.tensor([1, 0, 0]), torch.tensor([0, 1, 2])
     once.update(index, prob, label, torch.zeros_like(index))  # how AsyCMST feeds it: one row per case
     padded.update(index[:2], prob[:2], label[:2], torch.zeros(2, dtype=torch.long))
-    padded.update(torch.tensor([2, 0]), torch.tensor([0.7, 0.9]), torch.tensor([0, 1]),
-                  torch.zeros(2, dtype=torch.long))  # case 0 repeated
+    padded.update(
+        torch.tensor([2, 0]), torch.tensor([0.7, 0.9]), torch.tensor([0, 1]), torch.zeros(2, dtype=torch.long)
+    )  # case 0 repeated
     m1 = once.compute()
     m2 = padded.compute()
     assert sorted(padded.scores["nodule"].tolist()) == [0, 1, 2]

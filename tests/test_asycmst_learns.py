@@ -25,7 +25,10 @@ from datamodules.paired_video import PairedVideoDataModule
 from datamodules.synth import plan_paired, render_paired
 from lightning_modules.asycmst import AsyCMST
 
-PLANTED = {"hypo": 1, "homogeneous": 0}  # CEUS pattern -> planted label; cases of the other patterns are dropped
+PLANTED = {
+    "hypo": 1,
+    "homogeneous": 0,
+}  # CEUS pattern -> planted label; cases of the other patterns are dropped
 
 
 def planted_set(root: Path, *, n: int = 400, frames: int = 8, size: int = 48, seed: int = 0) -> Path:
@@ -42,7 +45,9 @@ def planted_set(root: Path, *, n: int = 400, frames: int = 8, size: int = 48, se
             paths[kind] = root / kind / f"{spec.case_id}.npy"
             np.save(paths[kind], arr)
         label = PLANTED[spec.pattern]
-        cases.append(PairedCase(spec.case_id, spec.patient_id, label, paths["bus"], paths["ceus"], paths["bus_mask"]))
+        cases.append(
+            PairedCase(spec.case_id, spec.patient_id, label, paths["bus"], paths["ceus"], paths["bus_mask"])
+        )
     return write_manifest(cases, root / "manifest.csv")
 
 
@@ -76,6 +81,8 @@ def test_asycmst_learns_planted_signal(tmp_path):
     assert 0 < label.sum() < len(label) and np.isfinite(prob).all()
     auroc = roc_auc_score(label, prob)
     # seeds 0-2 gave 0.97-1.00 on these 68 held-out cases (23 planted positive)
-    assert auroc >= 0.85, f"test AUROC {auroc:.3f} on {len(label)} held-out cases ({label.sum()} planted positive)"
+    assert auroc >= 0.85, (
+        f"test AUROC {auroc:.3f} on {len(label)} held-out cases ({label.sum()} planted positive)"
+    )
     # eval-mode BatchNorm agrees with training: the test FSS loss is of the training loss's size (issue 8 had ~25)
     assert trainer.callback_metrics["test/loss_fss"] < 1.0

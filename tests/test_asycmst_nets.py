@@ -106,7 +106,9 @@ def test_dice_loss():
     assert dice_loss(perfect, g).item() == pytest.approx(0.0, abs=1e-5)
     assert dice_loss(-perfect, g).item() == pytest.approx(1.0, abs=1e-5)
     # epsilon 1e-6 keeps an empty frame with an empty prediction finite (and near zero)
-    assert dice_loss(torch.full((1, 1, 8, 8), -50.0), torch.zeros(1, 1, 8, 8)).item() == pytest.approx(0, abs=1e-3)
+    assert dice_loss(torch.full((1, 1, 8, 8), -50.0), torch.zeros(1, 1, 8, 8)).item() == pytest.approx(
+        0, abs=1e-3
+    )
     assert dice_loss(torch.zeros(0, 1, 8, 8), torch.zeros(0, 1, 8, 8)).item() == 0.0
 
 
@@ -133,9 +135,13 @@ def test_attend_receptive_set(pattern):
 def test_cross_pattern_matches_masked_dense_attention():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 2, 3, 5, 4) for _ in range(3))
-    mask = torch.stack([allowed_keys("cross", ti, ni, frames=3, positions=5) for ti in range(3) for ni in range(5)])
+    mask = torch.stack(
+        [allowed_keys("cross", ti, ni, frames=3, positions=5) for ti in range(3) for ni in range(5)]
+    )
     flat = lambda x: x.flatten(2, 3)  # noqa: E731
-    dense = torch.nn.functional.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=mask.flatten(1))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        flat(q), flat(k), flat(v), attn_mask=mask.flatten(1)
+    )
     torch.testing.assert_close(attend(q, k, v, "cross"), dense.reshape(2, 2, 3, 5, 4))
 
 
@@ -154,8 +160,12 @@ def test_strategy_receptive_sets(strategy):
         for ni in range(n):
             (g_b,) = torch.autograd.grad(att_c[0, ti, ni].sum(), x_b, retain_graph=True)
             (g_c,) = torch.autograd.grad(att_b[0, ti, ni].sum(), x_c, retain_graph=True)
-            assert torch.equal(g_b[0].abs().sum(-1) > 0, allowed_keys(pattern_c, ti, ni, frames=t, positions=n))
-            assert torch.equal(g_c[0].abs().sum(-1) > 0, allowed_keys(pattern_b, ti, ni, frames=t, positions=n))
+            assert torch.equal(
+                g_b[0].abs().sum(-1) > 0, allowed_keys(pattern_c, ti, ni, frames=t, positions=n)
+            )
+            assert torch.equal(
+                g_c[0].abs().sum(-1) > 0, allowed_keys(pattern_b, ti, ni, frames=t, positions=n)
+            )
     if strategy == "asymmetric":
         assert (pattern_c, pattern_b) == ("spatial", "temporal")
 

@@ -50,7 +50,9 @@ def test_shapes_and_padding_invariance(variant):
     torch.testing.assert_close(out2, out, rtol=1e-4, atol=1e-5)
     # A nodule alone in its batch (no padding at all) gives the same output.
     n = int(valid[1].sum())
-    torch.testing.assert_close(head(img[1:2, :n], seg[1:2, :n], valid[1:2, :n]), out[1:2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        head(img[1:2, :n], seg[1:2, :n], valid[1:2, :n]), out[1:2], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_cross_attention_uses_segmentation_as_key_value():
@@ -102,4 +104,6 @@ def test_cine_transformer_padding_invariance():
 
 def test_masked_mean():
     x = torch.arange(6.0).reshape(1, 3, 2)
-    torch.testing.assert_close(masked_mean(x, torch.tensor([[True, False, True]])), torch.tensor([[2.0, 3.0]]))
+    torch.testing.assert_close(
+        masked_mean(x, torch.tensor([[True, False, True]])), torch.tensor([[2.0, 3.0]])
+    )

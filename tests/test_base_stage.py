@@ -12,18 +12,28 @@ from lightning_modules.base import BaseStage
 from lightning_modules.head_stage import HeadStage
 from lightning_modules.maskcnn_stage import MaskCNNStage
 
-STAGES = ("lightning_modules.vit_stage.ViTStage", "lightning_modules.seg_stage.SegStage",
-          "lightning_modules.maskcnn_stage.MaskCNNStage", "lightning_modules.head_stage.HeadStage",
-          "lightning_modules.asycmst.AsyCMST")
-DATA = ("datamodules.stacks.StackDataModule", "datamodules.stacks.FrameDataModule",
-        "datamodules.embeddings.EmbeddingDataModule", "datamodules.paired_video.PairedVideoDataModule")
+STAGES = (
+    "lightning_modules.vit_stage.ViTStage",
+    "lightning_modules.seg_stage.SegStage",
+    "lightning_modules.maskcnn_stage.MaskCNNStage",
+    "lightning_modules.head_stage.HeadStage",
+    "lightning_modules.asycmst.AsyCMST",
+)
+DATA = (
+    "datamodules.stacks.StackDataModule",
+    "datamodules.stacks.FrameDataModule",
+    "datamodules.embeddings.EmbeddingDataModule",
+    "datamodules.paired_video.PairedVideoDataModule",
+)
 
 
 def _known(text: str, base: str) -> list[str]:
     """The "known subclasses" jsonargparse lists for the ``base`` argument in ``--help``."""
     flat = " ".join(text.split())
-    pattern = (rf"any subclass of {base}\. \(type: Optional\[{base}\], default: null, "
-               r"known subclasses: ([^)]*)\)")
+    pattern = (
+        rf"any subclass of {base}\. \(type: Optional\[{base}\], default: null, "
+        r"known subclasses: ([^)]*)\)"
+    )
     m = re.search(pattern, flat)
     assert m, f"no subclass list for {base}"
     return [s.strip() for s in m.group(1).split(",")]
@@ -45,8 +55,14 @@ def test_from_checkpoint_returns_model_and_data_settings(tmp_path):
     model = MaskCNNStage(channels=(4, 8))
     path = tmp_path / "m.ckpt"
     hparams = {**model.hparams, "_class_path": "lightning_modules.maskcnn_stage.MaskCNNStage"}
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams,
-                "datamodule_hyper_parameters": {"img_size": 16, "buffer": 3}}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": hparams,
+            "datamodule_hyper_parameters": {"img_size": 16, "buffer": 3},
+        },
+        path,
+    )
     for cls in (MaskCNNStage, BaseStage):  # BaseStage: the class LightningCLI recorded
         again, data = cls.from_checkpoint(path)
         assert type(again) is MaskCNNStage and not again.training

@@ -16,9 +16,11 @@ from stages import baselines
 from stages.baselines import run_baselines, tirads_features
 from tests.stanford_files import write_stanford
 
-FOLDS = [{"fold": 0, "train": ["12_", "7_", "45_"], "val": ["3_"], "test": ["129_"]},
-         {"fold": 1, "train": ["129_", "3_", "45_"], "val": ["7_"], "test": ["12_"]},
-         {"fold": 2, "train": ["12_", "129_", "3_"], "val": ["45_"], "test": ["7_"]}]
+FOLDS = [
+    {"fold": 0, "train": ["12_", "7_", "45_"], "val": ["3_"], "test": ["129_"]},
+    {"fold": 1, "train": ["129_", "3_", "45_"], "val": ["7_"], "test": ["12_"]},
+    {"fold": 2, "train": ["12_", "129_", "3_"], "val": ["45_"], "test": ["7_"]},
+]
 LABELS = {"12_": 1, "7_": 0, "129_": 1, "3_": 0, "45_": 0}
 STACKS = {"12_": 1, "7_": 2, "129_": 1, "3_": 1, "45_": 2}
 
@@ -58,11 +60,17 @@ def test_tirads_forest_fits_only_on_train_nodules(setup, monkeypatch):
     assert len(fitted) == 3
     for fold, (x, y) in zip(FOLDS, fitted, strict=True):
         raw = tirads_features(cine, fold["train"])
-        want = np.where(np.isnan(raw), np.nanmedian(raw, axis=0), raw)  # blanks -> median of the train part only
+        want = np.where(
+            np.isnan(raw), np.nanmedian(raw, axis=0), raw
+        )  # blanks -> median of the train part only
         np.testing.assert_array_equal(x, want)
         assert y.tolist() == [LABELS[i] for i in fold["train"]]
         pred = pd.read_csv(runs / f"fold{fold['fold']}" / "predictions_tirads.csv", dtype={"annot_id": str})
-        assert pred["annot_id"].tolist() == fold["test"] and list(pred.columns) == ["annot_id", "label", "prob"]
+        assert pred["annot_id"].tolist() == fold["test"] and list(pred.columns) == [
+            "annot_id",
+            "label",
+            "prob",
+        ]
         assert pred["prob"].between(0, 1).all()
 
 
@@ -87,8 +95,15 @@ def _head_ckpt(path, variant, *, fold, embeddings, splits, seed=0):
     torch.manual_seed(seed)
     head = HeadStage(variant=variant, dim=16, num_heads=2)
     data = {"path": str(embeddings), "splits": str(splits), "fold": fold, "batch_size": 16}
-    torch.save({"state_dict": head.state_dict(), "hyper_parameters": dict(head.hparams),
-                "datamodule_hyper_parameters": data, "pytorch-lightning_version": lightning.__version__}, path)
+    torch.save(
+        {
+            "state_dict": head.state_dict(),
+            "hyper_parameters": dict(head.hparams),
+            "datamodule_hyper_parameters": data,
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        path,
+    )
     return head.eval()
 
 
@@ -102,15 +117,28 @@ def test_cine_transformer_and_head_checkpoint_predictions(setup, monkeypatch):
     for k in range(3):
         emb = runs / f"fold{k}" / "embeddings.h5"
         _head_ckpt(runs / f"fold{k}" / "head.ckpt", "stact", fold=k, embeddings=emb, splits=splits)
-        heads[k] = _head_ckpt(runs / f"fold{k}" / "head_cine_trans.ckpt", "cine_trans", fold=k, embeddings=emb,
-                              splits=splits, seed=k + 1)
+        heads[k] = _head_ckpt(
+            runs / f"fold{k}" / "head_cine_trans.ckpt",
+            "cine_trans",
+            fold=k,
+            embeddings=emb,
+            splits=splits,
+            seed=k + 1,
+        )
 
     def no_training(*_, **__):
         raise AssertionError("usnodule baselines must only predict")
 
     monkeypatch.setattr(L.Trainer, "fit", no_training)
-    run_baselines(cine=None, splits=splits, runs=runs, methods=["cinetrans"], folds=[0],
-                  heads={"stact": "{runs}/fold{fold}/head.ckpt"}, log=lambda *_: None)
+    run_baselines(
+        cine=None,
+        splits=splits,
+        runs=runs,
+        methods=["cinetrans"],
+        folds=[0],
+        heads={"stact": "{runs}/fold{fold}/head.ckpt"},
+        log=lambda *_: None,
+    )
     for name in ("cinecnn_trans", "stact"):
         pred = pd.read_csv(runs / "fold0" / f"predictions_{name}.csv", dtype={"annot_id": str})
         assert pred["annot_id"].tolist() == ["129_"] and pred["prob"].between(0, 1).all()
@@ -128,8 +156,9 @@ def test_cinetrans_checkpoint_of_the_wrong_fold_or_data_is_one_line_error(setup,
     emb0, ckpt0 = runs / "fold0" / "embeddings.h5", runs / "fold0" / "head_cine_trans.ckpt"
 
     def predict(**kw):
-        run_baselines(cine=None, splits=splits, runs=runs, methods=["cinetrans"], folds=[0], log=lambda *_: None,
-                      **kw)
+        run_baselines(
+            cine=None, splits=splits, runs=runs, methods=["cinetrans"], folds=[0], log=lambda *_: None, **kw
+        )
 
     with pytest.raises(DataError, match="only predicts: fit it first"):  # no fit behind it: never trains one
         predict()
@@ -158,8 +187,21 @@ def test_cinetrans_checkpoint_of_the_wrong_fold_or_data_is_one_line_error(setup,
         predict(cinetrans=str(tmp_path / "bare.ckpt"))
     # The same checks hold for --head checkpoints, and the CLI prints one line.
     with pytest.raises(SystemExit) as e:
-        usnodule(["baselines", "--splits", str(splits), "--runs", str(runs), "--folds", "1", "--methods", "",
-                  "--head", "stact={runs}/fold0/head_cine_trans.ckpt"])
+        usnodule(
+            [
+                "baselines",
+                "--splits",
+                str(splits),
+                "--runs",
+                str(runs),
+                "--folds",
+                "1",
+                "--methods",
+                "",
+                "--head",
+                "stact={runs}/fold0/head_cine_trans.ckpt",
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and err.endswith("was fitted on fold 0, not fold 1")
     predict()  # the fold's own checkpoint
@@ -180,16 +222,34 @@ def test_cinetrans_fitted_by_lightning_fit_then_predicted(setup):
     probs = []
     for attempt in range(2):
         out = runs / "fold0" / "head_cine_trans.ckpt"
-        fit(["fit", "-c", str(root / "conf" / "demo" / "cinetrans.yaml"), "--data.init_args.fold=0",
-             f"--data.init_args.path={runs / 'fold0' / 'embeddings.h5'}", f"--data.init_args.splits={splits}",
-             "--model.init_args.dim=16", "--model.init_args.num_heads=2", "--seed_everything=0",
-             "--trainer.max_epochs=3", "--lr_scheduler.init_args.T_max=3", "--trainer.logger=false",
-             "--trainer.enable_progress_bar=false",
-             f"--trainer.default_root_dir={runs / 'fold0' / f'head_cine_trans{attempt}'}", f"--ckpt_out={out}"])
+        fit(
+            [
+                "fit",
+                "-c",
+                str(root / "conf" / "demo" / "cinetrans.yaml"),
+                "--data.init_args.fold=0",
+                f"--data.init_args.path={runs / 'fold0' / 'embeddings.h5'}",
+                f"--data.init_args.splits={splits}",
+                "--model.init_args.dim=16",
+                "--model.init_args.num_heads=2",
+                "--seed_everything=0",
+                "--trainer.max_epochs=3",
+                "--lr_scheduler.init_args.T_max=3",
+                "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={runs / 'fold0' / f'head_cine_trans{attempt}'}",
+                f"--ckpt_out={out}",
+            ]
+        )
         ckpt = torch.load(out, map_location="cpu", weights_only=False)
         assert ckpt["epoch"] == 2 and ckpt["global_step"] == 3  # last of 3 epochs of one 3-nodule batch
-        assert ckpt["hyper_parameters"]["variant"] == "cine_trans" and ckpt["datamodule_hyper_parameters"]["fold"] == 0
-        run_baselines(cine=None, splits=splits, runs=runs, methods=["cinetrans"], folds=[0], log=lambda *_: None)
+        assert (
+            ckpt["hyper_parameters"]["variant"] == "cine_trans"
+            and ckpt["datamodule_hyper_parameters"]["fold"] == 0
+        )
+        run_baselines(
+            cine=None, splits=splits, runs=runs, methods=["cinetrans"], folds=[0], log=lambda *_: None
+        )
         probs.append(pd.read_csv(runs / "fold0" / "predictions_cinecnn_trans.csv")["prob"].tolist())
     assert probs[0] == probs[1]
 
@@ -199,14 +259,37 @@ def test_bad_inputs_and_cli(setup, tmp_path):
     with pytest.raises(DataError, match="needs --cine"):
         run_baselines(cine=None, splits=splits, runs=runs, methods=["tirads"])
     with pytest.raises(DataError, match="does not exist"):
-        run_baselines(cine=None, splits=splits, runs=runs, methods=["avepool"],
-                      embeddings=str(tmp_path / "missing{fold}.h5"))
+        run_baselines(
+            cine=None,
+            splits=splits,
+            runs=runs,
+            methods=["avepool"],
+            embeddings=str(tmp_path / "missing{fold}.h5"),
+        )
     parser = argparse.ArgumentParser()
     baselines.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["baselines", "--cine", str(h5), "--splits", str(splits), "--runs", str(runs),
-                              "--methods", "tirads", "--n-estimators", "3", "--folds", "1",
-                              "--head", "stact={runs}/fold{fold}/head.ckpt"])
+    args = parser.parse_args(
+        [
+            "baselines",
+            "--cine",
+            str(h5),
+            "--splits",
+            str(splits),
+            "--runs",
+            str(runs),
+            "--methods",
+            "tirads",
+            "--n-estimators",
+            "3",
+            "--folds",
+            "1",
+            "--head",
+            "stact={runs}/fold{fold}/head.ckpt",
+        ]
+    )
     assert args.head == [("stact", "{runs}/fold{fold}/head.ckpt")] and args.folds == [1]
     assert args.cinetrans == "{runs}/fold{fold}/head_cine_trans.ckpt"
-    with pytest.raises(SystemExit):  # no training options left: the fit is `lightning fit -c conf/cinetrans.yaml`
+    with pytest.raises(
+        SystemExit
+    ):  # no training options left: the fit is `lightning fit -c conf/cinetrans.yaml`
         parser.parse_args(["baselines", "--splits", str(splits), "--runs", str(runs), "--trans-epochs", "20"])

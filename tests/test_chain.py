@@ -22,10 +22,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def _fit(stage, root, *args):
     out = root / "fold0" / f"{stage}.ckpt"
     config = "cinetrans" if stage == "head_cine_trans" else "head" if stage.startswith("head") else stage
-    fit(["fit", "-c", str(ROOT / "conf" / "demo" / f"{config}.yaml"),
-         *args, "--data.init_args.fold=0", "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
-         "--trainer.limit_val_batches=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-         f"--trainer.default_root_dir={root / 'fold0' / stage}", f"--ckpt_out={out}"])
+    fit(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "conf" / "demo" / f"{config}.yaml"),
+            *args,
+            "--data.init_args.fold=0",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=3",
+            "--trainer.limit_val_batches=2",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={root / 'fold0' / stage}",
+            f"--ckpt_out={out}",
+        ]
+    )
     assert out.is_file()
     return out
 
@@ -33,8 +45,25 @@ def _fit(stage, root, *args):
 @pytest.mark.timeout(600)
 def test_stact_time_chain_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    usnodule(["synth", "--out", "data", "--nodules", "18", "--frames", "9", "--size", "48", "--cases", "4",
-              "--prevalence", "0.4", "--seed", "3"])
+    usnodule(
+        [
+            "synth",
+            "--out",
+            "data",
+            "--nodules",
+            "18",
+            "--frames",
+            "9",
+            "--size",
+            "48",
+            "--cases",
+            "4",
+            "--prevalence",
+            "0.4",
+            "--seed",
+            "3",
+        ]
+    )
     h5 = tmp_path / "data" / "stanford" / "dataset.hdf5"
     usnodule(["split", str(h5), "-k", "3"])
     splits = h5.with_name("splits.json")
@@ -48,10 +77,34 @@ def test_stact_time_chain_end_to_end(tmp_path, monkeypatch):
     usnodule(["masks", "--cine", str(h5), "--seg", str(seg), "--out", str(masks), "--device", "cpu"])
     maskcnn = _fit("maskcnn", runs, *data, f"--data.init_args.masks_h5={masks}")
     emb = runs / "fold0" / "embeddings.h5"
-    usnodule(["embeddings", "--cine", str(h5), "--masks", str(masks), "--vit", str(vit), "--maskcnn", str(maskcnn),
-              "--splits", str(splits), "--fold", "0", "--out", str(emb), "--accelerator", "cpu"])
-    head = _fit("head_stact", runs, f"--data.init_args.path={emb}", f"--data.init_args.splits={splits}",
-                "--model.init_args.variant=stact")
+    usnodule(
+        [
+            "embeddings",
+            "--cine",
+            str(h5),
+            "--masks",
+            str(masks),
+            "--vit",
+            str(vit),
+            "--maskcnn",
+            str(maskcnn),
+            "--splits",
+            str(splits),
+            "--fold",
+            "0",
+            "--out",
+            str(emb),
+            "--accelerator",
+            "cpu",
+        ]
+    )
+    head = _fit(
+        "head_stact",
+        runs,
+        f"--data.init_args.path={emb}",
+        f"--data.init_args.splits={splits}",
+        "--model.init_args.variant=stact",
+    )
     _fit("head_cine_trans", runs, f"--data.init_args.path={emb}", f"--data.init_args.splits={splits}")
 
     # What each stage handed on: one embedding group per nodule, S stacks in both streams.
@@ -67,8 +120,25 @@ def test_stact_time_chain_end_to_end(tmp_path, monkeypatch):
         ckpt = torch.load(runs / "fold0" / f"{stage}.ckpt", map_location="cpu", weights_only=False)
         assert ckpt["datamodule_hyper_parameters"]["fold"] == 0
 
-    usnodule(["baselines", "--cine", str(h5), "--splits", str(splits), "--runs", str(runs), "--folds", "0",
-              "--methods", "tirads,avepool,cinetrans", "--n-estimators", "20", "--head", f"stact={head}"])
+    usnodule(
+        [
+            "baselines",
+            "--cine",
+            str(h5),
+            "--splits",
+            str(splits),
+            "--runs",
+            str(runs),
+            "--folds",
+            "0",
+            "--methods",
+            "tirads,avepool,cinetrans",
+            "--n-estimators",
+            "20",
+            "--head",
+            f"stact={head}",
+        ]
+    )
     for method in ("stact", "cinecnn_trans"):  # CineCNN-Trans from its fit above: the baselines only predict
         preds = pd.read_csv(runs / "fold0" / f"predictions_{method}.csv", dtype={"annot_id": str})
         assert sorted(preds["annot_id"]) == sorted(fold0["test"])  # predictions only for the test part

@@ -26,9 +26,16 @@ from tests.stanford_files import write_stanford
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # 9 frames = 3 stacks, 6 = 2, 3 = 1 (non-overlapping 3-frame windows).
-FRAMES = {"12_": list(range(1, 10)), "7_": [2, 4, 7, 8, 13, 14, 15, 16, 17], "129_": list(range(1, 7)),
-          "3_": [1, 2, 3], "45_": list(range(1, 10)), "50_": list(range(2, 8)), "60_": [1, 2, 3],
-          "70_": list(range(4, 10))}
+FRAMES = {
+    "12_": list(range(1, 10)),
+    "7_": [2, 4, 7, 8, 13, 14, 15, 16, 17],
+    "129_": list(range(1, 7)),
+    "3_": [1, 2, 3],
+    "45_": list(range(1, 10)),
+    "50_": list(range(2, 8)),
+    "60_": [1, 2, 3],
+    "70_": list(range(4, 10)),
+}
 LABELS = {"12_": 1, "7_": 0, "129_": 1, "3_": 0, "45_": 0, "50_": 1, "60_": 1, "70_": 0}
 SPLIT = {"train": ["129_", "45_", "50_", "70_"], "val": ["12_", "7_", "60_"], "test": ["3_"]}
 VAL_STACKS = 3 + 3 + 1
@@ -38,9 +45,15 @@ def save_ckpt(model, path, data_hparams=None):
     """A Lightning-format checkpoint without a Trainer (what ``--ckpt_path`` and load_from_checkpoint read)."""
     # `_class_path`: what LightningCLI stores in subclass mode, and reads back for `--ckpt_path`.
     hparams = {**model.hparams, "_class_path": f"{type(model).__module__}.{type(model).__name__}"}
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams,
-                "pytorch-lightning_version": lightning.__version__,
-                "datamodule_hyper_parameters": data_hparams or {}}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": hparams,
+            "pytorch-lightning_version": lightning.__version__,
+            "datamodule_hyper_parameters": data_hparams or {},
+        },
+        path,
+    )
     return path
 
 
@@ -72,23 +85,39 @@ def files(tmp_path_factory):
         vit.net.fc2.weight.mul_(30.0)
     save_ckpt(vit, root / "vit.ckpt", {"img_size": 32, "buffer": 5, "normalize": "half"})
     save_ckpt(MaskCNNStage(channels=(4, 8)), root / "maskcnn.ckpt", {"img_size": 16})
-    return {"root": root, "h5": str(h5), "splits": str(splits), "masks": str(root / "masks.h5"),
-            "embeddings": str(root / "embeddings.h5"), "vit": str(root / "vit.ckpt"),
-            "maskcnn": str(root / "maskcnn.ckpt")}
+    return {
+        "root": root,
+        "h5": str(h5),
+        "splits": str(splits),
+        "masks": str(root / "masks.h5"),
+        "embeddings": str(root / "embeddings.h5"),
+        "vit": str(root / "vit.ckpt"),
+        "maskcnn": str(root / "maskcnn.ckpt"),
+    }
 
 
 def run_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     """A console script of the venv in a fresh process (so Lightning's DDP launcher can relaunch it)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=timeout)
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+    p = subprocess.run(
+        [str(BIN / args[0]), *args[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert p.returncode == 0, f"{args}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
 
 
 def csv_logger(save_dir: Path) -> list[str]:
-    return ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={save_dir}"]
+    return [
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.init_args.save_dir={save_dir}",
+    ]
 
 
 def logged(save_dir: Path) -> dict[str, float]:
@@ -107,10 +136,21 @@ def ddp(devices: int = 2) -> list[str]:
 def test_two_process_fit_of_the_attention_head(files):
     root = files["root"] / "head"
     out = root / "head.ckpt"
-    run_cli("lightning", "fit", "-c", str(ROOT / "conf/demo/head.yaml"), *ddp(),
-            f"--data.init_args.path={files['embeddings']}", f"--data.init_args.splits={files['splits']}",
-            "--data.init_args.batch_size=2", "--trainer.max_epochs=2", "--lr_scheduler.init_args.T_max=2",
-            f"--trainer.default_root_dir={root}", *csv_logger(root / "logs"), f"--ckpt_out={out}")
+    run_cli(
+        "lightning",
+        "fit",
+        "-c",
+        str(ROOT / "conf/demo/head.yaml"),
+        *ddp(),
+        f"--data.init_args.path={files['embeddings']}",
+        f"--data.init_args.splits={files['splits']}",
+        "--data.init_args.batch_size=2",
+        "--trainer.max_epochs=2",
+        "--lr_scheduler.init_args.T_max=2",
+        f"--trainer.default_root_dir={root}",
+        *csv_logger(root / "logs"),
+        f"--ckpt_out={out}",
+    )
     ckpt = torch.load(out, map_location="cpu", weights_only=False)
     assert ckpt["epoch"] in (0, 1) and any(k.startswith("net.") for k in ckpt["state_dict"])
     assert (root / "checkpoints" / "last.ckpt").is_file()
@@ -123,16 +163,34 @@ def test_two_process_fit_of_the_attention_head(files):
 def test_ddp_validation_metrics_equal_single_process(files):
     """Same checkpoint, same data: `lightning validate` on 1 and on 2 processes logs the same numbers
     (stacks of a nodule gathered from both ranks, the padded repeat counted once)."""
-    common = ["-c", str(ROOT / "conf/demo/vit.yaml"), f"--data.init_args.h5={files['h5']}",
-              f"--data.init_args.splits={files['splits']}", "--data.init_args.batch_size=2",
-              f"--ckpt_path={files['vit']}", "--trainer.enable_progress_bar=false"]
+    common = [
+        "-c",
+        str(ROOT / "conf/demo/vit.yaml"),
+        f"--data.init_args.h5={files['h5']}",
+        f"--data.init_args.splits={files['splits']}",
+        "--data.init_args.batch_size=2",
+        f"--ckpt_path={files['vit']}",
+        "--trainer.enable_progress_bar=false",
+    ]
     single, multi = files["root"] / "val1", files["root"] / "val2"
-    main(["validate", *common, "--trainer.devices=1", f"--trainer.default_root_dir={single}",
-          *csv_logger(single)])
-    run_cli("lightning", "validate", *common, *ddp(), f"--trainer.default_root_dir={multi}", *csv_logger(multi))
+    main(
+        [
+            "validate",
+            *common,
+            "--trainer.devices=1",
+            f"--trainer.default_root_dir={single}",
+            *csv_logger(single),
+        ]
+    )
+    run_cli(
+        "lightning", "validate", *common, *ddp(), f"--trainer.default_root_dir={multi}", *csv_logger(multi)
+    )
     a, b = logged(single), logged(multi)
-    keys = {f"val/{p}{k}" for p in ("", "stack_") for k in ("acc", "precision", "recall", "specificity",
-                                                                   "f1", "auroc")} | {"val/loss"}
+    keys = {
+        f"val/{p}{k}"
+        for p in ("", "stack_")
+        for k in ("acc", "precision", "recall", "specificity", "f1", "auroc")
+    } | {"val/loss"}
     assert keys <= set(a) and keys <= set(b)
     for k in sorted(keys):
         assert b[k] == pytest.approx(a[k], abs=1e-5), k
@@ -146,24 +204,41 @@ def test_ddp_validation_metrics_equal_single_process(files):
 def test_ddp_embedding_export_equals_single_process(files):
     from stages.embeddings import export
 
-    args = {"cine": files["h5"], "masks": files["masks"], "vit": files["vit"], "maskcnn": files["maskcnn"],
-            "splits": files["splits"], "fold": 0}
+    args = {
+        "cine": files["h5"],
+        "masks": files["masks"],
+        "vit": files["vit"],
+        "maskcnn": files["maskcnn"],
+        "splits": files["splits"],
+        "fold": 0,
+    }
     single = export(out=files["root"] / "emb1.h5", batch_size=3, accelerator="cpu", progress=False, **args)
     multi = files["root"] / "emb2.h5"
-    p = run_cli("usnodule", "embeddings", *[f"--{k}={v}" for k, v in args.items()], f"--out={multi}",
-                "--batch-size=3", "--strategy=ddp", "--devices=2", "--accelerator=cpu")
+    p = run_cli(
+        "usnodule",
+        "embeddings",
+        *[f"--{k}={v}" for k, v in args.items()],
+        f"--out={multi}",
+        "--batch-size=3",
+        "--strategy=ddp",
+        "--devices=2",
+        "--accelerator=cpu",
+    )
     assert p.stdout.count("wrote") == 1  # rank 0 alone reports
     assert "━" not in p.stdout + p.stderr  # stdout is not a TTY: no progress bar in the log
     with h5py.File(single, "r") as a, h5py.File(multi, "r") as b:
         assert list(a.keys()) == list(b.keys()) == sorted(FRAMES)
         volatile = {"created"}  # the creation time differs
-        assert {k: v for k, v in a.attrs.items() if k not in volatile} == {k: v for k, v in b.attrs.items()
-                                                                        if k not in volatile}
+        assert {k: v for k, v in a.attrs.items() if k not in volatile} == {
+            k: v for k, v in b.attrs.items() if k not in volatile
+        }
         for g in a:
             assert dict(a[g].attrs) == dict(b[g].attrs)
             for key in ("image", "seg", "image_prob", "seg_prob"):
                 assert a[g][key].shape == b[g][key].shape
-                np.testing.assert_allclose(b[g][key][()], a[g][key][()], rtol=1e-4, atol=1e-5, err_msg=f"{g}/{key}")
+                np.testing.assert_allclose(
+                    b[g][key][()], a[g][key][()], rtol=1e-4, atol=1e-5, err_msg=f"{g}/{key}"
+                )
     assert not list(files["root"].glob(".emb2.h5.shards*"))
 
 
@@ -171,13 +246,31 @@ def test_ddp_embedding_export_equals_single_process(files):
 @pytest.mark.parametrize("name", ["head", "vit"])
 def test_bf16_mixed_fit_on_cpu(files, name):
     root = files["root"] / f"bf16_{name}"
-    data = {"head": [f"--data.init_args.path={files['embeddings']}"],
-            "vit": [f"--data.init_args.h5={files['h5']}", "--trainer.limit_train_batches=2",
-                    "--trainer.limit_val_batches=2"]}[name]
-    main(["fit", "-c", str(ROOT / f"conf/demo/{name}.yaml"), *data, f"--data.init_args.splits={files['splits']}",
-          "--data.init_args.batch_size=4", "--trainer.precision=bf16-mixed", "--trainer.max_epochs=1",
-          "--lr_scheduler.init_args.T_max=1", f"--trainer.default_root_dir={root}", "--trainer.logger=false",
-          "--trainer.enable_progress_bar=false", f"--ckpt_out={root / 'out.ckpt'}"])
+    data = {
+        "head": [f"--data.init_args.path={files['embeddings']}"],
+        "vit": [
+            f"--data.init_args.h5={files['h5']}",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=2",
+        ],
+    }[name]
+    main(
+        [
+            "fit",
+            "-c",
+            str(ROOT / f"conf/demo/{name}.yaml"),
+            *data,
+            f"--data.init_args.splits={files['splits']}",
+            "--data.init_args.batch_size=4",
+            "--trainer.precision=bf16-mixed",
+            "--trainer.max_epochs=1",
+            "--lr_scheduler.init_args.T_max=1",
+            f"--trainer.default_root_dir={root}",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--ckpt_out={root / 'out.ckpt'}",
+        ]
+    )
     ckpt = torch.load(root / "out.ckpt", map_location="cpu", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
     assert ckpt["callbacks"]  # the checkpoint callbacks ran under autocast too
@@ -190,10 +283,21 @@ def test_two_process_fit_of_demo_asycmst(tmp_path):
 
     manifest, splits = write_paired_set(tmp_path / "paired", n=8)
     out = tmp_path / "asycmst.ckpt"
-    run_cli("lightning", "fit", "-c", str(ROOT / "conf/demo/asycmst.yaml"), *ddp(),
-            f"--data.init_args.manifest={manifest}", f"--data.init_args.splits={splits}",
-            "--data.init_args.batch_size=2", "--model.init_args.backbone=test_resnet", "--trainer.max_epochs=1",
-            f"--trainer.default_root_dir={tmp_path / 'run'}", *csv_logger(tmp_path / "logs"), f"--ckpt_out={out}")
+    run_cli(
+        "lightning",
+        "fit",
+        "-c",
+        str(ROOT / "conf/demo/asycmst.yaml"),
+        *ddp(),
+        f"--data.init_args.manifest={manifest}",
+        f"--data.init_args.splits={splits}",
+        "--data.init_args.batch_size=2",
+        "--model.init_args.backbone=test_resnet",
+        "--trainer.max_epochs=1",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        *csv_logger(tmp_path / "logs"),
+        f"--ckpt_out={out}",
+    )
     assert out.is_file()
     metrics = logged(tmp_path / "logs")
     assert {"train/loss_epoch", "val/loss"} <= set(metrics) and np.isfinite(metrics["val/loss"])
@@ -209,11 +313,21 @@ def test_sampler_repeats_count_once_in_stack_loss_and_pixel_metrics():
     loss = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])
     plain, padded = CaseMetrics(stack_level=True), CaseMetrics(stack_level=True)
     plain.update(nod, prob, label, stack, loss)
-    padded.update(nod[[0, 2, 4]], prob[[0, 2, 4]], label[[0, 2, 4]], stack[[0, 2, 4]], loss[[0, 2, 4]])  # rank 0
-    padded.update(nod[[1, 3, 0]], prob[[1, 3, 0]], label[[1, 3, 0]], stack[[1, 3, 0]], loss[[1, 3, 0]])  # rank 1
+    padded.update(
+        nod[[0, 2, 4]], prob[[0, 2, 4]], label[[0, 2, 4]], stack[[0, 2, 4]], loss[[0, 2, 4]]
+    )  # rank 0
+    padded.update(
+        nod[[1, 3, 0]], prob[[1, 3, 0]], label[[1, 3, 0]], stack[[1, 3, 0]], loss[[1, 3, 0]]
+    )  # rank 1
     a, b = plain.compute(), padded.compute()
-    assert set(a) == {"loss", *(f"{p}{k}" for p in ("", "stack_") for k in
-                                ("acc", "precision", "recall", "specificity", "f1", "auroc"))}
+    assert set(a) == {
+        "loss",
+        *(
+            f"{p}{k}"
+            for p in ("", "stack_")
+            for k in ("acc", "precision", "recall", "specificity", "f1", "auroc")
+        ),
+    }
     for k in a:
         torch.testing.assert_close(b[k], a[k], msg=k)
     assert float(a["loss"]) == pytest.approx(0.3) and float(a["stack_acc"]) == pytest.approx(0.6)

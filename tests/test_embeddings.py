@@ -25,15 +25,23 @@ IDS = sorted(["12_", "7_", "129_", "3_", "45_"])
 
 def save_ckpt(model, path, data_hparams=None):
     """A Lightning-format checkpoint without running a Trainer (what load_from_checkpoint reads)."""
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": lightning.__version__,
-                "datamodule_hyper_parameters": data_hparams or {}}, path)
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+            "datamodule_hyper_parameters": data_hparams or {},
+        },
+        path,
+    )
     return path
 
 
 def write_splits(path):
-    folds = [{"fold": 0, "train": ["12_", "7_", "45_"], "val": ["3_"], "test": ["129_"]},
-             {"fold": 1, "train": ["129_", "3_", "45_"], "val": ["7_"], "test": ["12_"]}]
+    folds = [
+        {"fold": 0, "train": ["12_", "7_", "45_"], "val": ["3_"], "test": ["129_"]},
+        {"fold": 1, "train": ["129_", "3_", "45_"], "val": ["7_"], "test": ["12_"]},
+    ]
     path.write_text(json.dumps({"k": 2, "seed": 0, "folds": folds}))
     return path
 
@@ -49,12 +57,22 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     h5 = write_stanford(root / "stanford")
     seg = save_ckpt(SegStage(base=2, depth=2), root / "seg.ckpt", {"size": 16})
-    vit = save_ckpt(ViTStage(backbone="test_vit", img_size=32), root / "vit.ckpt",
-                    {"img_size": 32, "buffer": 5, "normalize": "half"})
+    vit = save_ckpt(
+        ViTStage(backbone="test_vit", img_size=32),
+        root / "vit.ckpt",
+        {"img_size": 32, "buffer": 5, "normalize": "half"},
+    )
     maskcnn = save_ckpt(MaskCNNStage(channels=(4, 8)), root / "maskcnn.ckpt", {"img_size": 16})
     masks = predict_masks(cine=h5, seg=seg, out=root / "masks.h5", batch_size=4, progress=False)
-    return {"root": root, "h5": h5, "seg": seg, "vit": vit, "maskcnn": maskcnn, "masks": masks,
-            "splits": write_splits(root / "splits.json")}
+    return {
+        "root": root,
+        "h5": h5,
+        "seg": seg,
+        "vit": vit,
+        "maskcnn": maskcnn,
+        "masks": masks,
+        "splits": write_splits(root / "splits.json"),
+    }
 
 
 def test_masks_h5_in_row_order_of_the_cine_file(chain):
@@ -68,9 +86,18 @@ def test_masks_h5_in_row_order_of_the_cine_file(chain):
 
 
 def test_export_one_group_per_nodule_matching_direct_forward(chain):
-    out = export(cine=chain["h5"], masks=chain["masks"], vit=chain["vit"], maskcnn=chain["maskcnn"],
-                 out=chain["root"] / "embeddings.h5", splits=chain["splits"], fold=0, batch_size=3,
-                 accelerator="cpu", progress=False)
+    out = export(
+        cine=chain["h5"],
+        masks=chain["masks"],
+        vit=chain["vit"],
+        maskcnn=chain["maskcnn"],
+        out=chain["root"] / "embeddings.h5",
+        splits=chain["splits"],
+        fold=0,
+        batch_size=3,
+        accelerator="cpu",
+        progress=False,
+    )
     cine = StanfordCine(chain["h5"])
     with h5py.File(out, "r") as f:
         assert sorted(f.keys()) == IDS
@@ -87,8 +114,9 @@ def test_export_one_group_per_nodule_matching_direct_forward(chain):
     from lightning_modules.maskcnn_stage import MaskCNNStage
     from lightning_modules.vit_stage import ViTStage
 
-    model = EmbeddingExport(ViTStage.from_checkpoint(chain["vit"])[0],
-                            MaskCNNStage.from_checkpoint(chain["maskcnn"])[0])
+    model = EmbeddingExport(
+        ViTStage.from_checkpoint(chain["vit"])[0], MaskCNNStage.from_checkpoint(chain["maskcnn"])[0]
+    )
     ds = build_dataset(cine, PredictedMasks(chain["masks"], cine), {"normalize": "half"}, {}, 32, 16)
     batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
     with torch.inference_mode():
@@ -104,9 +132,14 @@ def _rows(n_stacks, dim=4, seed=0):
     rng = np.random.default_rng(seed)
     nod = np.repeat(np.arange(len(n_stacks)), n_stacks)
     stack = np.concatenate([np.arange(s) for s in n_stacks])
-    return {"nodule": nod, "stack": stack, "image": rng.normal(size=(len(nod), dim)).astype(np.float32),
-            "seg": rng.normal(size=(len(nod), dim)).astype(np.float32),
-            "image_prob": rng.random(len(nod)).astype(np.float32), "seg_prob": rng.random(len(nod)).astype(np.float32)}
+    return {
+        "nodule": nod,
+        "stack": stack,
+        "image": rng.normal(size=(len(nod), dim)).astype(np.float32),
+        "seg": rng.normal(size=(len(nod), dim)).astype(np.float32),
+        "image_prob": rng.random(len(nod)).astype(np.float32),
+        "seg_prob": rng.random(len(nod)).astype(np.float32),
+    }
 
 
 def _shard(path, rows, sel):
@@ -121,12 +154,21 @@ def test_merged_ddp_shards_equal_single_process_file(tmp_path):
     rows = _rows(n_stacks)
     n = len(rows["nodule"])
     attrs = [{"label": i % 2} for i in range(4)]
-    single = merge_shards([_shard(tmp_path / "one.h5", rows, np.arange(n))], tmp_path / "single.h5", ids,
-                          n_stacks, attrs, {"vit_checkpoint": "x"}, block=3)
+    single = merge_shards(
+        [_shard(tmp_path / "one.h5", rows, np.arange(n))],
+        tmp_path / "single.h5",
+        ids,
+        n_stacks,
+        attrs,
+        {"vit_checkpoint": "x"},
+        block=3,
+    )
     # Two ranks with a DistributedSampler-style interleaving, written in a scrambled order.
     perm = np.random.default_rng(1).permutation(n)
     shards = [_shard(tmp_path / f"rank{r}.h5", rows, perm[r::2]) for r in range(2)]
-    multi = merge_shards(shards, tmp_path / "multi.h5", ids, n_stacks, attrs, {"vit_checkpoint": "x"}, block=2)
+    multi = merge_shards(
+        shards, tmp_path / "multi.h5", ids, n_stacks, attrs, {"vit_checkpoint": "x"}, block=2
+    )
     with h5py.File(single, "r") as a, h5py.File(multi, "r") as b:
         assert list(a.keys()) == list(b.keys()) == ids
         assert dict(a.attrs) == dict(b.attrs)
@@ -153,8 +195,16 @@ def test_interrupted_export_leaves_no_file(chain, monkeypatch):
     monkeypatch.setattr(EmbeddingExport, "predict_step", flaky)
     out = chain["root"] / "interrupted.h5"
     with pytest.raises(RuntimeError, match="midway"):
-        export(cine=chain["h5"], masks=chain["masks"], vit=chain["vit"], maskcnn=chain["maskcnn"], out=out,
-               batch_size=2, accelerator="cpu", progress=False)
+        export(
+            cine=chain["h5"],
+            masks=chain["masks"],
+            vit=chain["vit"],
+            maskcnn=chain["maskcnn"],
+            out=out,
+            batch_size=2,
+            accelerator="cpu",
+            progress=False,
+        )
     assert not out.exists()
     assert not [p for p in chain["root"].rglob("*") if "interrupted" in p.name]  # no partial file, no shards
 
@@ -172,16 +222,34 @@ def test_missing_or_bad_inputs_are_one_line_data_errors(chain, which, tmp_path):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"\x00" * 64)
     with pytest.raises(DataError, match="not a ViTStage checkpoint"):
-        export(cine=chain["h5"], out=tmp_path / "e.h5", masks=chain["masks"], vit=garbage,
-               maskcnn=chain["maskcnn"], accelerator="cpu", progress=False)
+        export(
+            cine=chain["h5"],
+            out=tmp_path / "e.h5",
+            masks=chain["masks"],
+            vit=garbage,
+            maskcnn=chain["maskcnn"],
+            accelerator="cpu",
+            progress=False,
+        )
 
 
 def test_pad_collate_pads_and_marks_valid_stacks():
-    items = [{"image_emb": torch.full((s, 4), float(s)), "seg_emb": torch.full((s, 4), -float(s)),
-              "label": torch.tensor(s % 2), "nodule": torch.tensor(i)} for i, s in enumerate([2, 5, 1])]
+    items = [
+        {
+            "image_emb": torch.full((s, 4), float(s)),
+            "seg_emb": torch.full((s, 4), -float(s)),
+            "label": torch.tensor(s % 2),
+            "nodule": torch.tensor(i),
+        }
+        for i, s in enumerate([2, 5, 1])
+    ]
     b = pad_collate(items)
     assert b["image_emb"].shape == b["seg_emb"].shape == (3, 5, 4)
-    assert b["valid"].tolist() == [[True, True, False, False, False], [True] * 5, [True, False, False, False, False]]
+    assert b["valid"].tolist() == [
+        [True, True, False, False, False],
+        [True] * 5,
+        [True, False, False, False, False],
+    ]
     assert float(b["image_emb"][0, 2:].abs().sum()) == 0.0 and float(b["image_emb"][1, 4, 0]) == 5.0
     assert b["label"].tolist() == [0, 1, 1] and b["nodule"].tolist() == [0, 1, 2]
 
@@ -202,7 +270,9 @@ def test_embedding_datamodule_folds_and_bad_files(tmp_path):
     path = write_embeddings(tmp_path / "emb.h5", lengths, labels)
     dm = EmbeddingDataModule(str(path), str(write_splits(tmp_path / "splits.json")), fold=0, batch_size=2)
     dm.setup("fit")
-    assert dm.datasets["train"].nodule_ids == ["12_", "45_", "7_"] and dm.datasets["test"].nodule_ids == ["129_"]
+    assert dm.datasets["train"].nodule_ids == ["12_", "45_", "7_"] and dm.datasets["test"].nodule_ids == [
+        "129_"
+    ]
     seen = {dm.datasets["train"].nodule_ids[int(j)] for b in dm.train_dataloader() for j in b["nodule"]}
     assert seen == {"12_", "45_", "7_"}
     batch = next(iter(dm.val_dataloader()))

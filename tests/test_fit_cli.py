@@ -4,8 +4,14 @@ import torch
 from stages.fit import main, stage_name
 from tests.toy import ToyStage
 
-BASE = ["--model=tests.toy.ToyStage", "--data=tests.toy.ToyData", "--trainer.accelerator=cpu",
-        "--trainer.enable_model_summary=false", "--seed_everything=7", "--trainer.logger=false"]
+BASE = [
+    "--model=tests.toy.ToyStage",
+    "--data=tests.toy.ToyData",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_model_summary=false",
+    "--seed_everything=7",
+    "--trainer.logger=false",
+]
 
 
 def _fit(root, *extra):
@@ -28,8 +34,13 @@ def test_ckpt_out_is_the_best_checkpoint(tmp_path):
 def test_killed_fit_resumes_to_the_same_weights(tmp_path):
     _fit(tmp_path / "straight", "--trainer.max_epochs=4", f"--ckpt_out={tmp_path / 'a.ckpt'}")
     with pytest.raises(RuntimeError, match="simulated kill"):
-        _fit(tmp_path / "killed", "--trainer.max_epochs=4", "--trainer.callbacks+=tests.toy.Crash",
-             "--trainer.callbacks.init_args.at_epoch=2", f"--ckpt_out={tmp_path / 'b.ckpt'}")
+        _fit(
+            tmp_path / "killed",
+            "--trainer.max_epochs=4",
+            "--trainer.callbacks+=tests.toy.Crash",
+            "--trainer.callbacks.init_args.at_epoch=2",
+            f"--ckpt_out={tmp_path / 'b.ckpt'}",
+        )
     assert not (tmp_path / "b.ckpt").exists()  # a killed fit leaves no output checkpoint
     last = torch.load(tmp_path / "killed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert last["epoch"] == 1
@@ -41,8 +52,12 @@ def test_killed_fit_resumes_to_the_same_weights(tmp_path):
 
 def test_changed_config_or_finished_fit_starts_afresh(tmp_path, capsys):
     with pytest.raises(RuntimeError):
-        _fit(tmp_path / "r", "--trainer.max_epochs=3", "--trainer.callbacks+=tests.toy.Crash",
-             "--trainer.callbacks.init_args.at_epoch=1")
+        _fit(
+            tmp_path / "r",
+            "--trainer.max_epochs=3",
+            "--trainer.callbacks+=tests.toy.Crash",
+            "--trainer.callbacks.init_args.at_epoch=1",
+        )
     _fit(tmp_path / "r", "--trainer.max_epochs=3", "--model.init_args.hidden=16")  # another experiment
     assert "resuming" not in capsys.readouterr().err
     assert _weights(tmp_path / "r" / "checkpoints" / "last.ckpt")["net.0.weight"].shape[0] == 16
@@ -57,8 +72,16 @@ def test_stage_name():
 def test_wandb_offline_run_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    main(["fit", *BASE[:-1], f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1",
-          "--exp=unit", "--data.fold=3"])
+    main(
+        [
+            "fit",
+            *BASE[:-1],
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_epochs=1",
+            "--exp=unit",
+            "--data.fold=3",
+        ]
+    )
     import wandb
 
     wandb.finish()  # in-process fits leave the run open; the next WandbLogger would reuse it

@@ -41,7 +41,9 @@ def test_folds_partition_cases_and_never_split_a_patient():
 def test_folds_are_deterministic_by_seed():
     ids, labels, groups = _cohort()
     assert make_folds(ids, labels, groups, seed=1) == make_folds(ids, labels, groups, seed=1)
-    assert make_folds(ids, labels, groups, seed=1)["folds"] != make_folds(ids, labels, groups, seed=2)["folds"]
+    assert (
+        make_folds(ids, labels, groups, seed=1)["folds"] != make_folds(ids, labels, groups, seed=2)["folds"]
+    )
 
 
 def test_too_few_positives_says_how_many_folds_fit():

@@ -187,6 +187,11 @@ def test_command_shims_import_no_other_stage():
     runner uses its warm server."""
     allowed = {"stages.cli", "stages.__main__", "stages", ("stages.step", "stages.warm")}
     graph = import_graph()
-    bad = sorted(f"{m} -> {t}" for m, targets in graph.items() if m.startswith("stages.") and m not in allowed
-                 for t in targets if t.startswith("stages.") and (m, t) not in allowed)
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, targets in graph.items()
+        if m.startswith("stages.") and m not in allowed
+        for t in targets
+        if t.startswith("stages.") and (m, t) not in allowed
+    )
     assert not bad, "a stage imports another stage:\n" + "\n".join(bad)

@@ -23,7 +23,9 @@ def test_focal_equals_formula_and_torchvision(alpha, gamma):
     target = torch.randint(0, 2, (64,))
     ours = focal_loss(logits, target, alpha, gamma, reduction="none").double()
     torch.testing.assert_close(ours, _formula(logits, target, alpha, gamma), rtol=1e-5, atol=1e-6)
-    tv = sigmoid_focal_loss(logits[:, 1] - logits[:, 0], target.double(), alpha=alpha, gamma=gamma, reduction="none")
+    tv = sigmoid_focal_loss(
+        logits[:, 1] - logits[:, 0], target.double(), alpha=alpha, gamma=gamma, reduction="none"
+    )
     torch.testing.assert_close(ours, tv, rtol=1e-5, atol=1e-6)
     assert torch.isclose(focal_loss(logits, target, alpha, gamma), tv.mean().float(), rtol=1e-5)
     assert torch.isclose(FocalLoss(alpha, gamma, "sum")(logits, target), tv.sum().float(), rtol=1e-5)

@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["vit.ckpt", "seg.ckpt", "masks.h5", "maskcnn.ckpt", "embeddings.h5", "head_stact.ckpt",
-          "head_cine_trans.ckpt"]
+STAGES = [
+    "vit.ckpt",
+    "seg.ckpt",
+    "masks.h5",
+    "maskcnn.ckpt",
+    "embeddings.h5",
+    "head_stact.ckpt",
+    "head_cine_trans.ckpt",
+]
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
@@ -27,14 +34,26 @@ def _tree(tmp: Path) -> dict:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.touch()
         os.utime(f, (t + i, t + i))
-    os.utime(tmp / "stamp", None)  # the install stamp must be newer than pyproject.toml (order-only for the rest)
-    return {"DATA": tmp / "data", "CONF": tmp / "conf", "RUNS": tmp / "runs", "STAMP": tmp / "stamp",
-            "FOLDS": 1, "HEAD_VARIANTS": "stact"}
+    os.utime(
+        tmp / "stamp", None
+    )  # the install stamp must be newer than pyproject.toml (order-only for the rest)
+    return {
+        "DATA": tmp / "data",
+        "CONF": tmp / "conf",
+        "RUNS": tmp / "runs",
+        "STAMP": tmp / "stamp",
+        "FOLDS": 1,
+        "HEAD_VARIANTS": "stact",
+    }
 
 
 def _dry(target: str, vars: dict) -> list[str]:
-    out = subprocess.run(["make", "-n", "-C", str(ROOT), target, *(f"{k}={v}" for k, v in vars.items())],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), target, *(f"{k}={v}" for k, v in vars.items())],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [line for line in out.splitlines() if line.strip() and not line.startswith("make")]
 
 
@@ -86,7 +105,9 @@ def test_cinetrans_is_fitted_per_fold_by_lightning_fit_and_baselines_only_predic
     assert len(cmds) == 3  # the fold's CineCNN-Trans fit, then the predictions (and their stamp)
     fit, predict = cmds[0], cmds[1]
     assert "--name head_cine_trans --fold 0" in fit and "lightning fit -c" in fit and "cinetrans.yaml" in fit
-    assert "--data.init_args.fold=0" in fit and "--data.init_args.path=" in fit and "fold0/embeddings.h5" in fit
+    assert (
+        "--data.init_args.fold=0" in fit and "--data.init_args.path=" in fit and "fold0/embeddings.h5" in fit
+    )
     assert "--seed_everything=5" in fit  # SEED + fold, the seed it had inside `usnodule baselines`
     assert fit.endswith("--ckpt_out=" + str(tmp_path / "runs" / "fold0" / "head_cine_trans.ckpt"))
     assert "usnodule baselines" in predict and "--cinetrans {runs}/fold{fold}/head_cine_trans.ckpt" in predict

@@ -79,7 +79,11 @@ def test_batch_layout(paired):
     torch.testing.assert_close(batch["bus"][:, :, 1] * 0.224 + 0.456, raw)
     # folds: grouped by patient, disjoint
     ids = {p: {c.patient_id for c in dm.datasets[p].cases} for p in ("train", "val", "test")}
-    assert not (ids["train"] & ids["test"]) and not (ids["train"] & ids["val"]) and not (ids["val"] & ids["test"])
+    assert (
+        not (ids["train"] & ids["test"])
+        and not (ids["train"] & ids["val"])
+        and not (ids["val"] & ids["test"])
+    )
 
 
 def test_same_augmentation_for_every_frame_and_both_modalities(tmp_path):

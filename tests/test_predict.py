@@ -30,10 +30,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def _fit(stage: str, fold: Path, *args: str) -> Path:
     out = fold / f"{stage}.ckpt"
     conf = ROOT / "conf" / "demo" / f"{'head' if stage.startswith('head') else stage}.yaml"
-    fit(["fit", "-c", str(conf), *args, "--data.init_args.fold=0", "--trainer.max_epochs=1",
-         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
-         "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-         f"--trainer.default_root_dir={fold / stage}", f"--ckpt_out={out}"])
+    fit(
+        [
+            "fit",
+            "-c",
+            str(conf),
+            *args,
+            "--data.init_args.fold=0",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={fold / stage}",
+            f"--ckpt_out={out}",
+        ]
+    )
     return out
 
 
@@ -58,8 +71,25 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        usnodule(["synth", "--out", "data", "--nodules", "9", "--frames", "8", "--size", "48", "--cases", "1",
-                  "--prevalence", "0.4", "--seed", "5"])
+        usnodule(
+            [
+                "synth",
+                "--out",
+                "data",
+                "--nodules",
+                "9",
+                "--frames",
+                "8",
+                "--size",
+                "48",
+                "--cases",
+                "1",
+                "--prevalence",
+                "0.4",
+                "--seed",
+                "5",
+            ]
+        )
         h5 = root / "data" / "stanford" / "dataset.hdf5"
         usnodule(["split", str(h5), "-k", "3"])
         splits = h5.with_name("splits.json")
@@ -71,8 +101,25 @@ def chain(tmp_path_factory):
         usnodule(["masks", "--cine", str(h5), "--seg", str(seg), "--out", str(masks), "--device", "cpu"])
         maskcnn = _fit("maskcnn", fold, *data, f"--data.init_args.masks_h5={masks}")
         emb = fold / "embeddings.h5"
-        usnodule(["embeddings", "--cine", str(h5), "--masks", str(masks), "--vit", str(fold / "vit.ckpt"),
-                  "--maskcnn", str(maskcnn), "--out", str(emb), "--accelerator", "cpu", "--boxes", "predicted"])
+        usnodule(
+            [
+                "embeddings",
+                "--cine",
+                str(h5),
+                "--masks",
+                str(masks),
+                "--vit",
+                str(fold / "vit.ckpt"),
+                "--maskcnn",
+                str(maskcnn),
+                "--out",
+                str(emb),
+                "--accelerator",
+                "cpu",
+                "--boxes",
+                "predicted",
+            ]
+        )
         _fit("head_stact", fold, f"--data.init_args.path={emb}", f"--data.init_args.splits={splits}")
     return {"root": root, "h5": h5, "fold": fold, "emb": emb}
 
@@ -93,8 +140,11 @@ def _reference(chain, annot_id: str) -> tuple[float, float]:
         image, seg, image_prob = g["image"][()], g["seg"][()], g["image_prob"][()]
     head, _ = HeadStage.from_checkpoint(chain["fold"] / "head_stact.ckpt")
     with torch.inference_mode():
-        logits = head(torch.from_numpy(image)[None], torch.from_numpy(seg)[None],
-                      torch.ones(1, len(image), dtype=torch.bool))
+        logits = head(
+            torch.from_numpy(image)[None],
+            torch.from_numpy(seg)[None],
+            torch.ones(1, len(image), dtype=torch.bool),
+        )
     return float(head.malignant_prob(logits)[0]), float(image_prob.mean())
 
 
@@ -107,8 +157,15 @@ def test_dicom_and_npy_match_the_embeddings_path(chain, tmp_path):
     out = tmp_path / "predictions.csv"
     usnodule(["predict", str(dcm), str(npy), "--fold-dir", str(fold), "--out", str(out), "--device", "cpu"])
     table = pd.read_csv(out)
-    assert list(table.columns) == ["clip", "n_frames", "n_stacks", "frames_with_mask", "prob_malignant", "pred",
-                                   "prob_avepool"]
+    assert list(table.columns) == [
+        "clip",
+        "n_frames",
+        "n_stacks",
+        "frames_with_mask",
+        "prob_malignant",
+        "pred",
+        "prob_avepool",
+    ]
     assert table["n_frames"].tolist() == [len(frames)] * 2
     assert table["n_stacks"].tolist() == [len(frames) // 3] * 2  # trailing remainder dropped
     # DICOM and .npy hold the same pixels: the same probability, bit for bit.
@@ -122,9 +179,27 @@ def test_dicom_and_npy_match_the_embeddings_path(chain, tmp_path):
     short = tmp_path / "short.npy"
     np.save(short, frames[:2])
     out2 = tmp_path / "p2.csv"
-    usnodule(["predict", str(npy), str(short), "--seg", str(fold / "seg.ckpt"), "--vit", str(fold / "vit.ckpt"),
-              "--maskcnn", str(fold / "maskcnn.ckpt"), "--head", str(fold / "head_stact.ckpt"),
-              "--out", str(out2), "--device", "cpu", "--threshold", "0"])
+    usnodule(
+        [
+            "predict",
+            str(npy),
+            str(short),
+            "--seg",
+            str(fold / "seg.ckpt"),
+            "--vit",
+            str(fold / "vit.ckpt"),
+            "--maskcnn",
+            str(fold / "maskcnn.ckpt"),
+            "--head",
+            str(fold / "head_stact.ckpt"),
+            "--out",
+            str(out2),
+            "--device",
+            "cpu",
+            "--threshold",
+            "0",
+        ]
+    )
     t2 = pd.read_csv(out2)
     assert t2["prob_malignant"][0] == table["prob_malignant"][1]
     assert t2["n_stacks"][1] == 1 and t2["pred"].tolist() == [1, 1]
@@ -151,9 +226,25 @@ def test_roi_and_mask_stacks_match_training_code(chain, tmp_path):
         f["mask"] = m
     emb = tmp_path / "emb.h5"
     fold = chain["fold"]
-    usnodule(["embeddings", "--cine", str(chain["h5"]), "--masks", str(masks_h5), "--vit", str(fold / "vit.ckpt"),
-              "--maskcnn", str(fold / "maskcnn.ckpt"), "--out", str(emb), "--accelerator", "cpu",
-              "--boxes", "predicted"])
+    usnodule(
+        [
+            "embeddings",
+            "--cine",
+            str(chain["h5"]),
+            "--masks",
+            str(masks_h5),
+            "--vit",
+            str(fold / "vit.ckpt"),
+            "--maskcnn",
+            str(fold / "maskcnn.ckpt"),
+            "--out",
+            str(emb),
+            "--accelerator",
+            "cpu",
+            "--boxes",
+            "predicted",
+        ]
+    )
     p = load_predictor(resolve_checkpoints(fold_dir=fold), "cpu")
     clip, clip_masks = clip_data("clip", frames, masks)
     got = embed(p, clip, clip_masks)
@@ -184,8 +275,20 @@ def test_bad_inputs_exit_2_and_write_nothing(chain, tmp_path, capsys):
     fold = chain["fold"]
 
     with pytest.raises(SystemExit) as e:
-        usnodule(["predict", str(good), "--fold-dir", str(fold), "--head", str(tmp_path / "nothere.ckpt"),
-                  "--out", str(out), "--device", "cpu"])
+        usnodule(
+            [
+                "predict",
+                str(good),
+                "--fold-dir",
+                str(fold),
+                "--head",
+                str(tmp_path / "nothere.ckpt"),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
     assert e.value.code == 2 and "nothere.ckpt" in _one_error_line(capsys)
 
     # A corrupt DICOM after a good clip: exit 2 naming it, and no CSV (not even a partial one).
@@ -193,6 +296,8 @@ def test_bad_inputs_exit_2_and_write_nothing(chain, tmp_path, capsys):
     data = write_dicom(frames, tmp_path / "whole.dcm").read_bytes()
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(SystemExit) as e:
-        usnodule(["predict", str(good), str(bad), "--fold-dir", str(fold), "--out", str(out), "--device", "cpu"])
+        usnodule(
+            ["predict", str(good), str(bad), "--fold-dir", str(fold), "--out", str(out), "--device", "cpu"]
+        )
     assert e.value.code == 2 and "broken.dcm" in _one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.dcm", "good.npy", "whole.dcm"]

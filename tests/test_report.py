@@ -24,11 +24,18 @@ def hand_made(root, rng):
         label = np.array([0, 1] * 6)
         for m, noise in (("stact", 0.3), ("tirads", 0.6)):
             prob = np.clip(label * 0.5 + 0.25 + rng.normal(0, noise, 12), 0, 1).round(4)
-            pd.DataFrame({"annot_id": ids, "label": label, "prob": prob}).to_csv(d / f"predictions_{m}.csv",
-                                                                                 index=False)
+            pd.DataFrame({"annot_id": ids, "label": label, "prob": prob}).to_csv(
+                d / f"predictions_{m}.csv", index=False
+            )
             truth[(m, k)] = (label, prob)
-        stack = pd.DataFrame({"annot_id": np.repeat(ids, 2), "stack": np.tile([0, 1], 12),
-                              "label": np.repeat(label, 2), "prob": rng.random(24).round(4)})
+        stack = pd.DataFrame(
+            {
+                "annot_id": np.repeat(ids, 2),
+                "stack": np.tile([0, 1], 12),
+                "label": np.repeat(label, 2),
+                "prob": rng.random(24).round(4),
+            }
+        )
         stack.to_csv(d / "stack_predictions_vit.csv", index=False)
         truth[("stack", k)] = stack
     return truth
@@ -40,8 +47,13 @@ def test_report_equals_sklearn_mean_std_over_folds(tmp_path):
     csv = pd.read_csv(tmp_path / "out" / "results.csv").set_index("method")
     assert list(table["method"]) == ["tirads", "stact"]  # paper row order
     for m in ("stact", "tirads"):
-        for name, fn in (("acc", accuracy_score), ("precision", precision_score), ("recall", recall_score),
-                         ("f1", f1_score), ("auroc", roc_auc_score)):
+        for name, fn in (
+            ("acc", accuracy_score),
+            ("precision", precision_score),
+            ("recall", recall_score),
+            ("f1", f1_score),
+            ("auroc", roc_auc_score),
+        ):
             per_fold = []
             for k in range(3):
                 y, p = truth[(m, k)]
@@ -56,10 +68,13 @@ def test_report_equals_sklearn_mean_std_over_folds(tmp_path):
     stack = pd.read_csv(tmp_path / "out" / "results_stack.csv").set_index("backbone")
     accs = [accuracy_score(s["label"], s["prob"] >= 0.5) for s in (truth[("stack", k)] for k in range(3))]
     assert stack.loc["vit", "stack_acc_mean"] == pytest.approx(np.mean(accs), abs=1e-5)
-    nod = [truth[("stack", k)].groupby("annot_id").agg(label=("label", "first"), prob=("prob", "mean"))
-           for k in range(3)]
+    nod = [
+        truth[("stack", k)].groupby("annot_id").agg(label=("label", "first"), prob=("prob", "mean"))
+        for k in range(3)
+    ]
     assert stack.loc["vit", "nodule_auroc_mean"] == pytest.approx(
-        np.mean([roc_auc_score(n["label"], n["prob"]) for n in nod]), abs=1e-5)
+        np.mean([roc_auc_score(n["label"], n["prob"]) for n in nod]), abs=1e-5
+    )
     md = (tmp_path / "out" / "results.md").read_text()
     assert "STACT-Time" in md and "TI-RADS" in md and "ViT Backbone" in md and " ± " in md
     assert (tmp_path / "out" / "roc.png").stat().st_size > 1000
@@ -86,7 +101,8 @@ def test_one_class_fold_auroc_left_out_and_no_predictions_is_an_error(tmp_path):
     for k, label in enumerate(([0, 1, 0, 1], [0, 0, 0, 0])):
         (runs / f"fold{k}").mkdir(parents=True)
         pd.DataFrame({"annot_id": list("abcd"), "label": label, "prob": [0.2, 0.8, 0.6, 0.9]}).to_csv(
-            runs / f"fold{k}" / "predictions_x.csv", index=False)
+            runs / f"fold{k}" / "predictions_x.csv", index=False
+        )
     table = report(runs, tmp_path / "out", n_boot=10, show=False).set_index("method")
     assert table.loc["x", "auroc_folds"] == 1 and table.loc["x", "auroc_mean"] == 1.0
     assert table.loc["x", "acc_folds"] == 2
@@ -98,8 +114,9 @@ def test_cli_prints_table(tmp_path, capsys):
     hand_made(tmp_path / "runs", np.random.default_rng(1))
     parser = argparse.ArgumentParser()
     report_stage.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"),
-                              "--n-boot", "20"])
+    args = parser.parse_args(
+        ["report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--n-boot", "20"]
+    )
     args.func(args)
     out = capsys.readouterr().out
     assert "STACT-Time" in out and "Nodule AUROC" in out
@@ -115,15 +132,32 @@ def truth_beside(root, rng, n_extra=5):
         ids = [f"{10 * k + i}_" for i in range(10)]
         label = np.array([0, 1] * 5)
         risk = label * 1.5 + rng.normal(0, 1, 10)
-        rows += [{"annot_id": a, "risk": r, "tirads_risk": 0.5 * r + rng.normal(0, 1), "hidden_risk": 0.0,
-                  "label": y} for a, r, y in zip(ids, risk, label, strict=True)]
+        rows += [
+            {
+                "annot_id": a,
+                "risk": r,
+                "tirads_risk": 0.5 * r + rng.normal(0, 1),
+                "hidden_risk": 0.0,
+                "label": y,
+            }
+            for a, r, y in zip(ids, risk, label, strict=True)
+        ]
         for m in ("stact", "tirads"):
             keep = slice(None) if (m, k) != ("tirads", 1) else slice(0, 9)
             prob = np.clip(label * 0.4 + 0.3 + rng.normal(0, 0.3, 10), 0, 1).round(4)
             pd.DataFrame({"annot_id": ids, "label": label, "prob": prob}).iloc[keep].to_csv(
-                d / f"predictions_{m}.csv", index=False)
-    rows += [{"annot_id": f"{900 + i}_", "risk": 9.0 * (i % 2), "tirads_risk": 0.0, "hidden_risk": 0.0,
-              "label": 1 - i % 2} for i in range(n_extra)]  # would spoil the AUROC if they were counted
+                d / f"predictions_{m}.csv", index=False
+            )
+    rows += [
+        {
+            "annot_id": f"{900 + i}_",
+            "risk": 9.0 * (i % 2),
+            "tirads_risk": 0.0,
+            "hidden_risk": 0.0,
+            "label": 1 - i % 2,
+        }
+        for i in range(n_extra)
+    ]  # would spoil the AUROC if they were counted
     truth = pd.DataFrame(rows)
     truth["hidden_risk"] = truth["risk"] - truth["tirads_risk"]
     path = root / "truth.csv"
@@ -147,13 +181,17 @@ def test_truth_adds_reference_rows_on_the_same_nodules(tmp_path):
         assert csv.loc[m, "auroc_mean"] == pytest.approx(np.mean(per_fold), abs=1e-5)
         assert csv.loc[m, "auroc_std"] == pytest.approx(np.std(per_fold, ddof=1), abs=1e-5)
         assert csv.loc[m, "auroc_pooled"] == pytest.approx(
-            roc_auc_score(t.loc[pooled, "label"], t.loc[pooled, col]), abs=1e-5)
+            roc_auc_score(t.loc[pooled, "label"], t.loc[pooled, col]), abs=1e-5
+        )
         assert csv.loc[m, "n_nodules"] == 30 and csv.loc[m, "n_folds"] == 3
         assert csv.loc[m, "auroc_ci_low"] <= csv.loc[m, "auroc_pooled"] <= csv.loc[m, "auroc_ci_high"]
         for k in ("acc", "precision", "recall", "f1", "specificity"):  # need a probability: not defined
             assert np.isnan(csv.loc[m, f"{k}_mean"])
         assert np.isnan(csv.loc[m, "sens95_threshold"]) and csv.loc[m, "sens95_specificity"] >= 0
-    assert csv.loc["bayes_ceiling", "name"] == "Bayes ceiling" and csv.loc["tirads_oracle", "name"] == "TI-RADS oracle"
+    assert (
+        csv.loc["bayes_ceiling", "name"] == "Bayes ceiling"
+        and csv.loc["tirads_oracle", "name"] == "TI-RADS oracle"
+    )
     md = (tmp_path / "out" / "results.md").read_text()
     assert md.startswith("# STACT-Time")
     methods, refs = md.split("## Reference (generator truth)")
@@ -184,11 +222,27 @@ def test_cli_truth_and_title_print_reference_rows_below_methods(tmp_path, capsys
         (p / "predictions_tirads.csv").rename(p / "predictions_asycmst_none.csv")
     parser = argparse.ArgumentParser()
     report_stage.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["report", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"),
-                              "--n-boot", "20", "--truth", str(path), "--title", "AsyCMST"])
+    args = parser.parse_args(
+        [
+            "report",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--out",
+            str(tmp_path / "rep"),
+            "--n-boot",
+            "20",
+            "--truth",
+            str(path),
+            "--title",
+            "AsyCMST",
+        ]
+    )
     args.func(args)
     out = capsys.readouterr().out
     assert "AsyCMST: nodule-level results" in out and "AsyCMST (no cross-attention)" in out
-    assert out.index("AsyCMST (no cross-attention)") < out.index("Bayes ceiling (reference)") < out.index(
-        "TI-RADS oracle (reference)")
+    assert (
+        out.index("AsyCMST (no cross-attention)")
+        < out.index("Bayes ceiling (reference)")
+        < out.index("TI-RADS oracle (reference)")
+    )
     assert len(out.splitlines()) < 20  # the table and one line naming the files

@@ -21,7 +21,13 @@ from datamodules.stacks import (
 from datamodules.stanford import StanfordCine
 from tests.stanford_files import frame_value, write_stanford
 
-IDS = ["12_", "7_", "129_", "3_", "45_"]  # write_stanford's nodule numbering (pixel value = number*50 + frame)
+IDS = [
+    "12_",
+    "7_",
+    "129_",
+    "3_",
+    "45_",
+]  # write_stanford's nodule numbering (pixel value = number*50 + frame)
 
 
 @pytest.fixture()
@@ -77,7 +83,11 @@ def test_stacks_never_mix_nodules_and_follow_frame_order(h5):
         assert list(pos) == list(range(3 * s, 3 * s + 3))
         item = ds[i]
         assert item["image"].shape == (3, 8, 8)
-        assert int(item["nodule"]) == j and int(item["stack"]) == s and int(item["label"]) == cine.by_id[nid].label
+        assert (
+            int(item["nodule"]) == j
+            and int(item["stack"]) == s
+            and int(item["label"]) == cine.by_id[nid].label
+        )
         seen.add((nid, s))
     assert len(seen) == len(ds)
 
@@ -158,21 +168,28 @@ def write_splits(path, folds):
 
 
 def test_fold_datamodule_never_returns_test_nodules_in_train_or_val(h5, tmp_path):
-    splits = write_splits(tmp_path / "splits.json", [
-        {"train": ["12_", "7_", "45_"], "val": ["3_"], "test": ["129_"]},
-        {"train": ["129_", "3_", "45_"], "val": ["7_"], "test": ["12_"]},
-    ])
+    splits = write_splits(
+        tmp_path / "splits.json",
+        [
+            {"train": ["12_", "7_", "45_"], "val": ["3_"], "test": ["129_"]},
+            {"train": ["129_", "3_", "45_"], "val": ["7_"], "test": ["12_"]},
+        ],
+    )
     pred = write_predicted(h5, tmp_path / "masks.h5")
     for fold, kind in ((0, "image"), (1, "mask")):
-        dm = StackDataModule(str(h5), str(splits), fold=fold, kind=kind, masks_h5=str(pred), img_size=8,
-                             batch_size=2)
+        dm = StackDataModule(
+            str(h5), str(splits), fold=fold, kind=kind, masks_h5=str(pred), img_size=8, batch_size=2
+        )
         dm.setup("fit")
         dm.setup("test")
         dm.setup("predict")
         test = set(dm.datasets["test"].nodule_ids)
         for part in ("train", "val"):
-            ids = {dm.datasets[part].nodule_ids[int(j)] for b in getattr(dm, f"{part}_dataloader")()
-                   for j in b["nodule"]}
+            ids = {
+                dm.datasets[part].nodule_ids[int(j)]
+                for b in getattr(dm, f"{part}_dataloader")()
+                for j in b["nodule"]
+            }
             assert ids and not ids & test
         assert len(dm.datasets["predict"]) == sum(StanfordCine(h5).by_id[n].n_frames // 3 for n in IDS)
         batch = next(iter(dm.train_dataloader()))
@@ -197,8 +214,10 @@ def test_augmentation_follows_the_torch_seed(h5):
 
     def epoch(seed):
         torch.manual_seed(seed)
-        return ([images[i]["image"] for i in range(len(images))],
-                [frames[i]["image"] for i in range(len(frames))])
+        return (
+            [images[i]["image"] for i in range(len(images))],
+            [frames[i]["image"] for i in range(len(frames))],
+        )
 
     first, again, other = epoch(0), epoch(0), epoch(1)
     for a, b in zip(first, again, strict=True):

@@ -21,9 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fit(config: str, out: Path, *args: str) -> Path:
-    fit(["fit", "-c", str(ROOT / "conf" / "demo" / f"{config}.yaml"), *args, "--data.init_args.fold=0",
-         "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-         f"--trainer.default_root_dir={out.with_suffix('')}", f"--ckpt_out={out}"])
+    fit(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "conf" / "demo" / f"{config}.yaml"),
+            *args,
+            "--data.init_args.fold=0",
+            "--trainer.logger=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={out.with_suffix('')}",
+            f"--ckpt_out={out}",
+        ]
+    )
     return out
 
 
@@ -36,8 +46,28 @@ def test_stact_time_chain_learns_planted_signals(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synth, "HIDDEN_WEIGHT", 30.0)
     monkeypatch.setattr(synth, "HETEROGENEITY_GRAY", 160.0)
-    usnodule(["synth", "--out", "data", "--nodules", "240", "--frames", "9", "--size", "128", "--cases", "4",
-              "--balanced", "--label-noise", "0.5", "--seed", "1", "--workers", "0"])
+    usnodule(
+        [
+            "synth",
+            "--out",
+            "data",
+            "--nodules",
+            "240",
+            "--frames",
+            "9",
+            "--size",
+            "128",
+            "--cases",
+            "4",
+            "--balanced",
+            "--label-noise",
+            "0.5",
+            "--seed",
+            "1",
+            "--workers",
+            "0",
+        ]
+    )
     h5 = tmp_path / "data" / "stanford" / "dataset.hdf5"
     usnodule(["split", str(h5), "-k", "3"])
     splits = h5.with_name("splits.json")
@@ -46,17 +76,55 @@ def test_stact_time_chain_learns_planted_signals(tmp_path, monkeypatch):
     data = [f"--data.init_args.h5={h5}", f"--data.init_args.splits={splits}"]
 
     # 80 training nodules instead of the demo's 240: more epochs for about the same number of optimiser steps.
-    vit = _fit("vit", fold / "vit.ckpt", *data, "--trainer.max_epochs=30", "--lr_scheduler.init_args.T_max=30")
+    vit = _fit(
+        "vit", fold / "vit.ckpt", *data, "--trainer.max_epochs=30", "--lr_scheduler.init_args.T_max=30"
+    )
     seg = _fit("seg", fold / "seg.ckpt", *data)
     masks = fold / "masks.h5"
     usnodule(["masks", "--cine", str(h5), "--seg", str(seg), "--out", str(masks), "--device", "cpu"])
     maskcnn = _fit("maskcnn", fold / "maskcnn.ckpt", *data, f"--data.init_args.masks_h5={masks}")
     emb = fold / "embeddings.h5"
-    usnodule(["embeddings", "--cine", str(h5), "--masks", str(masks), "--vit", str(vit), "--maskcnn", str(maskcnn),
-              "--splits", str(splits), "--fold", "0", "--out", str(emb), "--accelerator", "cpu"])
-    head = _fit("head", fold / "head_stact.ckpt", f"--data.init_args.path={emb}", f"--data.init_args.splits={splits}")
-    usnodule(["baselines", "--cine", str(h5), "--splits", str(splits), "--runs", str(tmp_path / "runs"),
-              "--folds", "0", "--methods", "avepool", "--head", f"stact={head}"])
+    usnodule(
+        [
+            "embeddings",
+            "--cine",
+            str(h5),
+            "--masks",
+            str(masks),
+            "--vit",
+            str(vit),
+            "--maskcnn",
+            str(maskcnn),
+            "--splits",
+            str(splits),
+            "--fold",
+            "0",
+            "--out",
+            str(emb),
+            "--accelerator",
+            "cpu",
+        ]
+    )
+    head = _fit(
+        "head", fold / "head_stact.ckpt", f"--data.init_args.path={emb}", f"--data.init_args.splits={splits}"
+    )
+    usnodule(
+        [
+            "baselines",
+            "--cine",
+            str(h5),
+            "--splits",
+            str(splits),
+            "--runs",
+            str(tmp_path / "runs"),
+            "--folds",
+            "0",
+            "--methods",
+            "avepool",
+            "--head",
+            f"stact={head}",
+        ]
+    )
 
     truth = pd.read_csv(h5.with_name("truth.csv"), dtype={"annot_id": str}).set_index("annot_id")
     ceiling = roc_auc_score(truth.loc[test_ids, "label"], truth.loc[test_ids, "risk"])

@@ -26,8 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _trainer(**kw) -> L.Trainer:
-    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, precision=32)
+    args = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        precision=32,
+    )
     return L.Trainer(**{**args, **kw})
 
 
@@ -42,8 +49,15 @@ def _stacks(n_nodules=5, per=3, size=32, binary=False):
     for i in range(n_nodules):
         for s in range(per):
             img = torch.rand(3, size, size)
-            rows.append({"image": (img > 0.5).float() if binary else img, "label": torch.tensor(i % 2),
-                         "nodule": torch.tensor(i), "stack": torch.tensor(s), "index": torch.tensor(len(rows))})
+            rows.append(
+                {
+                    "image": (img > 0.5).float() if binary else img,
+                    "label": torch.tensor(i % 2),
+                    "nodule": torch.tensor(i),
+                    "stack": torch.tensor(s),
+                    "index": torch.tensor(len(rows)),
+                }
+            )
     return rows
 
 
@@ -81,7 +95,12 @@ def test_nodule_scores_and_metric_groups_by_nodule():
     assert out["acc"] == 1.0 and out["auroc"] == 1.0
     # DistributedSampler-style repeat of (nodule 3, stack 0) does not bias the nodule mean
     dup = CaseMetrics(threshold=0.29)
-    dup.update(torch.tensor([3, 3, 9]), torch.tensor([0.2, 0.4, 0.9]), torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]))
+    dup.update(
+        torch.tensor([3, 3, 9]),
+        torch.tensor([0.2, 0.4, 0.9]),
+        torch.tensor([0, 0, 1]),
+        torch.tensor([0, 1, 0]),
+    )
     dup.update(torch.tensor([3]), torch.tensor([0.2]), torch.tensor([0]), torch.tensor([0]))
     assert dup.compute()["acc"] == 0.5  # mean 0.3 > 0.29 -> wrong; with the repeat it would be 0.267 -> right
     one_class = CaseMetrics()
@@ -94,7 +113,9 @@ def test_vit_stage_head_only_training_and_nodule_metrics(tmp_path):
     model = _with_optimizer(ViTStage(backbone="test_vit", img_size=32))
     backbone0 = {k: v.clone() for k, v in model.net.backbone.state_dict().items()}
     head0 = model.net.fc1.weight.clone()
-    _trainer(fast_dev_run=2).fit(model, DataLoader(rows, batch_size=4, shuffle=True), DataLoader(rows, batch_size=4))
+    _trainer(fast_dev_run=2).fit(
+        model, DataLoader(rows, batch_size=4, shuffle=True), DataLoader(rows, batch_size=4)
+    )
     for k, v in model.net.backbone.state_dict().items():
         assert torch.equal(v, backbone0[k]), k
     assert not torch.equal(model.net.fc1.weight, head0)
@@ -112,8 +133,9 @@ def test_vit_stage_head_only_training_and_nodule_metrics(tmp_path):
     trainer.save_checkpoint(ckpt)
     again, _ = ViTStage.from_checkpoint(str(ckpt))
     with torch.no_grad():
-        torch.testing.assert_close(again.predict_step(next(iter(DataLoader(rows[:5], batch_size=5))), 0)["prob"],
-                                   out["prob"])
+        torch.testing.assert_close(
+            again.predict_step(next(iter(DataLoader(rows[:5], batch_size=5))), 0)["prob"], out["prob"]
+        )
 
 
 def test_maskcnn_stage_fit_validate_predict():
@@ -132,15 +154,24 @@ def _nodules(n=6, s=4, d=16):
     for i in range(n):
         length = 1 + i % s
         valid = torch.arange(s) < length
-        rows.append({"image_emb": torch.randn(s, d), "seg_emb": torch.randn(s, d), "valid": valid,
-                     "label": torch.tensor(i % 2), "nodule": torch.tensor(i)})
+        rows.append(
+            {
+                "image_emb": torch.randn(s, d),
+                "seg_emb": torch.randn(s, d),
+                "valid": valid,
+                "label": torch.tensor(i % 2),
+                "nodule": torch.tensor(i),
+            }
+        )
     return rows
 
 
 @pytest.mark.parametrize("variant", HEAD_VARIANTS)
 def test_head_stage_variants_train_and_nodule_metrics(variant):
     rows = _nodules()
-    model = _with_optimizer(HeadStage(variant=variant, dim=16, num_heads=2, ff_dim=32), torch.optim.AdamW, 1e-3)
+    model = _with_optimizer(
+        HeadStage(variant=variant, dim=16, num_heads=2, ff_dim=32), torch.optim.AdamW, 1e-3
+    )
     _trainer(fast_dev_run=1).fit(model, DataLoader(rows, batch_size=3), DataLoader(rows, batch_size=3))
     metrics = _trainer().validate(model, DataLoader(rows, batch_size=4), verbose=False)[0]
     assert "val/stack_acc" not in metrics
@@ -159,7 +190,9 @@ def test_seg_stage_fit_metrics_predict_and_finetune_checkpoint(tmp_path):
     _trainer(fast_dev_run=1).fit(model, DataLoader(rows, batch_size=2), DataLoader(rows, batch_size=2))
     trainer = _trainer()
     metrics = trainer.validate(model, DataLoader(rows, batch_size=2), verbose=False)[0]
-    assert {"val/dice", "val/iou", "val/loss", "val/loss_dice", "val/loss_bce", "val/loss_focal"} <= set(metrics)
+    assert {"val/dice", "val/iou", "val/loss", "val/loss_dice", "val/loss_bce", "val/loss_focal"} <= set(
+        metrics
+    )
     model.eval()
     with torch.no_grad():  # Dice = 2TP/(2TP+FP+FN) over all pixels
         pred = torch.cat([model(r["image"][None]) for r in rows]).sigmoid() >= 0.5
@@ -176,7 +209,9 @@ def test_seg_stage_fit_metrics_predict_and_finetune_checkpoint(tmp_path):
         tuned = SegStage(base=2, checkpoint_path=str(tmp_path / path))
         torch.testing.assert_close(tuned.net.state_dict(), model.net.state_dict())
     # reloading a stage fine-tuned from a start file that is gone: from_checkpoint does not read it again
-    torch.save({"state_dict": tuned.state_dict(), "hyper_parameters": dict(tuned.hparams)}, tmp_path / "t.ckpt")
+    torch.save(
+        {"state_dict": tuned.state_dict(), "hyper_parameters": dict(tuned.hparams)}, tmp_path / "t.ckpt"
+    )
     (tmp_path / "msunet.pth").unlink()
     again, _ = SegStage.from_checkpoint(tmp_path / "t.ckpt")
     assert again.hparams["checkpoint_path"] is None and not again.training
@@ -215,7 +250,9 @@ def tiny_chain_files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("chain")
     h5 = write_stanford(root / "stanford", shape=(40, 48), extra=7)
-    labels = {"12_": 1, "7_": 0, "129_": 1, "3_": 0, "45_": 0} | {f"{1000 + j}_": int(j % 2 == 0) for j in range(7)}
+    labels = {"12_": 1, "7_": 0, "129_": 1, "3_": 0, "45_": 0} | {
+        f"{1000 + j}_": int(j % 2 == 0) for j in range(7)
+    }
     ids = sorted(labels)
     splits = write_splits(make_folds(ids, [labels[i] for i in ids], ids, k=3, seed=0), root / "splits.json")
     with h5py.File(h5, "r") as src, h5py.File(root / "masks.h5", "w") as dst:
@@ -228,8 +265,13 @@ def tiny_chain_files(tmp_path_factory):
             g["image"] = torch.randn(1 + n % 3, 256).numpy()
             g["seg"] = torch.randn(1 + n % 3, 256).numpy()
             g.attrs.update({"annot_id": nid, "label": labels[nid]})
-    return {"h5": str(h5), "splits": str(splits), "masks": str(root / "masks.h5"),
-            "embeddings": str(root / "embeddings.h5"), "root": root}
+    return {
+        "h5": str(h5),
+        "splits": str(splits),
+        "masks": str(root / "masks.h5"),
+        "embeddings": str(root / "embeddings.h5"),
+        "root": root,
+    }
 
 
 @pytest.mark.parametrize("name", ["vit", "seg", "maskcnn", "head"])
@@ -242,9 +284,22 @@ def test_demo_config_runs_through_the_cli(name, tiny_chain_files):
     if name == "maskcnn":
         data += ["--data.init_args.masks_h5", f["masks"]]
     out = f["root"] / f"{name}.ckpt"
-    main(["fit", "-c", str(ROOT / "conf" / "demo" / f"{name}.yaml"), *data,
-          "--data.init_args.splits", f["splits"], "--trainer.fast_dev_run", "1",
-          "--trainer.default_root_dir", str(f["root"] / name), "--trainer.enable_progress_bar", "false",
-          f"--ckpt_out={out}"])
+    main(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "conf" / "demo" / f"{name}.yaml"),
+            *data,
+            "--data.init_args.splits",
+            f["splits"],
+            "--trainer.fast_dev_run",
+            "1",
+            "--trainer.default_root_dir",
+            str(f["root"] / name),
+            "--trainer.enable_progress_bar",
+            "false",
+            f"--ckpt_out={out}",
+        ]
+    )
     ckpt = torch.load(out, map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 1 and ckpt["datamodule_hyper_parameters"]["fold"] == 0

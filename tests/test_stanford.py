@@ -28,7 +28,8 @@ def test_groups_interleaved_rows_and_orders_frames_by_number(h5):
     n45 = ds.by_id["45_"]
     assert n45.frame_nums.tolist() == [20, 30, 40, 41, 42, 43]
     assert ds.frames("45_", [5, 0, 5])[:, 0, 0].tolist() == [frame_value(4, 43), frame_value(4, 20)] * 1 + [
-        frame_value(4, 43)]
+        frame_value(4, 43)
+    ]
 
 
 def test_rows_of_every_nodule_are_its_own(h5):
@@ -150,7 +151,9 @@ def test_labels_not_binary(h5):
     meta = pd.read_csv(h5.with_name("metadata.csv"), dtype={"annot_id": str})
     meta.loc[1, "histopath_diagnosis"] = 2
     meta.to_csv(h5.with_name("metadata.csv"), index=False)
-    with pytest.raises(DataError, match=r"metadata.csv: histopath_diagnosis must be 0 or 1, got '2' for annot_id '7_'"):
+    with pytest.raises(
+        DataError, match=r"metadata.csv: histopath_diagnosis must be 0 or 1, got '2' for annot_id '7_'"
+    ):
         StanfordCine(h5)
 
 

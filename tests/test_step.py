@@ -21,14 +21,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _step(tmp: Path, code: str, *opts: str, name: str = "vit") -> tuple[subprocess.CompletedProcess, Path]:
     log = tmp / "logs" / "step.log"  # parent folder does not exist yet: the runner creates it
-    cmd = [sys.executable, "-m", "stages.step", "--name", name, "--log", str(log), *opts,
-           "--", sys.executable, "-c", code]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.step",
+        "--name",
+        name,
+        "--log",
+        str(log),
+        *opts,
+        "--",
+        sys.executable,
+        "-c",
+        code,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60), log
 
 
 def test_success_prints_one_line_with_the_last_result(tmp_path):
-    code = ("import sys\nprint('chatty tip')\nprint('a warning', file=sys.stderr)\n"
-            "print('RESULT val/loss=9')\nprint('RESULT val/auroc=0.81234567 epochs=3')\nprint('RESULT broken')")
+    code = (
+        "import sys\nprint('chatty tip')\nprint('a warning', file=sys.stderr)\n"
+        "print('RESULT val/loss=9')\nprint('RESULT val/auroc=0.81234567 epochs=3')\nprint('RESULT broken')"
+    )
     r, log = _step(tmp_path, code, "--fold", "0")
     assert r.returncode == 0 and r.stderr == ""
     lines = r.stdout.splitlines()
@@ -69,19 +83,56 @@ def test_failure_prints_the_tail_and_log_path_and_keeps_the_exit_code(tmp_path):
 
 def test_a_missing_command_fails_with_127(tmp_path):
     log = tmp_path / "x.log"
-    r = subprocess.run([sys.executable, "-m", "stages.step", "--name", "data", "--log", str(log), "--",
-                        str(tmp_path / "no-such-program")], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 127 and r.stderr.startswith("FAILED data (exit 127)") and "cannot start" in r.stderr
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.step",
+            "--name",
+            "data",
+            "--log",
+            str(log),
+            "--",
+            str(tmp_path / "no-such-program"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        r.returncode == 127 and r.stderr.startswith("FAILED data (exit 127)") and "cannot start" in r.stderr
+    )
 
 
 @pytest.mark.skipif(os.name != "posix", reason="process groups and signals")
 def test_ctrl_c_reaches_the_command_and_the_runner_exits_interrupted(tmp_path):
     log, pid_file = tmp_path / "logs" / "long.log", tmp_path / "child.pid"
-    code = (f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
-            "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('child got SIGINT')\n    raise")
-    p = subprocess.Popen([sys.executable, "-m", "stages.step", "--name", "vit", "--fold", "1", "--log", str(log),
-                          "--", sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    code = (
+        f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('child got SIGINT')\n    raise"
+    )
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stages.step",
+            "--name",
+            "vit",
+            "--fold",
+            "1",
+            "--log",
+            str(log),
+            "--",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 30
     while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -101,14 +152,18 @@ def test_child_env_is_quiet_unless_set(tmp_path):
 
 
 def test_the_runner_imports_only_the_standard_library():
-    code = ("import sys, stages.step\n"
-            "heavy = {m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'numpy', 'wandb', 'rich'}\n"
-            "assert not heavy, heavy")
+    code = (
+        "import sys, stages.step\n"
+        "heavy = {m.split('.')[0] for m in sys.modules} & {'torch', 'lightning', 'numpy', 'wandb', 'rich'}\n"
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
 
 
 def test_parse_and_format():
-    assert parse_result(["RESULT a=1", "noise", "RESULT b=0.5 c=x", "RESULT d", "  RESULT e=2"]) == [("e", "2")]
+    assert parse_result(["RESULT a=1", "noise", "RESULT b=0.5 c=x", "RESULT d", "  RESULT e=2"]) == [
+        ("e", "2")
+    ]
     assert parse_result(["RESULTS a=1", "RESULT =1"]) == []
     line = summary("head_vit_self", "4", 3.04, [("val/loss", "0.123456"), ("n", "12")])
     assert line.split() == ["head_vit_self", "fold", "4", "3.0", "s", "val/loss", "0.1235", "n", "12"]
@@ -138,6 +193,9 @@ def test_makefile_runs_steps_through_the_runner_unless_verbose(tmp_path):
     v = _tree(tmp_path)
     _bump(tmp_path / "conf" / "head.yaml")
     (cmd,) = _dry("train-head", v)
-    assert f"-m stages.step --log {tmp_path}/runs/logs/head_stact_fold0.log --name head_stact --fold 0 -- " in cmd
+    assert (
+        f"-m stages.step --log {tmp_path}/runs/logs/head_stact_fold0.log --name head_stact --fold 0 -- "
+        in cmd
+    )
     (cmd,) = _dry("train-head", {**v, "VERBOSE": 1})
     assert "stages.step" not in cmd and "fit -c" in cmd

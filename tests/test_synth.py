@@ -295,7 +295,9 @@ def test_truth_csv_beside_each_layout(small):
         assert r["label"] == manifest[r["case_id"]]["label"] and r["pattern"] in synth.CEUS_PATTERNS
         assert float(r["risk"]) == pytest.approx(float(r["tirads_risk"]) + float(r["hidden_risk"]), abs=2e-6)
         assert float(r["shape_change"]) == 0.0  # paired clips are drawn without shape change
-        ceus = float(r["hidden_risk"]) - synth.HIDDEN_WEIGHT * float(r["heterogeneity"])  # the CEUS terms are hidden too
+        ceus = float(r["hidden_risk"]) - synth.HIDDEN_WEIGHT * float(
+            r["heterogeneity"]
+        )  # the CEUS terms are hidden too
         assert ceus == pytest.approx(
             {"homogeneous": 0.0, "ring": -1.5, "heterogeneous": 1.5, "hypo": 1.5}[r["pattern"]]
             - 14.0 * (float(r["ttp"]) - 0.32)

@@ -58,8 +58,14 @@ def test_mask_cnn_shapes():
 
 @pytest.mark.parametrize(
     ("backbone", "takes"),
-    [("test_vit", True), ("vit_small_r26_s32_224", True), ("test_resnet", False), ("test_byobnet", True),
-     ("test_efficientnet", False), ("test_convnext", False)],
+    [
+        ("test_vit", True),
+        ("vit_small_r26_s32_224", True),
+        ("test_resnet", False),
+        ("test_byobnet", True),
+        ("test_efficientnet", False),
+        ("test_convnext", False),
+    ],
 )
 def test_any_timm_family_builds_at_the_data_size(backbone, takes):
     """ViT, hybrid and CNN backbones all build with the data's ``img_size``; only models that take it get it."""

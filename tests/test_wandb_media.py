@@ -38,11 +38,11 @@ def records(path: Path):
         if left < 7:
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:  # zero padding up to the end of the block
             pos += left
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):
@@ -116,8 +116,15 @@ def cli(args: list[str]) -> None:
     from stages.fit import UsnoduleCLI
 
     try:
-        UsnoduleCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    save_config_callback=WandbSaveConfig, save_config_kwargs={"overwrite": True}, args=args)
+        UsnoduleCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=WandbSaveConfig,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
     finally:
         wandb.finish()  # a process exit would finish it; in-process the next fit must not reuse the run
 
@@ -126,8 +133,15 @@ def cli(args: list[str]) -> None:
 STAGES = {
     "head": (["--data.init_args.path={embeddings}"], {"val/attention"}),
     "vit": (["--data.init_args.h5={h5}"], {"val/samples"}),
-    "seg": (["--data.init_args.h5={h5}", "--data.init_args.size=32", "--model.init_args.base=2",
-             "--model.init_args.depth=2"], {"val/masks"}),
+    "seg": (
+        [
+            "--data.init_args.h5={h5}",
+            "--data.init_args.size=32",
+            "--model.init_args.base=2",
+            "--model.init_args.depth=2",
+        ],
+        {"val/masks"},
+    ),
 }
 
 
@@ -136,24 +150,42 @@ STAGES = {
 def test_offline_run_holds_metrics_media_and_config(files, offline, stage):
     extra, media_keys = STAGES[stage]
     root = offline / stage
-    cli(["fit", "-c", str(ROOT / f"conf/demo/{stage}.yaml"), *[a.format(**files) for a in extra],
-         f"--data.init_args.splits={files['splits']}", "--data.init_args.batch_size=4", "--trainer.max_epochs=1",
-         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1",
-         "--lr_scheduler.init_args.T_max=1", f"--trainer.default_root_dir={root}", "--exp=wbtest",
-         "--trainer.enable_progress_bar=false",
-         "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
-         "--trainer.callbacks.init_args.logging_interval=step"])
+    cli(
+        [
+            "fit",
+            "-c",
+            str(ROOT / f"conf/demo/{stage}.yaml"),
+            *[a.format(**files) for a in extra],
+            f"--data.init_args.splits={files['splits']}",
+            "--data.init_args.batch_size=4",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=2",
+            "--trainer.log_every_n_steps=1",
+            "--lr_scheduler.init_args.T_max=1",
+            f"--trainer.default_root_dir={root}",
+            "--exp=wbtest",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
+            "--trainer.callbacks.init_args.logging_interval=step",
+        ]
+    )
     run = offline_run(root)
     job = "head_stact" if stage == "head" else stage  # one job type per head variant
-    assert (run["run"].run_group, run["run"].job_type, run["run"].display_name) == ("wbtest", job, f"{job}-fold0")
+    assert (run["run"].run_group, run["run"].job_type, run["run"].display_name) == (
+        "wbtest",
+        job,
+        f"{job}-fold0",
+    )
     hist = run["history"]
     assert {"train/loss_step", "trainer/global_step", "val/loss"} <= hist
     assert any(k.startswith("lr-") for k in hist), hist  # LearningRateMonitor, per step
     assert "cli" in run["config"]  # the resolved LightningCLI config (WandbSaveConfig)
     for key in media_keys:  # sample images of the first validation batch
         folder = f"media/images/{key.split('/')[0]}"
-        assert any(m.startswith(f"{folder}/{key.split('/')[1]}_") and m.endswith(".png") for m in run["media"]), \
-            run["media"]
+        assert any(
+            m.startswith(f"{folder}/{key.split('/')[1]}_") and m.endswith(".png") for m in run["media"]
+        ), run["media"]
     if stage == "seg":
         assert {"val/dice", "val/iou"} <= hist
         assert any(m.startswith("media/images/mask/") for m in run["media"])  # prediction / truth overlays
@@ -173,10 +205,20 @@ def test_no_wandb_logger_logs_no_media(files, tmp_path):
     from lightning_modules.wandb_media import wandb_run
     from stages.fit import main
 
-    main(["fit", "-c", str(ROOT / "conf/demo/head.yaml"), f"--data.init_args.path={files['embeddings']}",
-          f"--data.init_args.splits={files['splits']}", "--trainer.max_epochs=1",
-          f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-          f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    main(
+        [
+            "fit",
+            "-c",
+            str(ROOT / "conf/demo/head.yaml"),
+            f"--data.init_args.path={files['embeddings']}",
+            f"--data.init_args.splits={files['splits']}",
+            "--trainer.max_epochs=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     assert not list(tmp_path.rglob("offline-run-*"))
     assert wandb_run(torch.nn.Module()) is None
 
@@ -186,7 +228,11 @@ def test_attention_maps_are_row_stochastic_and_ignore_padding():
 
     valid = torch.tensor([[True, True, True], [True, False, False]])
     batch = {"image_emb": torch.randn(2, 3, 16), "seg_emb": torch.randn(2, 3, 16), "valid": valid}
-    for variant, names in (("stact", {"self", "cross"}), ("joint", {"self"}), ("cine_trans", {"layer0", "layer1"})):
+    for variant, names in (
+        ("stact", {"self", "cross"}),
+        ("joint", {"self"}),
+        ("cine_trans", {"layer0", "layer1"}),
+    ):
         model = HeadStage(variant=variant, dim=16, num_heads=2, ff_dim=32).eval()
         maps = model.attention_maps(batch)
         assert set(maps) == names
@@ -206,6 +252,8 @@ def test_report_logs_one_summary_run(tmp_path, offline):
     report(tmp_path / "runs" / "myexp", out, n_boot=20, show=False, wandb=True)
     run = offline_run(out)
     assert (run["run"].run_group, run["run"].job_type) == ("myexp", "report")
-    assert {"report/results/nrows", "report/results_stack/nrows", "report/predictions/nrows"} <= run["history"]
+    assert {"report/results/nrows", "report/results_stack/nrows", "report/predictions/nrows"} <= run[
+        "history"
+    ]
     assert any(m.startswith("media/table/report/results_") for m in run["media"])
     assert any(m.startswith("media/images/report/roc_") and m.endswith(".png") for m in run["media"])

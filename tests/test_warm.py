@@ -31,9 +31,14 @@ def _script(tmp: Path, body: str, name: str = "tool") -> Path:
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("warm")
     sock = str(folder / "sock")
-    proc = subprocess.Popen([sys.executable, "-m", "stages.warm", "--serve", sock, "--preload", "decimal,numpy"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            process_group=0)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.warm", "--serve", sock, "--preload", "decimal,numpy"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        process_group=0,
+    )
     deadline = time.monotonic() + 60
     while not os.path.exists(sock) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -49,15 +54,24 @@ def _step(tmp: Path, cmd: list[str], sock: str | None, name: str = "t", **env: s
     full_env.pop(ENV, None)
     if sock:
         full_env[ENV] = sock
-    r = subprocess.run([sys.executable, "-m", "stages.step", "--name", name, "--log", str(log), "--", *map(str, cmd)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60, env=full_env)
+    r = subprocess.run(
+        [sys.executable, "-m", "stages.step", "--name", name, "--log", str(log), "--", *map(str, cmd)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=full_env,
+    )
     return r, log
 
 
 def test_a_step_runs_forked_with_its_own_argv_env_cwd_and_exit_code(server, tmp_path):
-    tool = _script(tmp_path, "print('warm', 'decimal' in sys.modules, os.getpgid(0) == os.getpid())\n"
-                             "print('argv', sys.argv[1:], 'cwd', os.getcwd(), 'env', os.environ.get('HUE'))\n"
-                             "print('RESULT n=7')\nsys.exit(int(sys.argv[1]))")
+    tool = _script(
+        tmp_path,
+        "print('warm', 'decimal' in sys.modules, os.getpgid(0) == os.getpid())\n"
+        "print('argv', sys.argv[1:], 'cwd', os.getcwd(), 'env', os.environ.get('HUE'))\n"
+        "print('RESULT n=7')\nsys.exit(int(sys.argv[1]))",
+    )
     r, log = _step(tmp_path, [tool, "0", "b c"], server, HUE="blue")
     assert r.returncode == 0 and r.stdout.split()[-2:] == ["n", "7"]
     text = log.read_text()
@@ -90,19 +104,30 @@ def test_exceptions_and_signals_read_as_in_a_fresh_process(server, tmp_path):
 
 
 def test_each_step_draws_fresh_random_numbers(server, tmp_path):
-    draw = _script(tmp_path, "import random, numpy\nprint('RESULT r=%s n=%s' % (random.random(), numpy.random.random()))")
+    draw = _script(
+        tmp_path, "import random, numpy\nprint('RESULT r=%s n=%s' % (random.random(), numpy.random.random()))"
+    )
     lines = [_step(tmp_path, [draw], server, name=f"d{i}")[0].stdout.split() for i in range(2)]
     assert lines[0][-3] != lines[1][-3] and lines[0][-1] != lines[1][-1]
 
 
 def test_ctrl_c_reaches_a_warm_step(server, tmp_path):
     pid_file, log = tmp_path / "child.pid", tmp_path / "logs" / "long.log"
-    tool = _script(tmp_path, f"import time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
-                             "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('child got SIGINT')\n"
-                             "    raise", "long")
-    p = subprocess.Popen([sys.executable, "-m", "stages.step", "--name", "long", "--log", str(log), "--", str(tool)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, ENV: server})
+    tool = _script(
+        tmp_path,
+        f"import time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    print('child got SIGINT')\n"
+        "    raise",
+        "long",
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-m", "stages.step", "--name", "long", "--log", str(log), "--", str(tool)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, ENV: server},
+    )
     deadline = time.monotonic() + 30
     while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -116,9 +141,25 @@ def test_ctrl_c_reaches_a_warm_step(server, tmp_path):
 
 def test_the_wrapper_passes_the_exit_status_and_leaves_nothing_behind(tmp_path):
     out = tmp_path / "sock.txt"
-    r = subprocess.run([sys.executable, "-m", "stages.warm", "--preload", "decimal", "--wait", "30", "--",
-                        "sh", "-c", f'echo "${ENV}" > {out}; test -S "${ENV}" && exit 4'],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.warm",
+            "--preload",
+            "decimal",
+            "--wait",
+            "30",
+            "--",
+            "sh",
+            "-c",
+            f'echo "${ENV}" > {out}; test -S "${ENV}" && exit 4',
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 4  # the socket was listening while the command ran
     sock = Path(out.read_text().strip())
     assert not sock.parent.exists()  # server stopped, socket and its folder removed

@@ -29,7 +29,9 @@ class ToyStage(BaseStage):
     def __init__(self, hidden: int = 8):
         super().__init__()
         self.save_hyperparameters()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2)
+        )
 
     def training_step(self, batch, _):
         x, y = batch

@@ -81,7 +81,9 @@ class AsyCMSTNet(nn.Module):
         self.num_frames, self.img_size, self.strategy = num_frames, img_size, strategy
 
         def encoder() -> FrameEncoder:
-            return FrameEncoder(dim=dim, backbone=backbone, pretrained=pretrained, backbone_args=backbone_args)
+            return FrameEncoder(
+                dim=dim, backbone=backbone, pretrained=pretrained, backbone_args=backbone_args
+            )
 
         self.encoder_c = encoder()
         self.encoder_b = self.encoder_c if share_encoders else encoder()
@@ -107,7 +109,9 @@ class AsyCMSTNet(nn.Module):
         # ModuleDict keys must be strings; absent key = no cross-modal block in that stage
         self.acmst = nn.ModuleDict(
             {
-                str(i): ACMSTBlock(dim=dim, heads=heads, strategy=strategy, mlp_ratio=mlp_ratio, dropout=dropout)
+                str(i): ACMSTBlock(
+                    dim=dim, heads=heads, strategy=strategy, mlp_ratio=mlp_ratio, dropout=dropout
+                )
                 for i in self.acmst_layers
             }
         )
@@ -171,7 +175,12 @@ class AsyCMSTNet(nn.Module):
         return self.decoder(maps)
 
     def forward(
-        self, c: torch.Tensor, b: torch.Tensor, *, mask_frames: torch.Tensor | None = None, masks: bool = False
+        self,
+        c: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        mask_frames: torch.Tensor | None = None,
+        masks: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Run the model.
 

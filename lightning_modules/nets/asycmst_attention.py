@@ -77,9 +77,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str) -> t
         return _attend_cross(q, k, v)
     else:
         raise ValueError(f"unknown pattern {pattern!r}")
-    out = F.scaled_dot_product_attention(
-        rearrange(q, fold), rearrange(k, fold), rearrange(v, fold)
-    )
+    out = F.scaled_dot_product_attention(rearrange(q, fold), rearrange(k, fold), rearrange(v, fold))
     return rearrange(out, unfold, b=b, t=t, n=n)
 
 
@@ -103,7 +101,11 @@ class MLP(nn.Sequential):
 
     def __init__(self, *, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+            nn.Dropout(dropout),
         )
 
 
@@ -188,7 +190,6 @@ class CrossModalAttention(nn.Module):
         merge = "b m t n d -> b t n (m d)"
         return self.out_c(rearrange(att_c, merge)), self.out_b(rearrange(att_b, merge))
 
-
     @torch.no_grad()
     def attention_weights(self, x_c: torch.Tensor, x_b: torch.Tensor) -> dict[str, torch.Tensor]:
         """Head-averaged attention weights of both directions, for inspection (not the training path).
@@ -203,9 +204,13 @@ class CrossModalAttention(nn.Module):
         q_c, k_c, _ = rearrange(self.qkv_c(x_c), split, k=3, m=self.heads)
         q_b, k_b, _ = rearrange(self.qkv_b(x_b), split, k=3, m=self.heads)
         out = {}
-        for name, q, k, pattern in (("c_to_b", q_c, k_b, self.pattern_c), ("b_to_c", q_b, k_c, self.pattern_b)):
-            allowed = torch.stack([allowed_keys(pattern, i // n, i % n, frames=t, positions=n).flatten()
-                                   for i in range(t * n)]).to(q.device)
+        for name, q, k, pattern in (
+            ("c_to_b", q_c, k_b, self.pattern_c),
+            ("b_to_c", q_b, k_c, self.pattern_b),
+        ):
+            allowed = torch.stack(
+                [allowed_keys(pattern, i // n, i % n, frames=t, positions=n).flatten() for i in range(t * n)]
+            ).to(q.device)
             scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
             w = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1).mean(1)
             w = rearrange(w, "b (t n) (s k) -> b t n s k", t=t, s=t)
@@ -223,7 +228,13 @@ class ACMSTBlock(nn.Module):
     """
 
     def __init__(
-        self, *, dim: int, heads: int, strategy: str = "asymmetric", mlp_ratio: float = 4.0, dropout: float = 0.0
+        self,
+        *,
+        dim: int,
+        heads: int,
+        strategy: str = "asymmetric",
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.cross = CrossModalAttention(dim=dim, heads=heads, strategy=strategy)

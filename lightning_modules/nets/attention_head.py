@@ -205,7 +205,8 @@ class CineTransformer(nn.Module):
         h = add_position(feats) if self.positional else feats
         maps = {}
         for i, layer in enumerate(self.encoder.layers):
-            maps[f"layer{i}"] = layer.self_attn(h, h, h, key_padding_mask=~valid, need_weights=True,
-                                                average_attn_weights=True)[1]
+            maps[f"layer{i}"] = layer.self_attn(
+                h, h, h, key_padding_mask=~valid, need_weights=True, average_attn_weights=True
+            )[1]
             h = layer(h, src_key_padding_mask=~valid)
         return maps

@@ -42,7 +42,9 @@ class MSUNet(nn.Module):
     802 x 1054, not a multiple of 16).
     """
 
-    def __init__(self, *, in_channels: int = 1, out_channels: int = 1, base: int = 32, depth: int = 5) -> None:
+    def __init__(
+        self, *, in_channels: int = 1, out_channels: int = 1, base: int = 32, depth: int = 5
+    ) -> None:
         super().__init__()
         if depth < 2:
             raise ValueError("MSUNet depth must be >= 2")

@@ -95,7 +95,10 @@ class StackClassifier(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = create_backbone(
-            backbone, pretrained=pretrained, checkpoint_path=checkpoint_path, img_size=img_size,
+            backbone,
+            pretrained=pretrained,
+            checkpoint_path=checkpoint_path,
+            img_size=img_size,
             **(backbone_kwargs or {}),
         )
         self.fc1 = nn.Linear(self.backbone.num_features, hidden_dim)

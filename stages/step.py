@@ -35,7 +35,7 @@ from pathlib import Path
 from stages.warm import ENV as WARM_ENV
 from stages.warm import WarmChild
 
-NAME_WIDTH = 14
+NAME_WIDTH = 16  # the longest step name, head_cine_trans, and a space
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 

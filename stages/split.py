@@ -1,10 +1,21 @@
-"""``usnodule split``: K stratified folds grouped by patient (or nodule) -> ``splits.json``."""
+"""``usnodule split``: K stratified folds grouped by patient (or nodule) -> ``splits.json``.
+
+Groups come from the data's patient ids (a ``patient_id`` column in the Stanford metadata or the paired
+manifest), or from ``--groups FILE``: a CSV whose first column is the case id (``annot_id`` / ``case_id``) and
+whose second is the patient, for data that ships without them -- the public Stanford file has no patient id, so
+every nodule is its own group there and two nodules of one patient (192 nodules from about 167 patients) can
+fall on both sides of a split.  When every case is its own group, the command says so in one warning line.
+Every stage reads its fold from ``splits.json``, so the grouping chosen here holds for all of them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import sys
 from pathlib import Path
 
+from datamodules.errors import DataError
 from datamodules.folds import make_folds, write_splits
 
 
@@ -21,6 +32,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-k", "--folds", type=int, default=5, help="number of folds (default 5, as the paper)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--groups",
+        type=Path,
+        default=None,
+        help="CSV: case id, patient id (first two columns); overrides the data's own patient ids",
+    )
+    p.add_argument(
         "--out", type=Path, default=None, help="output path (default: splits.json beside the data)"
     )
     p.set_defaults(func=run)
@@ -28,6 +45,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     ids, labels, groups = _cases(args.data, args.metadata)
+    if args.groups is not None:
+        groups = read_groups(args.groups, ids)
+    elif all(g == i for g, i in zip(groups, ids, strict=True)):
+        print(
+            "warning: no patient ids (no patient_id column, no --groups): each case is its own group, so two "
+            "nodules of one patient can fall in different folds",
+            file=sys.stderr,
+        )
     doc = make_folds(ids, labels, groups, k=args.folds, seed=args.seed, source=str(args.data))
     out = write_splits(doc, args.out or args.data.with_name("splits.json"))
     n_groups = len(set(groups))
@@ -47,3 +72,22 @@ def _cases(data: Path, metadata: Path | None) -> tuple[list[str], list[int], lis
 
     ds = StanfordCine(data, metadata)
     return [n.annot_id for n in ds.nodules], ds.labels().tolist(), ds.groups()
+
+
+def read_groups(path: Path, ids: list[str]) -> list[str]:
+    """The patient of each id from a ``case id, patient`` CSV (header row, first two columns); every id must be
+    there (a one-line :class:`DataError` names how many are not), extra rows are ignored."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as e:
+        raise DataError(path, f"cannot read the groups file ({e.strerror})") from None
+    if not rows or len(rows[0]) < 2:
+        raise DataError(path, "groups file needs a header and two columns: case id, patient id")
+    patient = {r[0].strip(): r[1].strip() for r in rows[1:] if len(r) >= 2 and r[0].strip()}
+    missing = [i for i in ids if not patient.get(i)]
+    if missing:
+        raise DataError(
+            path, f"{len(missing)} case(s) have no patient in the groups file, e.g. {missing[:3]}"
+        )
+    return [patient[i] for i in ids]

@@ -88,3 +88,37 @@ def test_split_cli_writes_splits_beside_the_data(tmp_path, capsys):
     for fold in doc["folds"]:
         together = [part for part in ("train", "val", "test") if "12_" in fold[part]]
         assert all("7_" in fold[p] and "1000_" in fold[p] for p in together)
+
+
+def test_split_groups_file_keeps_a_patients_nodules_together(tmp_path, capsys):
+    h5 = write_stanford(tmp_path, extra=8)  # no patient_id column: every nodule its own group
+    main(["split", str(h5), "-k", "3", "--out", str(tmp_path / "plain.json")])
+    assert "warning: no patient ids" in capsys.readouterr().err
+    ids = json.loads((tmp_path / "plain.json").read_text())["groups"]
+    groups = tmp_path / "groups.csv"
+    together = ["12_", "7_", "129_"]
+    groups.write_text(
+        "annot_id,patient_id\n" + "".join(f"{i},{'p0' if i in together else 'p_' + i}\n" for i in ids)
+    )
+    for seed in range(4):
+        out = tmp_path / f"s{seed}.json"
+        main(["split", str(h5), "-k", "3", "--seed", str(seed), "--groups", str(groups), "--out", str(out)])
+        assert "warning" not in capsys.readouterr().err
+        doc = json.loads(out.read_text())
+        assert doc["groups"]["7_"] == "p0"
+        for k in range(3):  # every stage reads its parts through load_fold: one patient, one side
+            fold = load_fold(out, k)
+            sides = {part for part in ("train", "val", "test") for i in together if i in fold[part]}
+            assert len(sides) == 1
+
+
+def test_split_groups_file_missing_a_case_is_one_line_and_writes_nothing(tmp_path, capsys):
+    h5 = write_stanford(tmp_path, extra=8)
+    groups = tmp_path / "groups.csv"
+    groups.write_text("annot_id,patient_id\n12_,a\n7_,a\n")
+    with pytest.raises(SystemExit) as e:
+        main(["split", str(h5), "-k", "3", "--groups", str(groups)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "case(s) have no patient in the groups file" in err
+    assert not (tmp_path / "splits.json").exists()

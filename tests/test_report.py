@@ -60,10 +60,21 @@ def test_report_equals_sklearn_mean_std_over_folds(tmp_path):
                 per_fold.append(fn(y, p) if name == "auroc" else fn(y, (p >= 0.5).astype(int)))
             assert csv.loc[m, f"{name}_mean"] == pytest.approx(np.mean(per_fold), abs=1e-5)
             assert csv.loc[m, f"{name}_std"] == pytest.approx(np.std(per_fold, ddof=1), abs=1e-5)
+        for name, fn in (("precision_w", precision_score), ("recall_w", recall_score), ("f1_w", f1_score)):
+            per_fold = [
+                fn(y, (p >= 0.5).astype(int), average="weighted")
+                for y, p in (truth[(m, k)] for k in range(3))
+            ]
+            assert csv.loc[m, f"{name}_mean"] == pytest.approx(np.mean(per_fold), abs=1e-5)
+        assert csv.loc[m, "recall_w_mean"] == pytest.approx(
+            csv.loc[m, "acc_mean"], abs=1e-9
+        )  # always, by definition
         y = np.concatenate([truth[(m, k)][0] for k in range(3)])
         p = np.concatenate([truth[(m, k)][1] for k in range(3)])
         assert csv.loc[m, "auroc_pooled"] == pytest.approx(roc_auc_score(y, p), abs=1e-5)
         assert csv.loc[m, "auroc_ci_low"] <= csv.loc[m, "auroc_pooled"] <= csv.loc[m, "auroc_ci_high"]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "Nodule Recall (w)" in md and "the malignant class's" in md
     # Table 3: stack and nodule (mean of stacks) level for the backbone.
     stack = pd.read_csv(tmp_path / "out" / "results_stack.csv").set_index("backbone")
     accs = [accuracy_score(s["label"], s["prob"] >= 0.5) for s in (truth[("stack", k)] for k in range(3))]

@@ -208,10 +208,16 @@ def run_baselines(
         split = load_fold(splits, k)
         out = fold_dir(runs, k)
         emb = Path(embeddings.format(runs=runs, fold=k))
+        # Each method scores the fold's test nodules (predictions_*.csv) and its validation nodules
+        # (val_predictions_*.csv): the report picks each fold's operating threshold on the latter, never on test.
+        parts = {"predictions_": split["test"], "val_predictions_": split["val"]}
         if "tirads" in methods:
-            p = tirads_forest(data, split["train"], split["test"], seed=seed, n_estimators=n_estimators)
-            labels = [data.by_id[i].label for i in split["test"]]
-            written.append(write_predictions(out / "predictions_tirads.csv", split["test"], labels, p))
+            ids = split["test"] + split["val"]
+            p = tirads_forest(data, split["train"], ids, seed=seed, n_estimators=n_estimators)
+            for prefix, part in parts.items():
+                pp = p[: len(split["test"])] if prefix == "predictions_" else p[len(split["test"]) :]
+                labels = [data.by_id[i].label for i in part]
+                written.append(write_predictions(out / f"{prefix}tirads.csv", part, labels, pp))
         if "avepool" in methods:
             for key, name in (("image_prob", "vit"), ("seg_prob", "seg")):
                 stacks = stack_probabilities(emb, split["test"], key)
@@ -225,15 +231,19 @@ def run_baselines(
                     )
                 )
                 if name == "vit":
-                    nod = average_pool(stacks)
-                    written.append(
-                        write_predictions(
-                            out / "predictions_cinecnn_avepool.csv",
-                            nod["annot_id"],
-                            nod["label"],
-                            nod["prob"],
+                    for prefix, part in parts.items():
+                        part_stacks = (
+                            stacks if prefix == "predictions_" else stack_probabilities(emb, part, key)
                         )
-                    )
+                        nod = average_pool(part_stacks)
+                        written.append(
+                            write_predictions(
+                                out / f"{prefix}cinecnn_avepool.csv",
+                                nod["annot_id"],
+                                nod["label"],
+                                nod["prob"],
+                            )
+                        )
         todo = {name: (pattern, None) for name, pattern in (heads or {}).items()}
         if "cinetrans" in methods:
             todo = {"cinecnn_trans": (cinetrans, "cine_trans"), **todo}
@@ -241,12 +251,13 @@ def run_baselines(
             model = load_head(
                 pattern.format(runs=runs, fold=k), fold=k, embeddings=emb, splits=splits, variant=variant
             )
-            pred = predict_head(model, EmbeddingDataset(emb, split["test"]))
-            written.append(
-                write_predictions(
-                    out / f"predictions_{name}.csv", pred["annot_id"], pred["label"], pred["prob"]
+            for prefix, part in parts.items():
+                pred = predict_head(model, EmbeddingDataset(emb, part))
+                written.append(
+                    write_predictions(
+                        out / f"{prefix}{name}.csv", pred["annot_id"], pred["label"], pred["prob"]
+                    )
                 )
-            )
         log(f"fold {k}: wrote {', '.join(p.name for p in written if p.parent == out)}")
     return written
 

@@ -72,11 +72,23 @@ def test_tirads_forest_fits_only_on_train_nodules(setup, monkeypatch):
             "prob",
         ]
         assert pred["prob"].between(0, 1).all()
+        # the validation part, for the report's operating threshold: its own ids, from the same forest
+        val = pd.read_csv(
+            runs / f"fold{fold['fold']}" / "val_predictions_tirads.csv", dtype={"annot_id": str}
+        )
+        assert val["annot_id"].tolist() == fold["val"] and val["label"].tolist() == [
+            LABELS[i] for i in fold["val"]
+        ]
 
 
 def test_avepool_and_stack_predictions_from_embeddings(setup):
     _, splits, runs = setup
     run_baselines(cine=None, splits=splits, runs=runs, methods=["avepool"], log=lambda *_: None)
+    for fold in FOLDS:
+        val = pd.read_csv(
+            runs / f"fold{fold['fold']}" / "val_predictions_cinecnn_avepool.csv", dtype={"annot_id": str}
+        )
+        assert val["annot_id"].tolist() == fold["val"]
     pred = pd.read_csv(runs / "fold2" / "predictions_cinecnn_avepool.csv", dtype={"annot_id": str})
     assert pred.to_dict("records") == [{"annot_id": "7_", "label": 0, "prob": pytest.approx(0.5)}]
     stack = pd.read_csv(runs / "fold2" / "stack_predictions_vit.csv", dtype={"annot_id": str})
@@ -142,6 +154,8 @@ def test_cine_transformer_and_head_checkpoint_predictions(setup, monkeypatch):
     for name in ("cinecnn_trans", "stact"):
         pred = pd.read_csv(runs / "fold0" / f"predictions_{name}.csv", dtype={"annot_id": str})
         assert pred["annot_id"].tolist() == ["129_"] and pred["prob"].between(0, 1).all()
+        val = pd.read_csv(runs / "fold0" / f"val_predictions_{name}.csv", dtype={"annot_id": str})
+        assert val["annot_id"].tolist() == ["3_"]  # fold 0's validation nodule, never a test one
     # The CineCNN-Trans predictions are those of the fold's checkpoint, exactly.
     want = baselines.predict_head(heads[0], EmbeddingDataset(runs / "fold0" / "embeddings.h5", ["129_"]))
     pred = pd.read_csv(runs / "fold0" / "predictions_cinecnn_trans.csv", dtype={"annot_id": str})

@@ -257,3 +257,31 @@ def test_cli_truth_and_title_print_reference_rows_below_methods(tmp_path, capsys
         < out.index("TI-RADS oracle (reference)")
     )
     assert len(out.splitlines()) < 20  # the table and one line naming the files
+
+
+def test_operating_point_threshold_comes_from_validation_never_from_test(tmp_path):
+    from datamodules.atomic import write_predictions
+
+    runs = tmp_path / "runs"
+    parts = {  # fold -> (val labels, val probs, test labels, test probs)
+        0: ([1, 1, 0, 0], [0.9, 0.6, 0.5, 0.1], [1, 1, 0, 0, 0], [0.7, 0.55, 0.65, 0.3, 0.58]),
+        1: ([1, 0], [0.3, 0.2], [1, 0, 1], [0.35, 0.31, 0.2]),
+    }
+    for k, (vy, vp, ty, tp) in parts.items():
+        d = runs / f"fold{k}"
+        d.mkdir(parents=True)
+        for m in ("stact", "tirads"):
+            write_predictions(d / f"predictions_{m}.csv", [f"t{k}_{i}" for i in range(len(ty))], ty, tp)
+        write_predictions(d / "val_predictions_stact.csv", [f"v{k}_{i}" for i in range(len(vy))], vy, vp)
+    report(runs, tmp_path / "out", n_boot=200, show=False)
+    csv = pd.read_csv(tmp_path / "out" / "results.csv").set_index("method")
+    r = csv.loc["stact"]
+    # Validation thresholds 0.6 (fold 0) and 0.3 (fold 1); on test that calls 2 of 4 malignant and spares 2 of
+    # 4 benign.  Thresholds chosen on the test predictions would reach 100% sensitivity and spare 1.
+    assert (r["valop_threshold_min"], r["valop_threshold_max"]) == (0.3, 0.6)
+    assert r["valop_sensitivity"] == 0.5 and r["valop_specificity"] == 0.5 and r["valop_benign_spared"] == 2
+    assert r["valop_sensitivity_low"] <= 0.5 <= r["valop_sensitivity_high"]
+    assert np.isnan(csv.loc["tirads", "valop_sensitivity"])  # no validation predictions: no deployable point
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "*optimistic*" in md and "| TI-RADS | no validation predictions |" in md
+    assert "| STACT-Time | 0.300-0.600 | 0.500 [" in md

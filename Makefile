@@ -119,9 +119,19 @@ $(RUNS)/fold%/maskcnn.ckpt: $(CONF)/maskcnn.yaml $(RUNS)/fold%/masks.h5 | $(STAM
 	$(Q)$(call STEP,maskcnn,$*) $(FIT) -c $< $(FIT_ARGS) --data.init_args.h5=$(H5) \
 	  --data.init_args.masks_h5=$(@D)/masks.h5 --trainer.default_root_dir=$(@D)/maskcnn --ckpt_out=$@
 
-$(RUNS)/fold%/embeddings.h5: $(RUNS)/fold%/vit.ckpt $(RUNS)/fold%/maskcnn.ckpt $(RUNS)/fold%/masks.h5 | $(STAMP)
+# Image crops of the embeddings: ROI=predicted (default; the deployable protocol, what `usnodule predict` does on a
+# new clip: boxes around the fold's MSU-Net masks) or ROI=annotated (the paper's protocol: the radiologists'
+# masks, which a new clip does not have).  The report says which.  Recorded in $(RUNS)/.roi (rewritten when make
+# reads this file and ROI differs; not a FORCE rule, which `make -n` would take as changed), so changing ROI
+# re-exports the embeddings and refits what follows (the encoders are not refitted).
+ROI ?= predicted
+$(if $(filter predicted annotated,$(ROI)),,$(error ROI must be predicted or annotated, not '$(ROI)'))
+$(shell mkdir -p $(RUNS) && { echo '$(ROI)' | cmp -s - $(RUNS)/.roi || echo '$(ROI)' > $(RUNS)/.roi; })
+
+$(RUNS)/fold%/embeddings.h5: $(RUNS)/fold%/vit.ckpt $(RUNS)/fold%/maskcnn.ckpt $(RUNS)/fold%/masks.h5 $(RUNS)/.roi \
+  | $(STAMP)
 	$(Q)$(call STEP,embeddings,$*) $(USNODULE) embeddings --cine $(H5) --masks $(@D)/masks.h5 --vit $(@D)/vit.ckpt \
-	  --maskcnn $(@D)/maskcnn.ckpt --splits $(SPLITS) --fold $* --out $@
+	  --maskcnn $(@D)/maskcnn.ckpt --splits $(SPLITS) --fold $* --boxes $(ROI) --out $@
 
 define HEAD_RULE
 $$(RUNS)/fold%/head_$(1).ckpt: $$(CONF)/head.yaml $$(RUNS)/fold%/embeddings.h5 | $$(STAMP)

@@ -231,6 +231,27 @@ def validation_operating_point(
     return pd.DataFrame(rows)
 
 
+def roi_protocol(runs: Path) -> str | None:
+    """Which masks the test-time ROI crops came from, read from every fold's ``embeddings.h5`` (its ``boxes``
+    attribute): a line for the report, ``None`` when the runs have no embeddings (AsyCMST)."""
+    import h5py
+
+    found = set()
+    for path in sorted(runs.glob("fold*/embeddings.h5")):
+        with h5py.File(path, "r") as f:
+            found.add(str(f.attrs.get("boxes", "unknown")))
+    if not found:
+        return None
+    if found == {"predicted masks"}:
+        return "ROI crops around the fold's *predicted* masks (deployable protocol: what `usnodule predict` does)"
+    if found == {"annotated masks"}:
+        return (
+            "ROI crops around the radiologists' *annotated* masks (the paper's protocol; a new clip has no "
+            "annotation, so `usnodule predict` cannot do this)"
+        )
+    return f"ROI crops from different masks in different folds ({', '.join(sorted(found))}): not comparable"
+
+
 # ---------------------------------------------------------------------------------------------- reading
 def read_predictions(runs: str | os.PathLike, prefix: str = "predictions_") -> pd.DataFrame:
     """All ``fold<k>/<prefix><method>.csv`` files as one frame with ``method`` and ``fold`` columns."""
@@ -402,7 +423,12 @@ def pm(mean: float, std: float) -> str:
 
 
 def markdown(
-    table: pd.DataFrame, stack: pd.DataFrame, runs: Path, title: str | None = None, truth: Path | None = None
+    table: pd.DataFrame,
+    stack: pd.DataFrame,
+    runs: Path,
+    title: str | None = None,
+    truth: Path | None = None,
+    protocol: str | None = None,
 ) -> str:
     refs, table = table[table["reference"]], table[~table["reference"]]  # every row says (_method_row)
     lines = [
@@ -410,6 +436,7 @@ def markdown(
         "",
         "Nodule-level metrics, mean ± std (ddof 1) over cross-validation folds, threshold 0.5 (Table 2).",
         "",
+        *([f"Protocol: {protocol}.", ""] if protocol else []),
         "| Method | " + " | ".join(HEADERS[k] for k in TABLE_METRICS) + " | folds |",
         "|---" * (len(TABLE_METRICS) + 2) + "|",
     ]
@@ -680,7 +707,11 @@ def report(
         with atomic_path(out / name) as tmp:
             frame.to_csv(tmp, index=False, float_format="%.6g")
     with atomic_path(out / "results.md") as tmp:
-        tmp.write_text(markdown(table, stack, runs, title, Path(truth) if truth is not None else None))
+        tmp.write_text(
+            markdown(
+                table, stack, runs, title, Path(truth) if truth is not None else None, roi_protocol(runs)
+            )
+        )
     plot_roc(preds, out / "roc.png", refs, title)
     if wandb:
         log_wandb(out, exp or runs.resolve().name, table, stack, preds, runs)

@@ -28,11 +28,12 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make i
 def _tree(tmp: Path) -> dict:
     files = [tmp / "data" / "dataset.hdf5", tmp / "data" / "splits.json", tmp / "stamp"]
     files += [tmp / "conf" / f"{s}.yaml" for s in ("vit", "seg", "maskcnn", "head", "cinetrans")]
+    files += [tmp / "runs" / ".roi"]  # the ROI the runs were made with (the Makefile's default)
     files += [tmp / "runs" / "fold0" / s for s in STAGES] + [tmp / "runs" / "predictions.done"]
     t = time.time() - 1000
     for i, f in enumerate(files):  # each file newer than everything before it: all up to date
         f.parent.mkdir(parents=True, exist_ok=True)
-        f.touch()
+        f.write_text("predicted\n" if f.name == ".roi" else "")
         os.utime(f, (t + i, t + i))
     os.utime(
         tmp / "stamp", None
@@ -116,3 +117,16 @@ def test_cinetrans_is_fitted_per_fold_by_lightning_fit_and_baselines_only_predic
     _bump(tmp_path / "runs" / "fold0" / "embeddings.h5")
     cmds = _commands(_dry("predictions", {**v, "BASELINES": "tirads,avepool"}))
     assert any("head.yaml" in c for c in cmds) and not any("cinetrans.yaml" in c for c in cmds)
+
+
+def test_changing_the_roi_protocol_reexports_embeddings_and_refits_what_follows(tmp_path):
+    v = _tree(tmp_path)
+    assert _dry("train-head", v) == []  # same ROI (predicted, the default): nothing to do
+    cmds = _dry("train-head", {**v, "ROI": "annotated"})
+    text = "\n".join(cmds)
+    assert "usnodule embeddings" in text and "--boxes annotated" in text
+    assert any("head_stact" in c for c in cmds) and not any("vit.yaml" in c or "seg.yaml" in c for c in cmds)
+    bad = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "train-head", "ROI=both"], capture_output=True, text=True
+    )
+    assert bad.returncode != 0 and "ROI must be predicted or annotated" in bad.stderr

@@ -285,3 +285,25 @@ def test_operating_point_threshold_comes_from_validation_never_from_test(tmp_pat
     md = (tmp_path / "out" / "results.md").read_text()
     assert "*optimistic*" in md and "| TI-RADS | no validation predictions |" in md
     assert "| STACT-Time | 0.300-0.600 | 0.500 [" in md
+
+
+def test_report_states_which_masks_the_roi_crops_came_from(tmp_path):
+    import h5py
+
+    from datamodules.atomic import write_predictions
+
+    runs = tmp_path / "runs"
+    for k, boxes in enumerate(("predicted masks", "predicted masks")):
+        (runs / f"fold{k}").mkdir(parents=True)
+        write_predictions(runs / f"fold{k}" / "predictions_stact.csv", ["a", "b"], [0, 1], [0.2, 0.7])
+        with h5py.File(runs / f"fold{k}" / "embeddings.h5", "w") as f:
+            f.attrs["boxes"] = boxes
+    report(runs, tmp_path / "out", n_boot=10, show=False)
+    assert (
+        "Protocol: ROI crops around the fold's *predicted* masks"
+        in (tmp_path / "out" / "results.md").read_text()
+    )
+    with h5py.File(runs / "fold1" / "embeddings.h5", "w") as f:
+        f.attrs["boxes"] = "annotated masks"
+    report(runs, tmp_path / "out", n_boot=10, show=False)
+    assert "different masks in different folds" in (tmp_path / "out" / "results.md").read_text()

@@ -16,6 +16,8 @@ and, when present, ``stack_predictions_<backbone>.csv`` (``annot_id,stack,label,
   threshold of the *validation* predictions, applied to the test nodules; realised test sensitivity and
   specificity pooled with bootstrap CIs, benign nodules spared (:func:`validation_operating_point`); the
   pooled-test operating point above is labelled optimistic (its threshold is chosen on the test predictions);
+* calibration (Brier score, ECE over 10 bins, ``calibration.png`` reliability diagram) and a paired DeLong
+  test of the paper's method against each other one, on the pooled predictions (:func:`calibration_table`);
 * ``roc.png`` -- one ROC curve per method, predictions pooled over folds;
 * ``predictions.csv`` -- every per-nodule prediction (method, fold, annot_id, label, prob);
 * with ``--wandb``: one W&B summary run (project ``usnodule``, group = the experiment, job_type ``report``;
@@ -250,6 +252,93 @@ def roi_protocol(runs: Path) -> str | None:
             "annotation, so `usnodule predict` cannot do this)"
         )
     return f"ROI crops from different masks in different folds ({', '.join(sorted(found))}): not comparable"
+
+
+def delong_test(label: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray) -> tuple[float, float, float]:
+    """Paired DeLong test of two AUROCs on the same cases: ``(auroc_a, auroc_b, two-sided p)``.
+
+    DeLong et al. 1988 with the fast midrank algorithm of Sun & Xu 2014 (IEEE SPL 21:1389): structural components
+    from midranks, their covariance over the positives and the negatives, z = difference / its standard error.
+    Neither scipy nor scikit-learn has it; p is 1.0 when the two score sets rank the cases identically.
+    """
+    from scipy.stats import norm, rankdata
+
+    label = np.asarray(label, int)
+    pos, neg = label == 1, label == 0
+    m, n = int(pos.sum()), int(neg.sum())
+    if m < 2 or n < 2:
+        return float("nan"), float("nan"), float("nan")
+    aucs, v10, v01 = [], [], []
+    for prob in (np.asarray(prob_a, float), np.asarray(prob_b, float)):
+        x, y = prob[pos], prob[neg]
+        tz = rankdata(np.concatenate([x, y]))
+        tx, ty = rankdata(x), rankdata(y)
+        aucs.append((tz[:m].sum() - m * (m + 1) / 2) / (m * n))
+        v10.append((tz[:m] - tx) / n)  # per positive: share of negatives it outranks
+        v01.append(1.0 - (tz[m:] - ty) / m)  # per negative: share of positives that outrank it
+    s = np.cov(np.vstack(v10)) / m + np.cov(np.vstack(v01)) / n
+    var = s[0, 0] + s[1, 1] - 2 * s[0, 1]
+    diff = aucs[0] - aucs[1]
+    if var <= 1e-15:
+        return float(aucs[0]), float(aucs[1]), 1.0 if abs(diff) < 1e-12 else 0.0
+    return float(aucs[0]), float(aucs[1]), float(2 * norm.sf(abs(diff) / np.sqrt(var)))
+
+
+def calibration_table(preds: pd.DataFrame, n_bins: int = 10) -> pd.DataFrame:
+    """Per method, on the predictions pooled over folds: Brier score (scikit-learn), expected calibration error
+    (torchmetrics' ``binary_calibration_error``, ``n_bins`` equal-width bins, L1), and a paired DeLong test of
+    the paper's method (STACT-Time, else AsyCMST, else the first) against each other method on the same nodules.
+    """
+    import torch
+    from sklearn.metrics import brier_score_loss
+    from torchmetrics.functional.classification import binary_calibration_error
+
+    methods = method_order(preds["method"].unique())
+    ref = next((m for m in ("stact", "asycmst") if m in methods), methods[0])
+    wide = preds.pivot_table(index=["fold", "annot_id"], columns="method", values="prob")
+    labels = preds.drop_duplicates(["fold", "annot_id"]).set_index(["fold", "annot_id"])["label"]
+    rows = []
+    for m in methods:
+        df = preds[preds["method"] == m]
+        y, p = df["label"].to_numpy(int), df["prob"].to_numpy(float)
+        ece = binary_calibration_error(torch.from_numpy(p), torch.from_numpy(y), n_bins=n_bins, norm="l1")
+        row = {"method": m, "brier": brier_score_loss(y, p), "ece": float(ece), "delong_vs": ref}
+        row["delong_p"] = float("nan")
+        if m != ref:
+            both = wide[[ref, m]].dropna()
+            y_both = labels.loc[both.index].to_numpy()
+            row["delong_p"] = delong_test(y_both, both[ref].to_numpy(), both[m].to_numpy())[2]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_reliability(preds: pd.DataFrame, path: Path, title: str | None = None, n_bins: int = 10) -> None:
+    """Reliability diagram: observed malignant fraction against mean predicted probability, per method
+    (scikit-learn's ``calibration_curve``, equal-width bins, predictions pooled over folds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=120)
+    for m in method_order(preds["method"].unique()):
+        df = preds[preds["method"] == m]
+        frac, mean = calibration_curve(df["label"], df["prob"], n_bins=n_bins)
+        ax.plot(mean, frac, marker="o", ms=3, label=NAMES.get(m, m))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    ax.set(
+        xlabel="mean predicted probability",
+        ylabel="observed malignant fraction",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title=f"{title}: calibration, pooled over folds" if title else "Calibration, pooled over folds",
+    )
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -499,6 +588,18 @@ def markdown(
             f"| {r['valop_specificity']:.3f} [{r['valop_specificity_low']:.3f}, {r['valop_specificity_high']:.3f}] "
             f"| {int(r['valop_benign_spared'])} / {int(r['n_benign'])} |"
         )
+    ref = table["delong_vs"].iloc[0] if len(table) else None
+    lines += [
+        "",
+        "Calibration (pooled over folds; calibration.png: reliability diagram) and a paired DeLong test of "
+        f"{NAMES.get(ref, ref)}'s pooled AUROC against each method on the same nodules.",
+        "",
+        f"| Method | Brier | ECE (10 bins) | DeLong p vs {NAMES.get(ref, ref)} |",
+        "|---|---|---|---|",
+    ]
+    for _, r in table.iterrows():
+        p_value = "-" if np.isnan(r["delong_p"]) else f"{r['delong_p']:.3f}"
+        lines.append(f"| {r['name']} | {r['brier']:.3f} | {r['ece']:.3f} | {p_value} |")
     if len(refs):
         lines += [
             "",
@@ -547,7 +648,11 @@ def markdown(
                 for k in ("stack_acc", "nodule_acc", "stack_auroc", "nodule_auroc")
             ]
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    lines += ["", "Files: results.csv (all numbers), results_stack.csv, roc.png, predictions.csv.", ""]
+    lines += [
+        "",
+        "Files: results.csv (all numbers), results_stack.csv, roc.png, calibration.png, predictions.csv.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -693,6 +798,7 @@ def report(
     )
     if len(valop):
         table = table.merge(valop, on="method", how="left")
+    table = table.merge(calibration_table(preds), on="method", how="left")
     if refs is not None:
         table = pd.concat([table, reference_table(refs, n_boot=n_boot, seed=seed)], ignore_index=True)
     stack = stack_table(stacks) if len(stacks) else pd.DataFrame()
@@ -713,6 +819,7 @@ def report(
             )
         )
     plot_roc(preds, out / "roc.png", refs, title)
+    plot_reliability(preds, out / "calibration.png", title)
     if wandb:
         log_wandb(out, exp or runs.resolve().name, table, stack, preds, runs)
     if show:

@@ -307,3 +307,44 @@ def test_report_states_which_masks_the_roi_crops_came_from(tmp_path):
         f.attrs["boxes"] = "annotated masks"
     report(runs, tmp_path / "out", n_boot=10, show=False)
     assert "different masks in different folds" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_delong_matches_roc_auc_and_a_paired_bootstrap():
+    from scipy.stats import norm
+
+    from stages.report import delong_test, rank_auroc
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    a = y + rng.normal(0, 0.8, 300)  # the better scorer
+    b = y + rng.normal(0, 1.6, 300)
+    auc_a, auc_b, p = delong_test(y, a, b)
+    assert (auc_a, auc_b) == (pytest.approx(roc_auc_score(y, a)), pytest.approx(roc_auc_score(y, b)))
+    # The standard error DeLong implies equals a paired bootstrap's within 15%.
+    se_delong = (auc_a - auc_b) / norm.isf(p / 2)
+    idx = rng.integers(0, 300, (2000, 300))
+    diffs = rank_auroc(y[idx], a[idx]) - rank_auroc(y[idx], b[idx])  # = roc_auc_score, row by row
+    assert se_delong == pytest.approx(np.std(diffs), rel=0.15)
+    assert delong_test(y, a, a)[2] == 1.0  # the same scores: no difference
+    assert delong_test(y, a, 2 * a + 1)[2] == 1.0  # a monotone transform ranks the cases the same
+    assert delong_test(y, a, rng.random(300))[2] < 1e-6  # against chance
+
+
+def test_calibration_columns_and_reliability_diagram(tmp_path):
+    from datamodules.atomic import write_predictions
+
+    runs = tmp_path / "runs"
+    (runs / "fold0").mkdir(parents=True)
+    y, p = [0, 1, 1, 1, 0, 0], [0.1, 0.1, 0.9, 0.9, 0.1, 0.1]
+    write_predictions(runs / "fold0" / "predictions_stact.csv", list("abcdef"), y, p)
+    write_predictions(
+        runs / "fold0" / "predictions_tirads.csv", list("abcdef"), y, [0.5, 0.2, 0.3, 0.8, 0.4, 0.1]
+    )
+    report(runs, tmp_path / "out", n_boot=10, show=False)
+    csv = pd.read_csv(tmp_path / "out" / "results.csv").set_index("method")
+    assert csv.loc["stact", "brier"] == pytest.approx(np.mean((np.array(p) - np.array(y)) ** 2), abs=1e-5)
+    # ECE, 10 equal-width bins: |0.1 - 1/4| over 4 of 6 cases in the first bin, |0.9 - 1| over 2 in the last.
+    assert csv.loc["stact", "ece"] == pytest.approx(4 / 6 * 0.15 + 2 / 6 * 0.1, abs=1e-5)  # CSV: 6 digits
+    assert np.isnan(csv.loc["stact", "delong_p"]) and 0 <= csv.loc["tirads", "delong_p"] <= 1
+    assert (tmp_path / "out" / "calibration.png").stat().st_size > 0
+    assert "DeLong p vs STACT-Time" in (tmp_path / "out" / "results.md").read_text()

@@ -873,4 +873,4 @@ def run(args: argparse.Namespace) -> None:
         truth=args.truth,
         title=args.title,
     )
-    print(f"wrote {args.out}/results.md, results.csv, roc.png, predictions.csv")
+    print(f"wrote {args.out}/results.md, results.csv, roc.png, calibration.png, predictions.csv")

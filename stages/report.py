@@ -326,19 +326,16 @@ def plot_reliability(preds: pd.DataFrame, path: Path, title: str | None = None, 
         df = preds[preds["method"] == m]
         frac, mean = calibration_curve(df["label"], df["prob"], n_bins=n_bins)
         ax.plot(mean, frac, marker="o", ms=3, label=NAMES.get(m, m))
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    ax.set(
-        xlabel="mean predicted probability",
-        ylabel="observed malignant fraction",
-        xlim=(0, 1),
-        ylim=(0, 1),
-        title=f"{title}: calibration, pooled over folds" if title else "Calibration, pooled over folds",
+    _save_unit_plot(
+        fig,
+        ax,
+        path,
+        "mean predicted probability",
+        "observed malignant fraction",
+        "calibration",
+        title,
+        "upper left",
     )
-    ax.legend(loc="upper left", fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -684,15 +681,23 @@ def plot_roc(
             ls=(0, (4, 2)),
             label=f"{name}, reference (AUROC {roc_auc_score(df['label'], df['prob']):.2f})",
         )
+    _save_unit_plot(fig, ax, path, "1 - specificity", "sensitivity", "ROC", title, "lower right")
+
+
+def _save_unit_plot(fig, ax, path: Path, xlabel: str, ylabel: str, what: str, title: str | None, legend: str):
+    """The frame both report plots share: unit square, chance diagonal, labels, legend; saved atomically."""
+    import matplotlib.pyplot as plt
+
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    heading = f"{what}, pooled over folds"
     ax.set(
-        xlabel="1 - specificity",
-        ylabel="sensitivity",
+        xlabel=xlabel,
+        ylabel=ylabel,
         xlim=(0, 1),
         ylim=(0, 1),
-        title=f"{title}: ROC, pooled over folds" if title else "ROC, pooled over folds",
+        title=f"{title}: {heading}" if title else heading[0].upper() + heading[1:],
     )
-    ax.legend(loc="lower right", fontsize=7)
+    ax.legend(loc=legend, fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp)

@@ -760,6 +760,7 @@ def log_wandb(
             "report/results": wandb.Table(dataframe=table),
             "report/predictions": wandb.Table(dataframe=preds.sort_values(["method", "fold", "annot_id"])),
             "report/roc": wandb.Image(str(out / "roc.png"), caption="ROC pooled over folds"),
+            "report/calibration": wandb.Image(str(out / "calibration.png"), caption="reliability diagram"),
         }
         if len(stack):
             media["report/results_stack"] = wandb.Table(dataframe=stack)

@@ -257,3 +257,4 @@ def test_report_logs_one_summary_run(tmp_path, offline):
     ]
     assert any(m.startswith("media/table/report/results_") for m in run["media"])
     assert any(m.startswith("media/images/report/roc_") and m.endswith(".png") for m in run["media"])
+    assert any(m.startswith("media/images/report/calibration_") for m in run["media"])

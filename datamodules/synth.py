@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import math
 import multiprocessing as mp
 import os
@@ -60,6 +61,7 @@ from scipy.ndimage import gaussian_filter1d
 from scipy.special import ndtr, ndtri
 
 from datamodules.atomic import atomic_path
+from datamodules.errors import DataError
 
 # ---------------------------------------------------------------------------------------------- TI-RADS
 # ACR TI-RADS points (Tessler et al., JACR 2017).
@@ -953,6 +955,72 @@ def render_paired(case: CaseSpec, size: int = 128) -> tuple[np.ndarray, np.ndarr
     return bus, ceus, (mask > 0).astype(np.uint8)
 
 
+# ---------------------------------------------------------------------------------------------- ownership
+# Written into every folder synth generates.  Its presence is how a rerun knows the folder is its own earlier
+# output and may be replaced; any other non-empty folder is the user's and is refused (DataError) unless the
+# caller says ``overwrite``.  JSON with the layout, version and generator arguments, so a person who finds it
+# knows what made the folder.
+MARKER = ".usnodule-synth"
+# What synth wrote before it wrote the marker, with the truth.csv header only the generator writes: recognised
+# as its own too, so `make data` still regenerates a data/synth made by an older version.
+_LEGACY = {
+    "stanford": ({"dataset.hdf5", "metadata.csv", "truth.csv"}, TRUTH_COLUMNS),
+    "paired": ({"manifest.csv", "truth.csv", "bus", "ceus", "bus_mask"}, PAIRED_TRUTH_COLUMNS),
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("usnodule")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _write_marker(folder: Path, layout: str, **params) -> None:
+    doc = {"written_by": "usnodule synth", "version": _version(), "layout": layout, "params": params}
+    (folder / MARKER).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def _synth_wrote(folder: Path, layout: str) -> bool:
+    """Whether ``folder`` is synth's own output: it has the marker, or it is exactly an older synth output
+    (the same names and the generator's truth.csv header)."""
+    if (folder / MARKER).is_file():
+        return True
+    names, columns = _LEGACY[layout]
+    try:
+        with open(folder / "truth.csv", newline="") as fh:
+            header = fh.readline().strip()
+    except OSError:
+        return False
+    return {p.name for p in folder.iterdir()} == names and header == ",".join(columns)
+
+
+def check_target(out_dir: str | os.PathLike, layout: str, overwrite: bool = False) -> None:
+    """Raise :class:`DataError` unless synth may write the ``layout`` folder ``out_dir``: it is missing, empty,
+    synth's own earlier output (:func:`_synth_wrote`), or ``overwrite`` is set.
+
+    Writing replaces the whole folder, so without this check ``usnodule synth --out DIR`` deleted whatever a
+    user kept in ``DIR/stanford`` or ``DIR/paired``.  Refusing is the default because the loss cannot be
+    undone and the fix (another ``--out``, or ``--overwrite``) is one flag away.  A path that is a file or a
+    symlink is refused even with ``overwrite``: a folder cannot be renamed onto it, and following the link
+    would replace a folder somewhere else.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise DataError(
+            out_dir, "exists and is not a folder; synth writes a folder there, pick another --out"
+        )
+    if overwrite or not out_dir.exists() or not any(out_dir.iterdir()) or _synth_wrote(out_dir, layout):
+        return
+    raise DataError(
+        out_dir,
+        f"not empty and not written by `usnodule synth` (no {MARKER}); refusing to replace it: "
+        "move your files away, pick another --out, or pass --overwrite",
+    )
+
+
 # ---------------------------------------------------------------------------------------------- writers
 def _compress(frames: np.ndarray) -> list[tuple[int, bytes]]:
     """Each frame as an HDF5 gzip chunk: (filter_mask, zlib stream) for ``write_direct_chunk``.
@@ -1059,6 +1127,7 @@ def synthesize_stanford(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     label_noise: float = 1.0,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``out_dir/dataset.hdf5`` + ``metadata.csv`` in the Stanford AIMI cine-clip layout (returned), and
     the generator's ``truth.csv`` beside them (module docstring; no reader opens it).
@@ -1066,8 +1135,11 @@ def synthesize_stanford(
     ``frames`` is the mean clip length (``vary_frames=False``: every clip exactly that long).  Frames are
     chunked one per chunk and gzip-1 compressed.  ``workers`` > 1 renders in that many processes (same bytes
     as ``workers=0``); None picks 2 for big sets when a core is idle.  ``progress(done, total)`` is called
-    after each nodule.  The directory is written under a temporary name and renamed when complete.
+    after each nodule.  The directory is written under a temporary name and renamed when complete, with a
+    :data:`MARKER` file; an existing non-empty ``out_dir`` without one is refused unless ``overwrite``
+    (:func:`check_target`).
     """
+    check_target(out_dir, "stanford", overwrite)
     specs = plan_stanford(n_nodules, frames, prevalence, seed, vary_frames, label_noise)
     rng = np.random.default_rng([seed, 0x1A7])
     rows, n_rows = _layout(specs, rng)
@@ -1104,6 +1176,8 @@ def synthesize_stanford(
                     pool.join()
         _write_csv(tmp / "metadata.csv", METADATA_COLUMNS, meta)
         _write_csv(tmp / "truth.csv", TRUTH_COLUMNS, truth_rows(specs))
+        _write_marker(tmp, "stanford", n_nodules=n_nodules, frames=frames, size=size, prevalence=prevalence,
+                      seed=seed, vary_frames=vary_frames, label_noise=label_noise)  # fmt: skip
     return out_dir
 
 
@@ -1124,10 +1198,13 @@ def synthesize_paired(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     label_noise: float = 1.0,
+    overwrite: bool = False,
 ) -> Path:
     """Write the paired BUS/CEUS layout under ``out_dir``: ``manifest.csv`` + ``bus/``, ``ceus/``,
     ``bus_mask/`` .npy clips (T, H, W) uint8 (mask in {0, 1}); paths in the manifest are relative to it.
-    Also ``truth.csv`` (module docstring; no reader opens it)."""
+    Also ``truth.csv`` (module docstring; no reader opens it) and the :data:`MARKER`.  Written atomically; an
+    existing non-empty ``out_dir`` synth did not write is refused unless ``overwrite`` (:func:`check_target`)."""
+    check_target(out_dir, "paired", overwrite)
     cases = plan_paired(n_cases, frames, prevalence, seed, label_noise)
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
@@ -1145,6 +1222,8 @@ def synthesize_paired(
                 progress(j + 1, len(cases))
         _write_csv(tmp / "manifest.csv", MANIFEST_COLUMNS, rows)
         _write_csv(tmp / "truth.csv", PAIRED_TRUTH_COLUMNS, truth_rows(cases))
+        _write_marker(tmp, "paired", n_cases=n_cases, frames=frames, size=size, prevalence=prevalence, seed=seed,
+                      label_noise=label_noise)  # fmt: skip
     return out_dir
 
 
@@ -1163,23 +1242,28 @@ def synthesize(
     progress: Callable[[str, int, int], None] | None = None,
     label_noise: float = 1.0,
     paired_prevalence: float | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Both layouts: ``out_dir/stanford`` (Stanford cine clips) and ``out_dir/paired`` (BUS/CEUS).
 
     ``prevalence`` None keeps each layout's default (0.09 like Stanford, 0.45 like the AsyCMST thyroid set);
     a number sets both (``paired_prevalence`` overrides it for the paired set).  Paired clips default to
     min(frames, 32) frames of min(size, 128) pixels.  Each
-    sub-directory is written atomically (a failure leaves no half directory).
+    sub-directory is written atomically (a failure leaves no half directory).  Both targets are checked
+    (:func:`check_target`) before either is written, so a refusal touches nothing; ``overwrite`` replaces
+    folders synth did not write.
     """
     out_dir = Path(out_dir)
+    for layout in ("stanford", "paired"):
+        check_target(out_dir / layout, layout, overwrite)
     cb = (lambda name: lambda d, n: progress(name, d, n)) if progress else (lambda name: None)
     synthesize_stanford(out_dir / "stanford", n_nodules=n_nodules, frames=frames, size=size,
                         prevalence=0.09 if prevalence is None else prevalence, seed=seed, workers=workers,
-                        progress=cb("stanford"), label_noise=label_noise)  # fmt: skip
+                        progress=cb("stanford"), label_noise=label_noise, overwrite=overwrite)  # fmt: skip
     synthesize_paired(out_dir / "paired", n_cases=n_cases, frames=paired_frames or min(frames, 32),
                       size=paired_size or min(size, 128),
                       prevalence=next(q for q in (paired_prevalence, prevalence, 0.45) if q is not None),
-                      seed=seed, progress=cb("paired"), label_noise=label_noise)  # fmt: skip
+                      seed=seed, progress=cb("paired"), label_noise=label_noise, overwrite=overwrite)  # fmt: skip
     return out_dir
 
 
@@ -1275,7 +1359,7 @@ def preview(
 
 
 __all__ = [
-    "CaseSpec", "NoduleSpec", "PAIRED_TRUTH_COLUMNS", "TRUTH_COLUMNS", "acr_level", "gamma_variate",
+    "CaseSpec", "MARKER", "NoduleSpec", "PAIRED_TRUTH_COLUMNS", "TRUTH_COLUMNS", "acr_level", "check_target", "gamma_variate",
     "plan_paired", "plan_stanford", "preview", "render_cine", "render_paired", "sweep_positions", "synthesize",
     "synthesize_paired", "synthesize_stanford", "tirads_points", "truth_rows",
 ]  # fmt: skip

@@ -1,4 +1,8 @@
-"""``usnodule synth``: write the synthetic Stanford-layout and paired BUS/CEUS sets (the embedded default)."""
+"""``usnodule synth``: write the synthetic Stanford-layout and paired BUS/CEUS sets (the embedded default).
+
+A non-empty ``<out>/stanford`` or ``<out>/paired`` that synth did not write (no ``.usnodule-synth`` marker) is
+refused with one line and exit status 2 before anything is written; ``--overwrite`` replaces it anyway.
+"""
 
 from __future__ import annotations
 
@@ -86,6 +90,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="render processes (default: 2 for big sets, else 0)",
     )
     p.add_argument("--preview", action="store_true", help="also write <out>/preview.png (a contact sheet)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace <out>/stanford and <out>/paired even if they hold files synth did not write (without it "
+        "such a folder is refused; synth's own earlier output, marked by a .usnodule-synth file, is always "
+        "replaced)",
+    )
     p.set_defaults(func=run)
 
 
@@ -106,7 +117,8 @@ def run(args: argparse.Namespace) -> None:
                          n_cases=args.cases, paired_frames=args.paired_frames, paired_size=args.paired_size,
                          prevalence=args.prevalence, label_noise=args.label_noise,
                          paired_prevalence=args.paired_prevalence,
-                         seed=args.seed, workers=args.workers, progress=progress)  # fmt: skip
+                         seed=args.seed, workers=args.workers, progress=progress,
+                         overwrite=args.overwrite)  # fmt: skip
     print(f"wrote {out / 'stanford' / 'dataset.hdf5'}, {out / 'stanford' / 'metadata.csv'}, "
           f"{out / 'paired' / 'manifest.csv'}; generator truth (read by no stage, only `report --truth`): "
           f"{out / 'stanford' / 'truth.csv'}, {out / 'paired' / 'truth.csv'}")  # fmt: skip

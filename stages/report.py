@@ -345,22 +345,78 @@ def plot_reliability(preds: pd.DataFrame, path: Path, title: str | None = None, 
 
 # ---------------------------------------------------------------------------------------------- reading
 def read_predictions(runs: str | os.PathLike, prefix: str = "predictions_") -> pd.DataFrame:
-    """All ``fold<k>/<prefix><method>.csv`` files as one frame with ``method`` and ``fold`` columns."""
+    """All ``fold<k>/<prefix><method>.csv`` files as one frame with ``method`` and ``fold`` columns.
+
+    Each file is validated whole as it is read, so a bad one is a one-line :class:`DataError` naming it
+    before any metric is computed or any output written (:func:`report` reads the test predictions first):
+
+    * a readable CSV with the columns ``annot_id``, ``label``, ``prob`` (and ``stack`` for stack files);
+    * one file per method and fold (``fold1/`` and ``fold01/`` are the same fold);
+    * ``annot_id`` non-empty; one row per nodule -- per (annot_id, stack) for stack files -- since a file
+      holds one method's predictions of one fold, a repeated row would be counted twice in every metric;
+    * ``label`` exactly 0 or 1 (no NaN, no 2, no "malignant");
+    * ``prob`` a number in [0, 1] on every row: an empty or non-numeric cell, NaN or inf is refused, and so is
+      a value outside [0, 1], most likely a logit -- thresholding it at 0.5 and the calibration metrics would
+      be silently wrong, while the AUROC would look fine.
+    """
     runs = Path(runs)
     if not runs.is_dir():
         raise DataError(runs, "runs folder does not exist")
-    frames = []
+    stacks = prefix.startswith("stack")
+    need = ["annot_id", "label", "prob"] + (["stack"] if stacks else [])
+    frames, seen = [], {}
     for d in sorted(p for p in runs.iterdir() if p.is_dir() and FOLD_DIR.match(p.name)):
         fold = int(FOLD_DIR.match(d.name).group(1))
         for csv in sorted(d.glob(f"{prefix}*.csv")):
-            df = pd.read_csv(csv, dtype={"annot_id": str})
-            need = {"annot_id", "label", "prob"} | ({"stack"} if prefix.startswith("stack") else set())
-            if need - set(df.columns):
-                raise DataError(csv, f"missing column(s) {', '.join(sorted(need - set(df.columns)))}")
-            if not df["label"].isin([0, 1]).all() or df["prob"].isna().any():
-                raise DataError(csv, "labels must be 0/1 and every prob a number")
+            method = csv.stem[len(prefix) :]
+            if (method, fold) in seen:  # fold1/ and fold01/: the same fold's predictions twice
+                raise DataError(
+                    csv, f"a second file of {method} fold {fold} (the first: {seen[method, fold]})"
+                )
+            seen[method, fold] = csv
+            try:
+                df = pd.read_csv(csv, dtype={"annot_id": str})
+            except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DataError(csv, f"not a readable CSV ({first})") from None
+            missing = [c for c in need if c not in df.columns]
+            if missing:
+                raise DataError(csv, f"missing column(s) {', '.join(missing)}")
+            if df["annot_id"].isna().any():
+                raise DataError(csv, f"{int(df['annot_id'].isna().sum())} row(s) with an empty annot_id")
+            key = ["annot_id", "stack"] if stacks else ["annot_id"]
+            dup = sorted(set(df.loc[df.duplicated(key, keep=False), "annot_id"]))
+            if dup:
+                raise DataError(
+                    csv,
+                    f"{len(dup)} nodule(s) with more than one row{' for the same stack' if stacks else ''} "
+                    f"(e.g. {', '.join(dup[:3])}): one prediction per nodule per fold",
+                )
+            label = pd.to_numeric(df["label"], errors="coerce")
+            bad = ~label.isin([0, 1])
+            if bad.any():
+                example = df["label"][bad].iloc[0]
+                raise DataError(
+                    csv, f"labels must be 0 or 1: {int(bad.sum())} row(s) are not (e.g. {example})"
+                )
+            prob = pd.to_numeric(df["prob"], errors="coerce")
+            bad = ~np.isfinite(prob.to_numpy(float))
+            if bad.any():
+                raise DataError(
+                    csv,
+                    f"prob must be a number: {int(bad.sum())} row(s) are empty, NaN or not numeric "
+                    f"(e.g. {df['prob'][bad].iloc[0]})",
+                )
+            out = (prob < 0) | (prob > 1)
+            if out.any():
+                raise DataError(
+                    csv,
+                    f"prob must be a probability in [0, 1]: {int(out.sum())} row(s) outside it (range "
+                    f"{prob.min():.4g} to {prob.max():.4g}; logits? apply a sigmoid first)",
+                )
+            df["label"], df["prob"] = label.astype(int), prob.astype(float)
             df.insert(0, "fold", fold)
-            df.insert(0, "method", csv.stem[len(prefix) :])
+            df.insert(0, "method", method)
             frames.append(df)
     if not frames:
         return pd.DataFrame(columns=["method", "fold", "annot_id", "label", "prob"])

@@ -122,3 +122,175 @@ def test_split_groups_file_missing_a_case_is_one_line_and_writes_nothing(tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "case(s) have no patient in the groups file" in err
     assert not (tmp_path / "splits.json").exists()
+
+
+# ------------------------------------------------------------------ splits.json validated whole on load
+def _small_splits():
+    """A sound 3-fold document over 9 ids (validation = next fold's test part), with a groups map."""
+    tests = [["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"]]
+    folds = []
+    for k in range(3):
+        val = tests[(k + 1) % 3]
+        train = [i for t in tests for i in t if i not in tests[k] and i not in val]
+        folds.append({"fold": k, "train": train, "val": list(val), "test": list(tests[k])})
+    return {"k": 3, "seed": 0, "n": 9, "folds": folds, "groups": {i: f"p_{i}" for t in tests for i in t}}
+
+
+def _break_missing_k(doc):
+    del doc["k"]
+
+
+def _break_missing_val(doc):
+    del doc["folds"][1]["val"]
+
+
+def _break_fewer_folds(doc):
+    doc["folds"].pop()
+
+
+def _break_no_folds(doc):
+    doc["folds"] = []
+
+
+def _break_train_test_overlap(doc):
+    doc["folds"][0]["train"].append("a")  # a is fold 0's test case
+
+
+def _break_val_test_overlap(doc):
+    doc["folds"][2]["val"].append("g")
+
+
+def _break_tested_twice(doc):
+    doc["folds"][1]["test"].append("a")
+    doc["folds"][1]["train"].remove("a")
+
+
+def _break_never_tested(doc):
+    doc["folds"][0]["test"].remove("c")  # c is still in fold 1's training part
+
+
+def _break_part_not_strings(doc):
+    doc["folds"][0]["train"] = [7, 8]
+
+
+def _break_part_not_a_list(doc):
+    doc["folds"][0]["test"] = "a,b,c"
+
+
+def _break_fold_number(doc):
+    doc["folds"][0]["fold"], doc["folds"][1]["fold"] = 1, 0
+
+
+def _break_k_not_int(doc):
+    doc["k"] = "3"
+
+
+def _break_patient_leak(doc):
+    doc["groups"]["g"] = doc["groups"]["a"]  # a (tested in fold 0) and g (training in fold 0): one patient
+
+
+BAD_SPLITS = [
+    (_break_missing_k, "missing key(s) k"),
+    (_break_missing_val, "fold 1 has no val list"),
+    (_break_fewer_folds, "k is 3 but the file has 2 fold(s)"),
+    (_break_no_folds, "k is 3 but the file has 0 fold(s)"),
+    (_break_train_test_overlap, "fold 0: id(s) 'a' in both train and test (leakage)"),
+    (_break_val_test_overlap, "fold 2: id(s) 'g' in both val and test (leakage)"),
+    (_break_tested_twice, "tested in more than one fold (e.g. 'a' in folds 0, 1)"),
+    (_break_never_tested, "1 id(s) in no fold's test part ('c')"),
+    (_break_part_not_strings, "fold 0 train must be a list of non-empty string ids"),
+    (_break_part_not_a_list, "fold 0 test must be a list of non-empty string ids"),
+    (_break_fold_number, "fold at position 0 says it is fold 1"),
+    (_break_k_not_int, "k must be a positive integer, got '3'"),
+    (_break_patient_leak, "fold 0: patient(s) 'p_a' in both train and test (patient-level leakage)"),
+]
+
+
+@pytest.mark.parametrize(("breaks", "problem"), BAD_SPLITS, ids=[b.__name__[7:] for b, _ in BAD_SPLITS])
+def test_bad_splits_file_is_one_line_data_error_naming_the_file(tmp_path, breaks, problem):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_small_splits()))
+    assert load_fold(good, 0)["test"] == ["a", "b", "c"]  # the helper's document itself is sound
+    doc = _small_splits()
+    breaks(doc)
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(doc))
+    for fold in (0, None):
+        with pytest.raises(DataError) as e:
+            load_fold(path, fold)
+        assert str(e.value) == f"{path}: {e.value.problem}" and "\n" not in str(e.value)
+        assert problem in e.value.problem
+
+
+def test_splits_file_not_an_object_or_not_json_is_one_line(tmp_path):
+    path = tmp_path / "splits.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"splits.json: not a splits.json document \(a JSON list"):
+        load_fold(path, 0)
+    path.write_text('{"k": 3,\n "folds": [')
+    with pytest.raises(DataError, match="splits.json: not a splits.json document") as e:
+        load_fold(path, 0)
+    assert "\n" not in str(e.value)
+
+
+def test_fold_index_out_of_range_or_not_an_integer(tmp_path):
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(_small_splits()))
+    for fold in (3, -1, 10**6):
+        with pytest.raises(
+            DataError, match=f"splits.json: fold {fold} out of range: the file has folds 0..2"
+        ):
+            load_fold(path, fold)
+    for fold in ("1", 1.0, True):
+        with pytest.raises(DataError, match="fold must be an integer"):
+            load_fold(path, fold)
+    assert load_fold(path, np.int64(2))["test"] == ["g", "h", "i"]
+
+
+def test_cli_leaking_splits_file_is_one_line_exit_2(tmp_path, capsys):
+    doc = _small_splits()
+    _break_train_test_overlap(doc)
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(SystemExit) as e:
+        main(["baselines", "--splits", str(path), "--runs", str(tmp_path / "runs"), "--methods", "tirads"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: fold 0:") and "Traceback" not in err
+    assert "in both train and test (leakage)" in err
+
+
+def test_split_output_passes_its_own_validation(tmp_path):
+    ids, labels, groups = _cohort(n_patients=60)
+    for k, seed in ((3, 0), (5, 1), (10, 2)):
+        path = write_splits(make_folds(ids, labels, groups, k=k, seed=seed), tmp_path / f"s{k}.json")
+        assert sorted(i for f in range(k) for i in load_fold(path, f)["test"]) == sorted(ids)
+
+
+def test_without_groups_an_untested_id_is_allowed_but_no_leak_or_double_test(tmp_path):
+    """A hand-written file without ``groups`` need not test every id it names (training-only nodules)."""
+    doc = _small_splits()
+    del doc["groups"]
+    _break_never_tested(doc)
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(doc))
+    assert "c" in load_fold(path, 1)["train"] and "c" not in load_fold(path, None)["train"]
+    for breaks, problem in (
+        (_break_tested_twice, "tested in more than one fold"),
+        (_break_val_test_overlap, "leakage"),
+    ):
+        doc = _small_splits()
+        del doc["groups"]
+        breaks(doc)
+        path.write_text(json.dumps(doc))
+        with pytest.raises(DataError, match=problem):
+            load_fold(path, 0)
+
+
+def test_groups_must_name_a_patient_for_every_id(tmp_path):
+    doc = _small_splits()
+    del doc["groups"]["e"]
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"splits.json: groups has no patient for id\(s\) 'e'"):
+        load_fold(path, 0)

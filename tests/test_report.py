@@ -348,3 +348,114 @@ def test_calibration_columns_and_reliability_diagram(tmp_path):
     assert np.isnan(csv.loc["stact", "delong_p"]) and 0 <= csv.loc["tirads", "delong_p"] <= 1
     assert (tmp_path / "out" / "calibration.png").stat().st_size > 0
     assert "DeLong p vs STACT-Time" in (tmp_path / "out" / "results.md").read_text()
+
+
+# ------------------------------------------------------------------ prediction files validated on read
+def _sound_predictions(runs):
+    """2 folds of method x (4 nodules each), all sound; returns fold 1's file (the one the tests spoil)."""
+    for k in range(2):
+        (runs / f"fold{k}").mkdir(parents=True)
+        pd.DataFrame(
+            {"annot_id": [f"{k}_{i}" for i in range(4)], "label": [0, 1, 0, 1], "prob": [0.1, 0.9, 0.4, 0.7]}
+        ).to_csv(runs / f"fold{k}" / "predictions_x.csv", index=False)
+    return runs / "fold1" / "predictions_x.csv"
+
+
+BAD_PREDICTIONS = {
+    "duplicate_row": (
+        "annot_id,label,prob\n1_0,0,0.1\n1_1,1,0.9\n1_1,1,0.8\n",
+        "1 nodule(s) with more than one row (e.g. 1_1)",
+    ),
+    "logits": (
+        "annot_id,label,prob\n1_0,0,-2.3\n1_1,1,1.7\n",
+        "prob must be a probability in [0, 1]: 2 row(s) outside it",
+    ),
+    "prob_above_one": (
+        "annot_id,label,prob\n1_0,0,0.2\n1_1,1,1.0001\n",
+        "prob must be a probability in [0, 1]",
+    ),
+    "prob_nan": ("annot_id,label,prob\n1_0,0,nan\n1_1,1,0.9\n", "prob must be a number: 1 row(s)"),
+    "prob_empty": ("annot_id,label,prob\n1_0,0,\n1_1,1,0.9\n", "prob must be a number: 1 row(s)"),
+    "prob_text": (
+        "annot_id,label,prob\n1_0,0,high\n1_1,1,0.9\n",
+        "prob must be a number: 1 row(s) are empty, NaN or not numeric (e.g. high)",
+    ),
+    "prob_inf": ("annot_id,label,prob\n1_0,0,inf\n1_1,1,0.9\n", "prob must be a number"),
+    "label_two": (
+        "annot_id,label,prob\n1_0,2,0.1\n1_1,1,0.9\n",
+        "labels must be 0 or 1: 1 row(s) are not (e.g. 2)",
+    ),
+    "label_empty": ("annot_id,label,prob\n1_0,,0.1\n1_1,1,0.9\n", "labels must be 0 or 1: 1 row(s)"),
+    "label_text": (
+        "annot_id,label,prob\n1_0,benign,0.1\n1_1,1,0.9\n",
+        "labels must be 0 or 1: 1 row(s) are not (e.g. benign)",
+    ),
+    "missing_prob": ("annot_id,label\n1_0,0\n1_1,1\n", "missing column(s) prob"),
+    "missing_label_and_id": ("id,prob\n1_0,0.1\n", "missing column(s) annot_id, label"),
+    "empty_id": ("annot_id,label,prob\n,0,0.1\n1_1,1,0.9\n", "1 row(s) with an empty annot_id"),
+    "empty_file": ("", "not a readable CSV"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PREDICTIONS))
+def test_bad_prediction_file_is_one_line_data_error_before_any_output(tmp_path, case):
+    runs = tmp_path / "runs"
+    bad = _sound_predictions(runs)
+    report(runs, tmp_path / "ok", n_boot=5, show=False)  # the sound files pass
+    text, problem = BAD_PREDICTIONS[case]
+    bad.write_text(text)
+    with pytest.raises(DataError) as e:
+        report(runs, tmp_path / "out", n_boot=5, show=False)
+    assert e.value.path == str(bad) and "\n" not in str(e.value)
+    assert problem in e.value.problem
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_validation_and_stack_predictions_are_refused_too(tmp_path):
+    runs = tmp_path / "runs"
+    _sound_predictions(runs)
+    val = runs / "fold0" / "val_predictions_x.csv"
+    val.write_text("annot_id,label,prob\n9_0,0,0.3\n9_0,0,0.3\n")
+    with pytest.raises(DataError, match="val_predictions_x.csv: 1 nodule\\(s\\) with more than one row"):
+        report(runs, tmp_path / "out", n_boot=5, show=False)
+    val.unlink()
+    stack = runs / "fold0" / "stack_predictions_vit.csv"
+    stack.write_text(
+        "annot_id,stack,label,prob\n0_0,0,0,0.2\n0_0,1,0,0.3\n"
+    )  # two stacks of one nodule: fine
+    report(runs, tmp_path / "ok", n_boot=5, show=False)
+    stack.write_text("annot_id,stack,label,prob\n0_0,0,0,0.2\n0_0,0,0,0.3\n")
+    with pytest.raises(DataError, match="more than one row for the same stack"):
+        report(runs, tmp_path / "out", n_boot=5, show=False)
+    stack.write_text("annot_id,label,prob\n0_0,0,0.2\n")
+    with pytest.raises(DataError, match="stack_predictions_vit.csv: missing column\\(s\\) stack"):
+        report(runs, tmp_path / "out", n_boot=5, show=False)
+    stack.write_text("annot_id,stack,label,prob\n0_0,0,0,3.2\n")
+    with pytest.raises(DataError, match="prob must be a probability in \\[0, 1\\]"):
+        report(runs, tmp_path / "out", n_boot=5, show=False)
+
+
+def test_same_fold_twice_is_refused(tmp_path):
+    runs = tmp_path / "runs"
+    _sound_predictions(runs)
+    (runs / "fold01").mkdir()
+    (runs / "fold1" / "predictions_x.csv").rename(runs / "fold01" / "predictions_x.csv")
+    (runs / "fold1" / "predictions_x.csv").write_text("annot_id,label,prob\n1_0,0,0.1\n1_1,1,0.9\n")
+    with pytest.raises(DataError, match="a second file of x fold 1"):
+        report(runs, tmp_path / "out", n_boot=5, show=False)
+
+
+def test_cli_logits_are_one_line_exit_2_naming_the_file(tmp_path, capsys):
+    from stages.cli import main
+
+    runs = tmp_path / "runs"
+    bad = _sound_predictions(runs)
+    bad.write_text("annot_id,label,prob\n1_0,0,-2.3\n1_1,1,1.7\n")
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--runs", str(runs), "--out", str(tmp_path / "rep"), "--n-boot", "5"])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith(
+        f"error: {bad}: prob must be a probability"
+    )
+    assert "Traceback" not in captured.err and not (tmp_path / "rep").exists()

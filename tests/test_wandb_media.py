@@ -96,7 +96,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("wb")
     h5 = write_stanford(root / "stanford", shape=(40, 48), frames=FRAMES, labels=LABELS)
     splits = root / "splits.json"
-    splits.write_text(json.dumps({"k": 2, "seed": 0, "folds": [{"fold": 0, **SPLIT}]}))
+    splits.write_text(json.dumps({"k": 1, "seed": 0, "folds": [{"fold": 0, **SPLIT}]}))  # one fold, as k says
     rng = np.random.default_rng(0)
     with h5py.File(root / "embeddings.h5", "w") as f:
         for nid, frames in FRAMES.items():

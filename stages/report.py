@@ -306,7 +306,7 @@ def calibration_table(preds: pd.DataFrame, n_bins: int = 10) -> pd.DataFrame:
     for m in methods:
         df = preds[preds["method"] == m]
         y, p = df["label"].to_numpy(int), df["prob"].to_numpy(float)
-        ece = binary_calibration_error(torch.from_numpy(p), torch.from_numpy(y), n_bins=n_bins, norm="l1")
+        ece = binary_calibration_error(torch.tensor(p), torch.tensor(y), n_bins=n_bins, norm="l1")
         row = {"method": m, "brier": brier_score_loss(y, p), "ece": float(ece), "delong_vs": ref}
         row["delong_p"] = float("nan")
         if m != ref:

@@ -247,12 +247,13 @@ def run_baselines(
         todo = {name: (pattern, None) for name, pattern in (heads or {}).items()}
         if "cinetrans" in methods:
             todo = {"cinecnn_trans": (cinetrans, "cine_trans"), **todo}
+        index = read_index(emb) if todo else None  # one read of the file's index for every head and part
         for name, (pattern, variant) in todo.items():
             model = load_head(
                 pattern.format(runs=runs, fold=k), fold=k, embeddings=emb, splits=splits, variant=variant
             )
             for prefix, part in parts.items():
-                pred = predict_head(model, EmbeddingDataset(emb, part))
+                pred = predict_head(model, EmbeddingDataset(emb, part, index=index))
                 written.append(
                     write_predictions(
                         out / f"{prefix}{name}.csv", pred["annot_id"], pred["label"], pred["prob"]

@@ -569,6 +569,18 @@ def pm(mean: float, std: float) -> str:
     return "-" if np.isnan(mean) else f"{mean:.2f} ± {std:.2f}"
 
 
+def _fold_table(table: pd.DataFrame, keys: tuple[str, ...]) -> list[str]:
+    """Markdown rows of ``keys`` as mean ± std over folds, one row per method."""
+    lines = [
+        "| Method | " + " | ".join(HEADERS[k] for k in keys) + " | folds |",
+        "|---" * (len(keys) + 2) + "|",
+    ]
+    for _, r in table.iterrows():
+        cells = [pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in keys]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['n_folds']} |")
+    return lines
+
+
 def markdown(
     table: pd.DataFrame,
     stack: pd.DataFrame,
@@ -584,24 +596,14 @@ def markdown(
         "Nodule-level metrics, mean ± std (ddof 1) over cross-validation folds, threshold 0.5 (Table 2).",
         "",
         *([f"Protocol: {protocol}.", ""] if protocol else []),
-        "| Method | " + " | ".join(HEADERS[k] for k in TABLE_METRICS) + " | folds |",
-        "|---" * (len(TABLE_METRICS) + 2) + "|",
-    ]
-    for _, r in table.iterrows():
-        cells = [pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in TABLE_METRICS]
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['n_folds']} |")
-    lines += [
+        *_fold_table(table, TABLE_METRICS),
         "",
         "Precision, recall and F1 above are the malignant class's. Weighted by class support over both "
         "classes, as the paper's Table 2 appears to be (its weighted recall equals ACC): compare these with "
         "the paper.",
         "",
-        "| Method | " + " | ".join(HEADERS[k] for k in WEIGHTED_METRICS) + " | folds |",
-        "|---" * (len(WEIGHTED_METRICS) + 2) + "|",
+        *_fold_table(table, WEIGHTED_METRICS),
     ]
-    for _, r in table.iterrows():
-        cells = [pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in WEIGHTED_METRICS]
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {r['n_folds']} |")
     lines += [
         "",
         "Pooled over folds: AUROC with bootstrap 95% CI, and the operating point at 95% sensitivity "

@@ -239,14 +239,15 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     start = time.monotonic()
     for var in _POOL_VARS:  # no thread pools in the server: they would not survive the fork (see _run_worker)
         os.environ[var] = "1"
-    for name in _expand(preload):
+    names = _expand(preload)
+    for name in names:
         try:
             importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 -- a step that needs it will import it and fail loudly itself
             _log(f"preload {name} failed: {e!r}")
     gc.collect()
     gc.freeze()  # the imported objects stay shared: no refcount-free pass dirties their pages in each fork
-    _log(f"imported {len(preload)} modules in {time.monotonic() - start:.1f} s; {_threads()} thread(s)")
+    _log(f"imported {len(names)} modules in {time.monotonic() - start:.1f} s; {_threads()} thread(s)")
     hello = (
         json.dumps({"python": sys.executable, "pythonpath": os.environ.get("PYTHONPATH")}).encode() + b"\n"
     )

@@ -14,6 +14,7 @@ from datamodules.errors import DataError
 from datamodules.stanford import StanfordCine
 from stages import baselines
 from stages.baselines import run_baselines, tirads_features
+from tests.commands import argv
 from tests.stanford_files import write_stanford
 
 FOLDS = [
@@ -202,19 +203,14 @@ def test_cinetrans_checkpoint_of_the_wrong_fold_or_data_is_one_line_error(setup,
     # The same checks hold for --head checkpoints, and the CLI prints one line.
     with pytest.raises(SystemExit) as e:
         usnodule(
-            [
+            argv(
                 "baselines",
-                "--splits",
-                str(splits),
-                "--runs",
-                str(runs),
-                "--folds",
-                "1",
-                "--methods",
-                "",
-                "--head",
-                "stact={runs}/fold0/head_cine_trans.ckpt",
-            ]
+                splits=splits,
+                runs=runs,
+                folds=1,
+                methods="",
+                head="stact={runs}/fold0/head_cine_trans.ckpt",
+            )
         )
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and err.endswith("was fitted on fold 0, not fold 1")
@@ -283,23 +279,16 @@ def test_bad_inputs_and_cli(setup, tmp_path):
     parser = argparse.ArgumentParser()
     baselines.add_parser(parser.add_subparsers())
     args = parser.parse_args(
-        [
+        argv(
             "baselines",
-            "--cine",
-            str(h5),
-            "--splits",
-            str(splits),
-            "--runs",
-            str(runs),
-            "--methods",
-            "tirads",
-            "--n-estimators",
-            "3",
-            "--folds",
-            "1",
-            "--head",
-            "stact={runs}/fold{fold}/head.ckpt",
-        ]
+            cine=h5,
+            splits=splits,
+            runs=runs,
+            methods="tirads",
+            n_estimators=3,
+            folds=1,
+            head="stact={runs}/fold{fold}/head.ckpt",
+        )
     )
     assert args.head == [("stact", "{runs}/fold{fold}/head.ckpt")] and args.folds == [1]
     assert args.cinetrans == "{runs}/fold{fold}/head_cine_trans.ckpt"

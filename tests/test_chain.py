@@ -15,6 +15,7 @@ import torch
 
 from stages.cli import main as usnodule
 from stages.fit import main as fit
+from tests.commands import argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,25 +46,7 @@ def _fit(stage, root, *args):
 @pytest.mark.timeout(600)
 def test_stact_time_chain_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    usnodule(
-        [
-            "synth",
-            "--out",
-            "data",
-            "--nodules",
-            "18",
-            "--frames",
-            "9",
-            "--size",
-            "48",
-            "--cases",
-            "4",
-            "--prevalence",
-            "0.4",
-            "--seed",
-            "3",
-        ]
-    )
+    usnodule(argv("synth", out="data", nodules=18, frames=9, size=48, cases=4, prevalence=0.4, seed=3))
     h5 = tmp_path / "data" / "stanford" / "dataset.hdf5"
     usnodule(["split", str(h5), "-k", "3"])
     splits = h5.with_name("splits.json")
@@ -78,25 +61,17 @@ def test_stact_time_chain_end_to_end(tmp_path, monkeypatch):
     maskcnn = _fit("maskcnn", runs, *data, f"--data.init_args.masks_h5={masks}")
     emb = runs / "fold0" / "embeddings.h5"
     usnodule(
-        [
+        argv(
             "embeddings",
-            "--cine",
-            str(h5),
-            "--masks",
-            str(masks),
-            "--vit",
-            str(vit),
-            "--maskcnn",
-            str(maskcnn),
-            "--splits",
-            str(splits),
-            "--fold",
-            "0",
-            "--out",
-            str(emb),
-            "--accelerator",
-            "cpu",
-        ]
+            cine=h5,
+            masks=masks,
+            vit=vit,
+            maskcnn=maskcnn,
+            splits=splits,
+            fold=0,
+            out=emb,
+            accelerator="cpu",
+        )
     )
     head = _fit(
         "head_stact",
@@ -121,23 +96,16 @@ def test_stact_time_chain_end_to_end(tmp_path, monkeypatch):
         assert ckpt["datamodule_hyper_parameters"]["fold"] == 0
 
     usnodule(
-        [
+        argv(
             "baselines",
-            "--cine",
-            str(h5),
-            "--splits",
-            str(splits),
-            "--runs",
-            str(runs),
-            "--folds",
-            "0",
-            "--methods",
-            "tirads,avepool,cinetrans",
-            "--n-estimators",
-            "20",
-            "--head",
-            f"stact={head}",
-        ]
+            cine=h5,
+            splits=splits,
+            runs=runs,
+            folds=0,
+            methods="tirads,avepool,cinetrans",
+            n_estimators=20,
+            head=f"stact={head}",
+        )
     )
     for method in ("stact", "cinecnn_trans"):  # CineCNN-Trans from its fit above: the baselines only predict
         preds = pd.read_csv(runs / "fold0" / f"predictions_{method}.csv", dtype={"annot_id": str})

@@ -23,6 +23,7 @@ from datamodules.embeddings import group_name
 from datamodules.stanford import StanfordCine
 from stages.cli import main as usnodule
 from stages.fit import main as fit
+from tests.commands import argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,25 +72,7 @@ def chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        usnodule(
-            [
-                "synth",
-                "--out",
-                "data",
-                "--nodules",
-                "9",
-                "--frames",
-                "8",
-                "--size",
-                "48",
-                "--cases",
-                "1",
-                "--prevalence",
-                "0.4",
-                "--seed",
-                "5",
-            ]
-        )
+        usnodule(argv("synth", out="data", nodules=9, frames=8, size=48, cases=1, prevalence=0.4, seed=5))
         h5 = root / "data" / "stanford" / "dataset.hdf5"
         usnodule(["split", str(h5), "-k", "3"])
         splits = h5.with_name("splits.json")
@@ -102,23 +85,16 @@ def chain(tmp_path_factory):
         maskcnn = _fit("maskcnn", fold, *data, f"--data.init_args.masks_h5={masks}")
         emb = fold / "embeddings.h5"
         usnodule(
-            [
+            argv(
                 "embeddings",
-                "--cine",
-                str(h5),
-                "--masks",
-                str(masks),
-                "--vit",
-                str(fold / "vit.ckpt"),
-                "--maskcnn",
-                str(maskcnn),
-                "--out",
-                str(emb),
-                "--accelerator",
-                "cpu",
-                "--boxes",
-                "predicted",
-            ]
+                cine=h5,
+                masks=masks,
+                vit=fold / "vit.ckpt",
+                maskcnn=maskcnn,
+                out=emb,
+                accelerator="cpu",
+                boxes="predicted",
+            )
         )
         _fit("head_stact", fold, f"--data.init_args.path={emb}", f"--data.init_args.splits={splits}")
     return {"root": root, "h5": h5, "fold": fold, "emb": emb}
@@ -180,25 +156,18 @@ def test_dicom_and_npy_match_the_embeddings_path(chain, tmp_path):
     np.save(short, frames[:2])
     out2 = tmp_path / "p2.csv"
     usnodule(
-        [
+        argv(
             "predict",
-            str(npy),
-            str(short),
-            "--seg",
-            str(fold / "seg.ckpt"),
-            "--vit",
-            str(fold / "vit.ckpt"),
-            "--maskcnn",
-            str(fold / "maskcnn.ckpt"),
-            "--head",
-            str(fold / "head_stact.ckpt"),
-            "--out",
-            str(out2),
-            "--device",
-            "cpu",
-            "--threshold",
-            "0",
-        ]
+            npy,
+            short,
+            seg=fold / "seg.ckpt",
+            vit=fold / "vit.ckpt",
+            maskcnn=fold / "maskcnn.ckpt",
+            head=fold / "head_stact.ckpt",
+            out=out2,
+            device="cpu",
+            threshold=0,
+        )
     )
     t2 = pd.read_csv(out2)
     assert t2["prob_malignant"][0] == table["prob_malignant"][1]
@@ -227,23 +196,16 @@ def test_roi_and_mask_stacks_match_training_code(chain, tmp_path):
     emb = tmp_path / "emb.h5"
     fold = chain["fold"]
     usnodule(
-        [
+        argv(
             "embeddings",
-            "--cine",
-            str(chain["h5"]),
-            "--masks",
-            str(masks_h5),
-            "--vit",
-            str(fold / "vit.ckpt"),
-            "--maskcnn",
-            str(fold / "maskcnn.ckpt"),
-            "--out",
-            str(emb),
-            "--accelerator",
-            "cpu",
-            "--boxes",
-            "predicted",
-        ]
+            cine=chain["h5"],
+            masks=masks_h5,
+            vit=fold / "vit.ckpt",
+            maskcnn=fold / "maskcnn.ckpt",
+            out=emb,
+            accelerator="cpu",
+            boxes="predicted",
+        )
     )
     p = load_predictor(resolve_checkpoints(fold_dir=fold), "cpu")
     clip, clip_masks = clip_data("clip", frames, masks)
@@ -275,20 +237,7 @@ def test_bad_inputs_exit_2_and_write_nothing(chain, tmp_path, capsys):
     fold = chain["fold"]
 
     with pytest.raises(SystemExit) as e:
-        usnodule(
-            [
-                "predict",
-                str(good),
-                "--fold-dir",
-                str(fold),
-                "--head",
-                str(tmp_path / "nothere.ckpt"),
-                "--out",
-                str(out),
-                "--device",
-                "cpu",
-            ]
-        )
+        usnodule(argv("predict", good, fold_dir=fold, head=tmp_path / "nothere.ckpt", out=out, device="cpu"))
     assert e.value.code == 2 and "nothere.ckpt" in _one_error_line(capsys)
 
     # A corrupt DICOM after a good clip: exit 2 naming it, and no CSV (not even a partial one).

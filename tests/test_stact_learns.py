@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 
 from stages.cli import main as usnodule
 from stages.fit import main as fit
+from tests.commands import argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,45 +86,31 @@ def test_stact_time_chain_learns_planted_signals(tmp_path, monkeypatch):
     maskcnn = _fit("maskcnn", fold / "maskcnn.ckpt", *data, f"--data.init_args.masks_h5={masks}")
     emb = fold / "embeddings.h5"
     usnodule(
-        [
+        argv(
             "embeddings",
-            "--cine",
-            str(h5),
-            "--masks",
-            str(masks),
-            "--vit",
-            str(vit),
-            "--maskcnn",
-            str(maskcnn),
-            "--splits",
-            str(splits),
-            "--fold",
-            "0",
-            "--out",
-            str(emb),
-            "--accelerator",
-            "cpu",
-        ]
+            cine=h5,
+            masks=masks,
+            vit=vit,
+            maskcnn=maskcnn,
+            splits=splits,
+            fold=0,
+            out=emb,
+            accelerator="cpu",
+        )
     )
     head = _fit(
         "head", fold / "head_stact.ckpt", f"--data.init_args.path={emb}", f"--data.init_args.splits={splits}"
     )
     usnodule(
-        [
+        argv(
             "baselines",
-            "--cine",
-            str(h5),
-            "--splits",
-            str(splits),
-            "--runs",
-            str(tmp_path / "runs"),
-            "--folds",
-            "0",
-            "--methods",
-            "avepool",
-            "--head",
-            f"stact={head}",
-        ]
+            cine=h5,
+            splits=splits,
+            runs=tmp_path / "runs",
+            folds=0,
+            methods="avepool",
+            head=f"stact={head}",
+        )
     )
 
     truth = pd.read_csv(h5.with_name("truth.csv"), dtype={"annot_id": str}).set_index("annot_id")

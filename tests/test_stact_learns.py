@@ -45,8 +45,9 @@ def test_stact_time_chain_learns_planted_signals(tmp_path, monkeypatch):
     # chain that is wired right learns them from 80 training nodules (rendering in-process: --workers 0).
     import datamodules.synth as synth
 
-    monkeypatch.setattr(synth, "HIDDEN_WEIGHT", 30.0)
-    monkeypatch.setattr(synth, "HETEROGENEITY_GRAY", 160.0)
+    # Patched in the files that read them (the package only re-exports them).
+    monkeypatch.setattr(synth.labels, "HIDDEN_WEIGHT", 30.0)
+    monkeypatch.setattr(synth.nodule, "HETEROGENEITY_GRAY", 160.0)
     usnodule(
         [
             "synth",

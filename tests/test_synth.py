@@ -228,10 +228,12 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("killed")
         return real(spec, size)
 
-    monkeypatch.setattr(synth, "render_cine", flaky)
+    monkeypatch.setattr(synth.writers, "render_cine", flaky)  # where synthesize_stanford looks it up
     with pytest.raises(RuntimeError, match="killed"):
         synth.synthesize_stanford(tmp_path / "stanford", n_nodules=5, frames=4, size=32, workers=0)
-    monkeypatch.setattr(synth, "render_paired", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+    monkeypatch.setattr(
+        synth.writers, "render_paired", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed"))
+    )
     with pytest.raises(RuntimeError, match="killed"):
         synth.synthesize_paired(tmp_path / "paired", n_cases=3, frames=4, size=32)
     assert list(tmp_path.iterdir()) == []

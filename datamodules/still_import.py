@@ -185,13 +185,15 @@ def import_busi(
                         raise DataError(
                             f, f"mask size {w}x{h} differs from image {image.name} {size[1]}x{size[0]}"
                         )
-                if len(files) == 1:
-                    mask = files[0]
-                else:  # one mask per lesion: the union is the image's mask
-                    union = np.zeros(size, np.uint8)
-                    for f in files:
-                        union |= read_still_mask(f)
-                    mask = _save_mask(union, tmp / "masks" / cls / f"{stem}_mask.png")
+                union = np.zeros(size, np.uint8)
+                for f in files:  # read even when single: bad mask values stop the import, not a training run
+                    union |= read_still_mask(f)
+                # one mask per lesion: the union is the image's mask; a single one is used where it lies
+                mask = (
+                    files[0]
+                    if len(files) == 1
+                    else _save_mask(union, tmp / "masks" / cls / f"{stem}_mask.png")
+                )
                 cases.append(
                     StillCase(f"{cls}/{stem}", image, mask, _BUSI_CLASSES[cls], f"{cls}/{stem}", cls,
                               {"masks_merged": str(len(files))})

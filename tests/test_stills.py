@@ -15,8 +15,8 @@ from PIL import Image
 
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
-from datamodules.still_data import PredictedStillMasks, StillDataModule, StillDataset, roi_box
 from datamodules.stanford import StanfordCine
+from datamodules.still_data import PredictedStillMasks, StillDataModule, StillDataset, roi_box
 from datamodules.stills import read_manifest, read_still, read_still_mask
 from stages.cli import main
 from tests.commands import argv
@@ -426,7 +426,8 @@ def small_set(root: Path, patients: int = 10, per_patient: int = 3) -> Path:
 
 
 def _dicom(path: Path, arr: np.ndarray) -> Path:
-    from tests.test_dicom import new_ds, save as save_dcm
+    from tests.test_dicom import new_ds
+    from tests.test_dicom import save as save_dcm
 
     ds = new_ds()
     ds.set_pixel_data(arr, "MONOCHROME2", 8)

@@ -106,7 +106,7 @@ def _write(
         if not cases:
             raise DataError(out, "the import found no images to write")
         # tmp and out are siblings: paths relative to tmp are the same relative to out
-        manifest = write_manifest(cases, tmp / "manifest.csv", base=tmp)
+        manifest = write_manifest(cases, tmp / "manifest.csv")
         read_manifest(manifest)  # the same checks every reader makes, before the set becomes visible
         (tmp / MARKER).write_text("written by usnodule import-stills\n")
     return ImportResult(out / "manifest.csv", len(cases), sum(c.label for c in cases), warnings)

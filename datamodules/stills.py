@@ -204,15 +204,12 @@ def _rel(p: Path | None, base: Path) -> str:
         return Path(p).resolve().as_posix()
 
 
-def write_manifest(
-    cases: Sequence[StillCase], out_csv: str | os.PathLike, base: str | os.PathLike | None = None
-):
-    """Write ``cases`` as a manifest at ``out_csv`` (not atomically: importers write into a temporary folder
-    that is renamed as a whole).  Paths are written relative to ``base`` (default: the CSV's folder; an
-    importer passes the final folder while it writes into the temporary one beside it).  The cases'
-    ``extra`` columns follow the standard ones, sorted."""
+def write_manifest(cases: Sequence[StillCase], out_csv: str | os.PathLike) -> Path:
+    """Write ``cases`` as a manifest at ``out_csv``, paths relative to its folder, the cases' ``extra`` columns
+    after the standard ones (sorted).  Not atomic by itself: the importers write it into a temporary folder
+    that is renamed as a whole (:mod:`datamodules.still_import`)."""
     out_csv = Path(out_csv)
-    base = Path(base or out_csv.parent).resolve()
+    base = out_csv.parent.resolve()
     extra_cols = sorted({k for c in cases for k in c.extra})
     with open(out_csv, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)

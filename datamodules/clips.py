@@ -57,6 +57,9 @@ __all__ = [
     "read_clip",
     "read_mask_clip",
     "clip_shape",
+    "read_image",
+    "read_image_mask",
+    "image_size",
     "is_dicom",
     "split_h5_spec",
     "rgb_to_gray",
@@ -541,6 +544,33 @@ def read_mask_clip(
     if ann is None:
         ann = np.ones(mask.shape[0], dtype=bool)
     return np.ascontiguousarray(mask), ann
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """One image file (``.png .jpg .jpeg .bmp .tif .tiff``) -> ``(H,W)`` uint8 gray, RGB with BT.601 weights: the
+    frame-folder reader's own decoding, for still images (:mod:`datamodules.stills`)."""
+    im = _read_image(Path(path))
+    return im if im.ndim == 2 else rgb_to_gray(im)
+
+
+def read_image_mask(path: str | os.PathLike) -> np.ndarray:
+    """One mask image -> ``(H,W)`` uint8 in {0,1}: values {0,1} or {0,255} (else DataError), JPEG masks thresholded
+    at 128 (the rule of :func:`read_mask_clip`)."""
+    path = Path(path)
+    return _binarize(read_image(path), path, lossy=path.suffix.lower() in _LOSSY_IMAGE_SUFFIXES)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(H, W)`` of an image file from its header (no pixels decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(path, f"unreadable image ({e})") from None
+    return h, w
 
 
 def clip_shape(path: str | os.PathLike, *, mask: bool = False) -> tuple[int, int, int]:

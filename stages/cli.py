@@ -12,7 +12,7 @@ import sys
 
 from datamodules.errors import DataError
 
-# One line per subcommand module in stages/.
+# One line per subcommand; its module in stages/ is the name with "-" -> "_".
 COMMANDS = (
     "synth",
     "split",
@@ -21,6 +21,7 @@ COMMANDS = (
     "baselines",
     "report",
     "predict",
+    "import-stills",
 )
 
 
@@ -34,7 +35,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS if only is None else (only,):
-        importlib.import_module(f"stages.{name}").add_parser(sub)
+        importlib.import_module(f"stages.{name.replace('-', '_')}").add_parser(sub)
     return parser
 
 

@@ -61,6 +61,7 @@ STAGE_MODULES = (
     "datamodules.stacks",
     "datamodules.embeddings",
     "datamodules.paired_video",
+    "datamodules.still_data",
 )
 
 

@@ -1,7 +1,7 @@
 """``usnodule split``: K stratified folds grouped by patient (or nodule) -> ``splits.json``.
 
-Groups come from the data's patient ids (a ``patient_id`` column in the Stanford metadata or the paired
-manifest), or from ``--groups FILE``: a CSV whose first column is the case id (``annot_id`` / ``case_id``) and
+Groups come from the data's patient ids (a ``patient_id`` column in the Stanford metadata, the paired or the
+still-image manifest), or from ``--groups FILE``: a CSV whose first column is the case id (``annot_id`` / ``case_id``) and
 whose second is the patient, for data that ships without them -- the public Stanford file has no patient id, so
 every nodule is its own group there and two nodules of one patient (192 nodules from about 167 patients) can
 fall on both sides of a split.  When every case is its own group, the command says so in one warning line.
@@ -26,7 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
     )
     p.add_argument(
-        "data", type=Path, help="Stanford dataset.hdf5 (metadata.csv beside it) or a paired manifest.csv"
+        "data",
+        type=Path,
+        help="Stanford dataset.hdf5 (metadata.csv beside it), a paired manifest.csv or a still-image manifest.csv",
     )
     p.add_argument("--metadata", type=Path, default=None, help="metadata CSV (default: beside the HDF5)")
     p.add_argument("-k", "--folds", type=int, default=5, help="number of folds (default 5, as the paper)")
@@ -64,6 +66,13 @@ def run(args: argparse.Namespace) -> None:
 
 def _cases(data: Path, metadata: Path | None) -> tuple[list[str], list[int], list[str]]:
     if data.suffix.lower() == ".csv":
+        from datamodules.stills import is_still_manifest
+
+        if is_still_manifest(data):  # a still-image manifest (an `image` column)
+            from datamodules.stills import read_manifest as read_stills
+
+            stills = read_stills(data)
+            return [c.case_id for c in stills], [c.label for c in stills], [c.patient_id for c in stills]
         from datamodules.paired import read_manifest
 
         cases = read_manifest(data)

@@ -1,0 +1,319 @@
+"""Still images for training: :class:`StillDataset` (resize, optional ROI crop around the annotated or a
+predicted mask, augmentation) and :class:`StillDataModule` (one fold of ``splits.json``), over the manifest
+of :mod:`datamodules.stills`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.clips import read_image_mask
+from datamodules.errors import DataError
+from datamodules.folds import load_fold
+from datamodules.frames import natural_key
+from datamodules.parts import BaseDataModule
+from datamodules.stacks import NORMALIZE, grow_box, seeded
+from datamodules.stanford import Box, bbox_from_mask
+from datamodules.stills import StillCase, read_manifest, read_still, read_still_mask
+
+__all__ = ["roi_box", "PredictedStillMasks", "StillDataset", "StillDataModule", "build_transform"]
+
+PARTS = ("train", "val", "test")
+
+
+# -------------------------------------------------------------------------------------------------- ROI
+
+
+def roi_box(mask: np.ndarray, margin: float) -> Box | None:
+    """Box ``(y0, x0, y1, x1)`` (end-exclusive) of the mask's non-zero pixels grown by ``margin`` times the
+    box's longer side on every side, clipped at the image border; None for an empty mask (the caller keeps
+    the whole image).  The margin is relative (not STACT-Time's fixed 5 px) because public still sets mix
+    image sizes from ~200 to ~1500 px: a choice, made here."""
+    box = bbox_from_mask(mask)
+    if box is None:
+        return None
+    side = max(box[2] - box[0], box[3] - box[1])
+    return grow_box(box, int(round(margin * side)), mask.shape)
+
+
+class PredictedStillMasks:
+    """Predicted masks of still images (what a segmentation stage writes), looked up by case id.
+
+    ``source``: an HDF5 file with one ``(H, W)`` uint8 dataset per case at key = case id (ids with ``/`` become
+    groups), or a folder holding ``<case id>.png`` (``/`` in ids = sub-folders).  Values: {0,1} or {0,255}.
+    Every case asked for must be present (checked by :meth:`check` in the main process).
+    """
+
+    def __init__(self, source: str | os.PathLike):
+        self.source = Path(source)
+        if not self.source.exists():
+            raise DataError(self.source, "predicted masks do not exist (a folder of PNGs or an HDF5 file)")
+        self.is_h5 = self.source.is_file()
+        self._h5 = None
+        self._pid = None
+
+    def _file(self):
+        import h5py
+
+        if self._h5 is None or self._pid != os.getpid():  # a handle per process, as LazyH5
+            try:
+                self._h5 = h5py.File(self.source, "r")
+            except OSError as e:
+                raise DataError(self.source, f"not a readable HDF5 file ({e})") from None
+            self._pid = os.getpid()
+        return self._h5
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_h5": None, "_pid": None}
+
+    def _png(self, case_id: str) -> Path:
+        return self.source / f"{case_id}.png"
+
+    def check(self, case_ids: Sequence[str]) -> None:
+        missing = [
+            i for i in case_ids if (i not in self._file() if self.is_h5 else not self._png(i).is_file())
+        ]
+        if missing:
+            raise DataError(self.source, f"no predicted mask for {len(missing)} case(s), e.g. {missing[:3]}")
+
+    def mask(self, case_id: str, shape: tuple[int, int]) -> np.ndarray:
+        if self.is_h5:
+            arr = np.asarray(self._file()[case_id][()])
+            if not np.isin(arr, (0, 1, 255)).all():
+                raise DataError(
+                    self.source, f"predicted mask {case_id!r} has values outside {{0,1}} / {{0,255}}"
+                )
+            arr = (arr > 0).astype(np.uint8)
+        else:
+            arr = read_image_mask(self._png(case_id))
+        if arr.shape != tuple(shape):
+            raise DataError(
+                self.source, f"predicted mask {case_id!r} is {arr.shape}, the image is {tuple(shape)}"
+            )
+        return arr
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+
+
+def build_transform(size: int, augment: bool):
+    """Resize to ``size`` x ``size`` (the aspect ratio is not kept, as every reader here), plus, for training,
+    horizontal flip and brightness/contrast (the light augmentation of the stack stages), applied to image and
+    mask with one draw of random parameters.  Vertical flips are left out: ultrasound has a depth direction."""
+    import albumentations as A
+
+    ops = [A.Resize(size, size)]
+    if augment:
+        ops += [
+            A.HorizontalFlip(p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+        ]
+    return A.Compose(ops)
+
+
+class StillDataset(Dataset):
+    """Items of still images: ``{"image": (C, S, S) float, "mask": (1, S, S) float {0,1}, "has_mask": bool,
+    "label": long, "index": long (position in ``cases``), "patient": long (position in ``patients``)}``.
+
+    Args:
+        cases: validated cases (:func:`read_manifest`).
+        img_size: output side ``S``.
+        roi: ``None`` (whole image), ``"annotated"`` (crop to the drawn mask's box + margin) or ``"predicted"``
+            (crop to the box of ``predicted``'s mask: the deployable protocol).  An empty or absent mask keeps
+            the whole image.  The returned mask is always the drawn one (cropped like the image).
+        roi_margin: margin on every side as a fraction of the box's longer side (:func:`roi_box`).
+        predicted: the predicted masks (needed for ``roi="predicted"``).
+        augment: training augmentation (:func:`build_transform`).
+        channels: gray repeated to this many channels (3 for ImageNet backbones, 1 for segmentation nets).
+        normalize: ``"imagenet"``, ``"half"`` or None ([0, 1]), as :class:`~datamodules.stacks.StackDataModule`.
+        patients: the patient id list that ``patient`` indexes (default: the sorted patients of ``cases``).
+    """
+
+    def __init__(
+        self,
+        cases: Sequence[StillCase],
+        *,
+        img_size: int = 224,
+        roi: str | None = None,
+        roi_margin: float = 0.1,
+        predicted: PredictedStillMasks | None = None,
+        augment: bool = False,
+        channels: int = 3,
+        normalize: str | None = "imagenet",
+        patients: Sequence[str] | None = None,
+    ):
+        if roi not in (None, "annotated", "predicted"):
+            raise ValueError(f"roi must be None, 'annotated' or 'predicted', got {roi!r}")
+        if roi == "predicted" and predicted is None:
+            raise ValueError("roi='predicted' needs predicted masks")
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be 'imagenet', 'half' or None, got {normalize!r}")
+        if roi_margin < 0:
+            raise ValueError(f"roi_margin must be >= 0, got {roi_margin}")
+        self.cases = list(cases)
+        self.img_size, self.roi, self.roi_margin, self.predicted = img_size, roi, roi_margin, predicted
+        self.channels = channels
+        self.patients = (
+            sorted({c.patient_id for c in self.cases}, key=natural_key)
+            if patients is None
+            else list(patients)
+        )
+        self._patient = {p: i for i, p in enumerate(self.patients)}
+        mean, std = NORMALIZE[normalize]
+        self.mean = self.std = None
+        if mean is not None:
+            # per-RGB-channel statistics; another channel count gets their mean (a choice, made here)
+            self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+            if channels != len(mean):
+                self.mean, self.std = self.mean.mean().repeat(channels), self.std.mean().repeat(channels)
+        self.transform = build_transform(img_size, augment)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, bool, Box | None]:
+        """The image and drawn mask at full size, whether it has a drawn mask, and the ROI box (or None)."""
+        case = self.cases[i]
+        image = read_still(case.image)
+        if case.mask is not None:
+            mask = read_still_mask(case.mask)
+            if mask.shape != image.shape:
+                raise DataError(
+                    case.mask, f"mask size {mask.shape} differs from image {case.image} {image.shape}"
+                )
+        else:
+            mask = np.zeros_like(image)
+        box = None
+        if self.roi == "annotated":
+            box = roi_box(mask, self.roi_margin)
+        elif self.roi == "predicted":
+            box = roi_box(self.predicted.mask(case.case_id, image.shape), self.roi_margin)  # type: ignore[union-attr]
+        return image, mask, case.mask is not None, box
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image, mask, has_mask, box = self.read(i)
+        if box is not None:
+            y0, x0, y1, x1 = box
+            image, mask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
+        transform = seeded(self.transform) if self.augment else self.transform
+        out = transform(image=image, mask=mask)
+        x = torch.from_numpy(np.ascontiguousarray(out["image"])).float().div_(255.0)
+        x = x[None].expand(self.channels, -1, -1)
+        if self.mean is not None:
+            x = (x - self.mean.view(-1, 1, 1)) / self.std.view(-1, 1, 1)
+        case = self.cases[i]
+        return {
+            "image": x.contiguous(),
+            "mask": torch.from_numpy(np.ascontiguousarray(out["mask"])).float()[None],
+            "has_mask": torch.tensor(has_mask),
+            "label": torch.tensor(case.label, dtype=torch.long),
+            "index": torch.tensor(i, dtype=torch.long),
+            "patient": torch.tensor(self._patient[case.patient_id], dtype=torch.long),
+        }
+
+
+class StillDataModule(BaseDataModule):
+    """Still images of one fold of ``splits.json`` (test = fold k, validation = fold k+1, training = the rest;
+    :mod:`datamodules.folds`), read from a manifest (:func:`read_manifest`).
+
+    Args:
+        manifest: the still-image manifest CSV.
+        splits: ``splits.json`` written by ``usnodule split <manifest>`` (ids = the manifest's case ids).
+        fold: the fold; ``None`` = every case in training.
+        img_size: output side in pixels.
+        roi: ``None`` | ``"annotated"`` | ``"predicted"`` (:class:`StillDataset`); the same in every part.
+        roi_margin: ROI margin, a fraction of the box's longer side.
+        predicted_masks: a folder of ``<case id>.png`` or an HDF5 file keyed by case id
+            (:class:`PredictedStillMasks`), for ``roi="predicted"``.
+        channels: image channels (gray repeated).
+        normalize: ``"imagenet"`` | ``"half"`` | None.
+        augment: training augmentation (flip, brightness/contrast); other parts are only resized.
+        predict_ids: ``"all"`` (default), ``"train"``, ``"val"``, ``"test"`` or a list of case ids.
+        batch_size, num_workers: the loaders (:class:`~datamodules.parts.BaseDataModule`).
+
+    ``setup`` validates the manifest and splits (and the predicted masks of every case used) in the main
+    process, so a bad file stops the run with one :class:`DataError` line before a worker starts.
+    """
+
+    drop_single_last = True  # ResNet / EfficientNet have BatchNorm
+
+    def __init__(
+        self,
+        manifest: str | os.PathLike = "data/stills/manifest.csv",
+        splits: str | os.PathLike | None = None,
+        fold: int | None = 0,
+        img_size: int = 224,
+        roi: str | None = None,
+        roi_margin: float = 0.1,
+        predicted_masks: str | os.PathLike | None = None,
+        channels: int = 3,
+        normalize: str | None = "imagenet",
+        augment: bool = False,
+        predict_ids: str | list[str] = "all",
+        batch_size: int = 32,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cases: list[StillCase] = []
+        self.datasets: dict[str, StillDataset] = {}
+
+    def _parts(self) -> dict[str, list[StillCase]]:
+        hp = self.hparams
+        by_id = {c.case_id: c for c in self.cases}
+        if hp.splits is None:
+            if hp.fold is not None:
+                raise ValueError("fold needs a splits file (splits=None trains on every case: fold=None)")
+            ids = {"train": list(by_id), "val": [], "test": []}
+        else:
+            ids = load_fold(hp.splits, hp.fold)
+        missing = sorted({i for part in ids.values() for i in part} - set(by_id))
+        if missing:
+            raise DataError(
+                hp.splits, f"{len(missing)} case id(s) not in manifest {hp.manifest}, e.g. {missing[:3]}"
+            )
+        parts = {part: [by_id[i] for i in ids[part]] for part in PARTS}
+        pred = hp.predict_ids
+        if isinstance(pred, str):
+            if pred != "all" and pred not in parts:
+                raise ValueError(f"predict_ids must be 'all', 'train', 'val', 'test' or a list, got {pred!r}")
+            parts["predict"] = self.cases if pred == "all" else parts[pred]
+        else:
+            unknown = [i for i in pred if i not in by_id]
+            if unknown:
+                raise DataError(hp.manifest, f"predict_ids not in the manifest, e.g. {unknown[:3]}")
+            parts["predict"] = [by_id[i] for i in pred]
+        return parts
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        hp = self.hparams
+        self.cases = read_manifest(hp.manifest)
+        parts = self._parts()
+        predicted = None
+        if hp.roi == "predicted":
+            if hp.predicted_masks is None:
+                raise ValueError("roi='predicted' needs predicted_masks (a folder of PNGs or an HDF5 file)")
+            predicted = PredictedStillMasks(hp.predicted_masks)
+            predicted.check(sorted({c.case_id for cases in parts.values() for c in cases}))
+        patients = sorted({c.patient_id for c in self.cases}, key=natural_key)
+        for part, cases in parts.items():
+            self.datasets[part] = StillDataset(
+                cases,
+                img_size=hp.img_size,
+                roi=hp.roi,
+                roi_margin=hp.roi_margin,
+                predicted=predicted,
+                augment=hp.augment and part == "train",
+                channels=hp.channels,
+                normalize=hp.normalize,
+                patients=patients,
+            )

@@ -36,7 +36,9 @@ def create_encoder(
         path = Path(checkpoint_path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: encoder checkpoint not found")
-        return timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        return timm.create_model(
+            backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+        )
     if not pretrained:
         return timm.create_model(backbone, pretrained=False, **kwargs)
     try:

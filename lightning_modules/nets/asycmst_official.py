@@ -164,7 +164,9 @@ class OfficialFusion(nn.Module):
 
         self.pos = nn.Parameter(torch.zeros(1, num_frames, n_tokens, dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
-        self.layers_b = nn.ModuleList(layer(i, pattern_b) for i in range(depth))  # lower branch, updated first
+        self.layers_b = nn.ModuleList(
+            layer(i, pattern_b) for i in range(depth)
+        )  # lower branch, updated first
         self.layers_c = nn.ModuleList(layer(i, pattern_c) for i in range(depth))
 
     def tokens(self, f_c: torch.Tensor, f_b: torch.Tensor, stages: int | None = None):

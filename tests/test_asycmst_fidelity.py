@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from datamodules.errors import DataError
-from lightning_modules import base
 from datamodules.paired_video import PairedVideoDataModule, device_batch
+from lightning_modules import base
 from lightning_modules.asycmst import AsyCMST, aux_branches
 from lightning_modules.nets.asycmst import AsyCMSTNet
 from lightning_modules.nets.asycmst_official import JointSelfAttention, OfficialFusion, OfficialLayer

@@ -9,7 +9,10 @@ Models (eval mode, ``torch.inference_mode``, autocast in ``--dtype`` unless floa
 - ``vivit-resnet``: the same two ResNet-18 frame encoders and STSA stages, no ACMST, no auxiliary heads
   (Table 4's baseline row, i.e. AsyCMST minus its contributions);
 - ``vivit-patch16``: a dual-stream ViViT in the original sense: 16 x 16 patch embedding per frame (196 tokens
-  per frame instead of 49), the same factorised STSA stages, late fusion by summed GAP -> FC.
+  per frame instead of 49), the same factorised STSA stages, late fusion by summed GAP -> FC;
+- ``official`` (not run by default): the paper's model with ``block: official``, the authors' transformer
+  (joint self-attention, post-norm, ReLU/2048); ``authors``: the same with one shared encoder and no auxiliary
+  heads, the authors' public model (44.8 M parameters).
 
 Models are timed in interleaved rounds (median and minimum per model), so load from other processes hits all
 alike.  ``--fuse-only`` times just the token stages on precomputed frame features (the part where the models
@@ -76,6 +79,10 @@ def build(name: str, size: dict) -> nn.Module:
         return DualViViT(**size)
     if name == "vivit-resnet":
         return AsyCMSTNet(**size, strategy="none", fss=False, ns=False)
+    if name == "official":
+        return AsyCMSTNet(**size, block="official")
+    if name == "authors":
+        return AsyCMSTNet(**size, block="official", share_encoders=True, fss=False, ns=False)
     strategy = {"asycmst": "asymmetric"}.get(name, name)
     return AsyCMSTNet(**size, strategy=strategy)
 

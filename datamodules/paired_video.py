@@ -9,6 +9,11 @@ Batch (contract): ``bus``/``ceus`` ``(B, T, 3, H, W)`` float, ``mask`` ``(B, T, 
 ``mask_valid`` ``(B, T)`` bool (frame has a drawn mask), ``label`` ``(B,)`` long, ``index`` ``(B,)`` long
 (position in the dataset's ``cases``).
 
+Batch size: ``batch_size`` clips per device (per process), so the global batch grows with the device count;
+``global_batch_size`` instead fixes the global batch (the paper's 32) and derives the per-device batch from the
+trainer's devices x nodes x gradient-accumulation steps (:func:`device_batch`).  Either way ``fit`` starts
+with one line saying what the global batch is.
+
 Splits: ``splits.json`` fold ``k`` (grouped by patient, see :mod:`datamodules.folds`), or, without a splits
 file, the paper's random 5:2:3 train/val/test split over patients (``split_ratio``, ``seed``).
 """
@@ -22,6 +27,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
 from datamodules.clips import read_clip, read_mask_clip
@@ -177,6 +183,21 @@ class PairedVideoDataset(Dataset):
         }
 
 
+def device_batch(global_batch: int, devices: int = 1, num_nodes: int = 1, accumulate: int = 1) -> int:
+    """Clips per device and step for a global batch of ``global_batch`` clips per optimiser step over
+    ``devices`` x ``num_nodes`` processes with ``accumulate`` gradient-accumulation steps; a global batch that
+    does not divide evenly is a one-line :class:`DataError` (a rounded batch would silently change it)."""
+    share = devices * num_nodes * accumulate
+    per, rest = divmod(int(global_batch), share)
+    if global_batch < 1 or rest or per < 1:
+        raise DataError(
+            None,
+            f"data.global_batch_size {global_batch} does not split evenly over {devices} device(s) x "
+            f"{num_nodes} node(s) x {accumulate} accumulation step(s); choose a multiple of {share}",
+        )
+    return per
+
+
 def ratio_split(
     cases: Sequence[PairedCase], ratio: Sequence[float], seed: int
 ) -> dict[str, list[PairedCase]]:
@@ -203,7 +224,10 @@ class PairedVideoDataModule(BaseDataModule):
         fold: fold of ``splits`` (test = fold k, val = k+1, train = rest); ``None`` = every case in training.
         frames: T frames per clip (must equal the model's ``num_frames``).
         size: frame side in pixels (must equal the model's ``img_size``).
-        batch_size: clips per batch.
+        batch_size: clips per batch on each device (process); ignored when ``global_batch_size`` is set.
+        global_batch_size: clips per optimiser step over all devices (the paper: 32); the per-device batch is
+            ``global_batch_size / (devices x num_nodes x accumulate_grad_batches)`` (:func:`device_batch`),
+            so the lr stays matched to the batch on any number of GPUs.  ``None``: ``batch_size`` per device.
         num_workers: DataLoader workers.
         split_ratio: train:val:test proportions when there is no splits file (paper Sec. 4.1.2: 5:2:3).
         seed: seed of the ratio split.
@@ -232,10 +256,36 @@ class PairedVideoDataModule(BaseDataModule):
         augment: bool = True,
         cache: bool = False,
         roi: float | None = None,
+        global_batch_size: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.datasets: dict[str, PairedVideoDataset] = {}
+        self._device_batch: int | None = None
+
+    @property
+    def device_batch_size(self) -> int:
+        """Clips per batch on this device: derived from ``global_batch_size`` in :meth:`setup` (from the
+        trainer's devices, nodes and accumulation), else ``batch_size``."""
+        return self._device_batch or self.hparams.batch_size
+
+    def _derive_batch(self, stage: str | None) -> None:
+        """Per-device batch from ``global_batch_size`` and the trainer; one line at the start of ``fit``."""
+        hp, trainer = self.hparams, getattr(self, "trainer", None)
+        if trainer is None:
+            devices, nodes, accumulate = 1, 1, 1
+        else:
+            devices, nodes = trainer.num_devices, trainer.num_nodes
+            accumulate = trainer.accumulate_grad_batches
+        if hp.global_batch_size is not None:
+            self._device_batch = device_batch(hp.global_batch_size, devices, nodes, accumulate)
+        if stage == "fit":
+            per = self.device_batch_size
+            rank_zero_info(
+                f"Global batch {per * devices * nodes * accumulate} clips per optimiser step = {per} per "
+                f"device x {devices} device(s) x {nodes} node(s) x {accumulate} accumulation step(s)"
+                + ("" if hp.global_batch_size is not None else " (data.batch_size is per device)")
+            )
 
     def _parts(self, cases: list[PairedCase]) -> dict[str, list[PairedCase]]:
         hp = self.hparams
@@ -251,6 +301,7 @@ class PairedVideoDataModule(BaseDataModule):
         return {part: [by_id[i] for i in ids[part]] for part in PARTS}
 
     def setup(self, stage: str | None = None) -> None:
+        self._derive_batch(stage)
         if self.datasets:
             return
         hp = self.hparams
@@ -285,4 +336,4 @@ class PairedVideoDataModule(BaseDataModule):
 
     def drop_last(self, part: str, data: Dataset) -> bool:
         """Training drops its last, incomplete batch whenever there is more than one batch."""
-        return part == "train" and len(data) > self.hparams.batch_size
+        return part == "train" and len(data) > self.device_batch_size

@@ -35,16 +35,22 @@ class BaseDataModule(L.LightningDataModule):
         super().__init__()
         self.datasets: dict[str, Dataset] = {}
 
+    @property
+    def device_batch_size(self) -> int:
+        """Samples per batch of each process's loaders: ``batch_size`` (per device) unless a subclass derives
+        it from a global batch (:class:`~datamodules.paired_video.PairedVideoDataModule`)."""
+        return self.hparams.batch_size
+
     def drop_last(self, part: str, data: Dataset) -> bool:
         """Whether the loader of ``part`` drops its last, incomplete batch (see ``drop_single_last``)."""
-        return self.drop_single_last and part == "train" and len(data) % self.hparams.batch_size == 1
+        return self.drop_single_last and part == "train" and len(data) % self.device_batch_size == 1
 
     def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
         hp = self.hparams
         data = self.datasets[part]
         return DataLoader(
             data,
-            batch_size=hp.batch_size,
+            batch_size=self.device_batch_size,
             shuffle=shuffle,
             num_workers=hp.num_workers,
             collate_fn=self.collate_fn,

@@ -7,10 +7,18 @@
 - ``L_Seg``: Dice on the lower (BUS) branch, Eq. 5, only on frames whose mask was drawn (``mask_valid``);
   ``ns=False`` removes decoder and term.
 
-Which modality feeds which branch is ``streams`` (Fig. 9): ``("ceus", "bus")`` is the paper's model; the branch
-roles stay fixed (FSS and the spatial C->B query on the upper branch, segmentation and the temporal B->C query
-on the lower one), and the BUS mask supervises the lower branch whatever it receives, since paired clips share
-one geometry.
+Which modality feeds which branch is ``streams`` (Fig. 9): ``("ceus", "bus")`` is the paper's model.  The
+attention roles belong to the branches (the spatial C->B query on the upper branch, the temporal B->C query on
+the lower one), so ``("bus", "ceus")`` swaps the attention directions.  The auxiliary tasks follow
+``aux_tasks``: ``"modality"`` (default) keeps FSS on the CEUS branch and the mask decoder on the BUS branch
+whichever branch that is, so the swap changes only the attention directions (Fig. 9 de-confounded);
+``"branch"`` keeps them on their branches (FSS upper, NS lower: with the swap FSS then sorts BUS frames and the
+decoder reads CEUS features, the behaviour before issue 13).  With one modality in both branches
+(``("ceus", "ceus")``, ``("bus", "bus")``) both settings put FSS on the upper and NS on the lower branch.  The
+BUS mask is the decoder's target in every case (paired clips share one geometry).
+
+Model selection: ``conf/asycmst.yaml`` keeps the checkpoint with the best ``val/auroc`` and stops early on it
+(the authors kept the best validation accuracy; the total ``val/loss`` is dominated by the FSS term).
 
 Optimizer and schedule come from the LightningCLI ``optimizer:`` / ``lr_scheduler:`` keys (see
 ``conf/asycmst.yaml``: RMSprop lr 1e-3, weight decay 1e-4, momentum 0.9, ExponentialLR), as in the other stages.
@@ -57,6 +65,18 @@ from lightning_modules.nets.asycmst import AsyCMSTNet
 from lightning_modules.nets.asycmst_losses import fss_loss
 
 MODALITIES = ("bus", "ceus")
+AUX_TASKS = ("modality", "branch")
+
+
+def aux_branches(streams: Sequence[str], aux_tasks: str = "modality") -> dict[str, str]:
+    """``{"fss_branch", "ns_branch"}`` of the net (``"c"`` upper, ``"b"`` lower) for ``streams`` = (upper,
+    lower): with ``"modality"`` FSS reads the branch that receives CEUS and NS the one that receives BUS (when
+    exactly one does), else (``"branch"``, or one modality in both) FSS the upper and NS the lower branch."""
+    upper, lower = streams
+    if aux_tasks == "modality" and upper != lower:
+        ceus = "c" if upper == "ceus" else "b"
+        return {"fss_branch": ceus, "ns_branch": "b" if ceus == "c" else "c"}
+    return {"fss_branch": "c", "ns_branch": "b"}
 
 
 def save_roc_png(prob: Tensor, label: Tensor, path: Path, title: str) -> None:
@@ -85,8 +105,8 @@ class AsyCMST(BaseStage):
     """AsyCMST trained end to end (all args plain, so LightningCLI YAML can set every switch).
 
     Args (the network's, see :class:`~lightning_modules.nets.asycmst.AsyCMSTNet`): ``dim, depth, heads,
-    num_frames, img_size, mlp_ratio, dropout, strategy, acmst_layers, fss, ns, backbone, backbone_args,
-    pretrained, share_encoders, decoder_width``.  Loss and data wiring:
+    num_frames, img_size, mlp_ratio, dropout, block, strategy, acmst_layers, fss, ns, backbone,
+    backbone_args, pretrained, checkpoint_path, share_encoders, decoder_width``.  Loss and data wiring:
 
     Args:
         w1: weight of L_FSS (Eq. 14), 0.4.
@@ -94,6 +114,8 @@ class AsyCMST(BaseStage):
         phi: FSS clamp threshold (Eq. 4), 0.9.
         streams: ``(upper, lower)`` batch keys: ``("ceus", "bus")`` in the paper, ``("bus", "ceus")``,
             ``("ceus", "ceus")`` or ``("bus", "bus")`` for Fig. 9.
+        aux_tasks: ``"modality"``: FSS on the CEUS branch, NS on the BUS branch, wherever ``streams`` puts
+            them; ``"branch"``: FSS on the upper, NS on the lower branch whatever they receive (see above).
         method: name in ``predictions_<method>.csv`` and in the report (``asycmst``; ``asycmst_none`` for the
             ``strategy: none`` comparison).
         predictions_dir: folder of the predictions CSV; ``None`` = the trainer's ``default_root_dir``.
@@ -116,8 +138,9 @@ class AsyCMST(BaseStage):
         heads: int = 6,
         num_frames: int = 16,
         img_size: int = 224,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
+        mlp_ratio: float | None = None,
+        dropout: float | None = None,
+        block: str = "factorised",
         strategy: str = "asymmetric",
         acmst_layers: list[int] | None = None,
         fss: bool = True,
@@ -125,12 +148,14 @@ class AsyCMST(BaseStage):
         backbone: str = "resnet18",
         backbone_args: dict[str, Any] | None = None,
         pretrained: bool = False,
+        checkpoint_path: str | None = None,
         share_encoders: bool = False,
         decoder_width: int = 128,
         w1: float = 0.4,
         w2: float = 0.4,
         phi: float = 0.9,
         streams: Sequence[str] = ("ceus", "bus"),
+        aux_tasks: str = "modality",
         method: str = "asycmst",
         predictions_dir: str | None = None,
         test_after_fit: bool = False,
@@ -141,9 +166,11 @@ class AsyCMST(BaseStage):
         streams = tuple(streams)
         if len(streams) != 2 or any(s not in MODALITIES for s in streams):
             raise ValueError(f"streams must be two of {MODALITIES}, got {streams}")
+        if aux_tasks not in AUX_TASKS:
+            raise ValueError(f"aux_tasks must be one of {AUX_TASKS}, got {aux_tasks!r}")
         self.save_hyperparameters()
         self.streams = streams
-        self.net = self.build_net(AsyCMSTNet, num_classes=2)
+        self.net = self.build_net(AsyCMSTNet, num_classes=2, **aux_branches(streams, aux_tasks))
         self.w1, self.w2, self.phi = w1, w2, phi
         self.method, self.predictions_dir, self.test_after_fit = method, predictions_dir, test_after_fit
         self.lr_per_step, self.seg_frames = lr_per_step, seg_frames
@@ -151,7 +178,7 @@ class AsyCMST(BaseStage):
 
     # -- model ---------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, Tensor], *, mask_frames: Tensor | None = None) -> dict[str, Tensor]:
-        """The net on a batch; ``mask_frames`` ``(B, T)`` bool: decode masks for these lower-branch frames."""
+        """The net on a batch; ``mask_frames`` ``(B, T)`` bool: decode masks for these frames of the NS branch."""
         upper, lower = (batch[s] for s in self.streams)
         return self.net(upper, lower, mask_frames=mask_frames)
 

@@ -7,11 +7,18 @@ BUS).  Which modality enters which branch is the caller's choice (Fig. 9 swaps t
    encoded on its own, ``(B, T, 3, H, W) -> (B, T, N, D)``.
 2. Multi-task enhancement (Sec. 3.2): frame self-sorting scores on the c-stream features (Eq. 1-4, ``fss``),
    mask logits from a light decoder on the b-stream features (Eq. 5, ``ns``).
-3. Learnable absolute positional encodings ``(T, N, D)`` per stream, then ``depth`` stages: a ViViT-style
-   factorised STSA block per stream, then (in the layers listed by ``acmst_layers``) the ACMST block of
-   Algorithm 2 with the chosen cross-attention ``strategy`` (Table 5).
+3. ``block: factorised`` (the paper-text reading, default): learnable absolute positional encodings
+   ``(T, N, D)`` per stream, then ``depth`` stages: a ViViT-style factorised STSA block per stream, then (in the
+   layers listed by ``acmst_layers``) the ACMST block of Algorithm 2 with the chosen cross-attention
+   ``strategy`` (Table 5).  ``block: official``: the authors' transformer instead
+   (:mod:`lightning_modules.nets.asycmst_official`: joint spatio-temporal self-attention, post-norm, ReLU/2048,
+   dropout 0.1, the lower branch updated before the upper one, one shared positional table).
 4. Head (Eq. 15): GAP over space-time of ``X_C + X_B``, LayerNorm (as ViT/ViViT heads do), FC to
-   ``num_classes`` logits.  Softmax + cross-entropy over the two classes is Eq. 15-16's BCE.
+   ``num_classes`` logits (``official``: GAP of ``(X_C + X_B) / 2``, no LayerNorm).  Softmax + cross-entropy
+   over the two classes is Eq. 15-16's BCE.
+
+The auxiliary heads read one branch each: FSS the ``fss_branch`` (``"c"``), the mask decoder the ``ns_branch``
+(``"b"``); the LightningModule points them at the CEUS and the BUS branch when Fig. 9 swaps the inputs.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from torch import nn
 
 from lightning_modules.nets.asycmst_attention import STRATEGIES, ACMSTBlock, STSABlock
 from lightning_modules.nets.asycmst_encoder import FrameEncoder, FrameSorter, MaskDecoder
+from lightning_modules.nets.asycmst_official import OFFICIAL_DROPOUT, OFFICIAL_FFN, OfficialFusion
+
+BLOCKS = ("factorised", "official")
 
 
 class AsyCMSTNet(nn.Module):
@@ -37,8 +47,12 @@ class AsyCMSTNet(nn.Module):
         heads: attention heads M (6).
         num_frames: T, fixed because the positional encodings are absolute (16).
         img_size: input side in pixels (224); the token grid is ``img_size // 32`` square (7 x 7).
-        mlp_ratio: hidden width of every feed-forward, as a multiple of D.
-        dropout: dropout inside the feed-forwards.
+        mlp_ratio: hidden width of every feed-forward, as a multiple of D; ``None`` = the block's own
+            (``factorised``: 4, i.e. 1536 at D 384; ``official``: 2048 units whatever D).
+        dropout: dropout inside the feed-forwards (and, ``official``, on the self-attention weights);
+            ``None`` = the block's own (``factorised``: 0; ``official``: 0.1).
+        block: ``factorised`` (pre-norm factorised STSA + ACMST blocks, the paper-text reading) or
+            ``official`` (the authors' post-norm joint-attention layers, see :mod:`asycmst_official`).
         strategy: cross-attention strategy, one of ``none | global | symmetric | asymmetric | spatial |
             temporal`` (Table 5; see :class:`CrossModalAttention`).
         acmst_layers: 0-based stage indices that carry an ACMST block (Fig. 13); ``None`` = every stage.
@@ -46,9 +60,14 @@ class AsyCMSTNet(nn.Module):
         ns: build the nodule segmentation decoder (Table 4 "NS").
         backbone: timm name of the frame encoder (``resnet18``; ``test_resnet`` for CPU tests).
         backbone_args: extra ``timm.create_model`` keyword arguments (e.g. narrower ``channels``).
-        pretrained: ImageNet weights for the ResNet-18s (downloads; off by default, tests run offline).
+        pretrained: ImageNet weights for the encoders from timm (downloads once; off by default, tests run
+            offline).  Which weights is the ``backbone`` name's tag: ``resnet18.tv_in1k`` = torchvision's
+            ``IMAGENET1K_V1`` (the authors' start); a bare ``resnet18`` is timm's ``resnet18.a1_in1k``.
+        checkpoint_path: a local weights file for the encoders instead of the download (offline clusters).
         share_encoders: one ResNet-18 for both streams instead of two.
         decoder_width: channels of the first transposed conv of the mask decoder.
+        fss_branch: the branch (``"c"`` upper, ``"b"`` lower) whose frame features the FSS head sorts.
+        ns_branch: the branch whose frame features the mask decoder reads.
     """
 
     def __init__(
@@ -60,8 +79,9 @@ class AsyCMSTNet(nn.Module):
         heads: int = 6,
         num_frames: int = 16,
         img_size: int = 224,
-        mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
+        mlp_ratio: float | None = None,
+        dropout: float | None = None,
+        block: str = "factorised",
         strategy: str = "asymmetric",
         acmst_layers: Sequence[int] | None = None,
         fss: bool = True,
@@ -69,20 +89,32 @@ class AsyCMSTNet(nn.Module):
         backbone: str = "resnet18",
         backbone_args: dict[str, Any] | None = None,
         pretrained: bool = False,
+        checkpoint_path: str | None = None,
         share_encoders: bool = False,
         decoder_width: int = 128,
+        fss_branch: str = "c",
+        ns_branch: str = "b",
     ):
         super().__init__()
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+        if fss_branch not in ("c", "b") or ns_branch not in ("c", "b"):
+            raise ValueError(f"fss_branch / ns_branch must be 'c' or 'b', got {fss_branch!r} / {ns_branch!r}")
         layers = list(range(depth)) if acmst_layers is None else sorted(set(acmst_layers))
         if any(i < 0 or i >= depth for i in layers):
             raise ValueError(f"acmst_layers must lie in [0, {depth}), got {list(acmst_layers or [])}")
-        self.num_frames, self.img_size, self.strategy = num_frames, img_size, strategy
+        self.num_frames, self.img_size, self.strategy, self.block = num_frames, img_size, strategy, block
+        self.fss_branch, self.ns_branch = fss_branch, ns_branch
 
         def encoder() -> FrameEncoder:
             return FrameEncoder(
-                dim=dim, backbone=backbone, pretrained=pretrained, backbone_args=backbone_args
+                dim=dim,
+                backbone=backbone,
+                pretrained=pretrained,
+                checkpoint_path=checkpoint_path,
+                backbone_args=backbone_args,
             )
 
         self.encoder_c = encoder()
@@ -94,6 +126,24 @@ class AsyCMSTNet(nn.Module):
         n_tokens = self.grid * self.grid
         self.sorter = FrameSorter(dim=dim) if fss else None
         self.decoder = MaskDecoder(dim=dim, stride=stride, width=decoder_width) if ns else None
+        if block == "official":
+            self.fusion = OfficialFusion(
+                dim=dim,
+                depth=depth,
+                heads=heads,
+                num_frames=num_frames,
+                n_tokens=n_tokens,
+                strategy=strategy,
+                acmst_layers=layers,
+                hidden=OFFICIAL_FFN if mlp_ratio is None else int(dim * mlp_ratio),
+                dropout=OFFICIAL_DROPOUT if dropout is None else dropout,
+            )
+            self.acmst_layers = self.fusion.acmst_layers
+            self.head = nn.Linear(dim, num_classes)
+            self.apply(_init_linear)
+            return
+        mlp_ratio = 4.0 if mlp_ratio is None else mlp_ratio
+        dropout = 0.0 if dropout is None else dropout
 
         self.pos_c = nn.Parameter(torch.zeros(1, num_frames, n_tokens, dim))
         self.pos_b = nn.Parameter(torch.zeros(1, num_frames, n_tokens, dim))
@@ -140,6 +190,8 @@ class AsyCMSTNet(nn.Module):
     def forward_fusion(self, f_c: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
         """Positional encodings, L stages of STSA (+ ACMST), GAP of ``X_C + X_B`` -> ``(B, D)`` pre-logits,
         from the frame features of :meth:`forward_frames`."""
+        if self.block == "official":
+            return self.fusion(f_c, f_b)
         x_c, x_b = f_c + self.pos_c, f_b + self.pos_b
         for i, (blk_c, blk_b) in enumerate(zip(self.stsa_c, self.stsa_b, strict=True)):
             x_c, x_b = blk_c(x_c), blk_b(x_b)
@@ -151,6 +203,8 @@ class AsyCMSTNet(nn.Module):
     def attention_maps(self, c: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-modal attention weights of the last ACMST stage (see
         :meth:`CrossModalAttention.attention_weights`); empty when no stage carries ACMST."""
+        if self.block == "official":
+            return self.fusion.attention_maps(*self.forward_frames(c, b))
         if not len(self.acmst):
             return {}
         last = max(int(i) for i in self.acmst)
@@ -164,12 +218,12 @@ class AsyCMSTNet(nn.Module):
                 x_c, x_b = self.acmst[str(i)](x_c, x_b)
         raise AssertionError("unreachable")
 
-    def decode_masks(self, f_b: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
-        """Mask logits ``(K, 1, H, W)`` for the b-stream frames selected by the ``(B, T)`` bool ``frames``
-        (all frames, in ``(b t)`` order, when ``None``)."""
+    def decode_masks(self, feats: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask logits ``(K, 1, H, W)`` from the ``ns_branch`` frame features ``(B, T, N, D)`` of the frames
+        selected by the ``(B, T)`` bool ``frames`` (all frames, in ``(b t)`` order, when ``None``)."""
         if self.decoder is None:
             raise RuntimeError("this AsyCMSTNet was built with ns=False")
-        maps = rearrange(f_b, "b t (h w) d -> (b t) d h w", h=self.grid)
+        maps = rearrange(feats, "b t (h w) d -> (b t) d h w", h=self.grid)
         if frames is not None:
             maps = maps[frames.reshape(-1)]
         return self.decoder(maps)
@@ -186,18 +240,20 @@ class AsyCMSTNet(nn.Module):
 
         Args:
             c, b: ``(B, T, 3, H, W)`` clips for the upper (CEUS) and lower (BUS) branch.
-            mask_frames: ``(B, T)`` bool; decode masks for these b frames (the annotated ones in training).
+            mask_frames: ``(B, T)`` bool; decode masks for these frames of the ``ns_branch`` (the annotated
+                ones in training).
             masks: decode masks for every frame (prediction); ignored when ``mask_frames`` is given.
 
         Returns a dict with ``logits (B, num_classes)``, and when built with the heads: ``sort_scores (B, T)``
         (FSS), ``mask_logits (K, 1, H, W)`` (NS, only when frames were asked for).
         """
         f_c, f_b = self.forward_frames(c, b)
+        feats = {"c": f_c, "b": f_b}
         out = {"logits": self.forward_head(self.forward_fusion(f_c, f_b))}
         if self.sorter is not None:
-            out["sort_scores"] = self.sorter(f_c)
+            out["sort_scores"] = self.sorter(feats[self.fss_branch])
         if self.decoder is not None and (mask_frames is not None or masks):
-            out["mask_logits"] = self.decode_masks(f_b, mask_frames)
+            out["mask_logits"] = self.decode_masks(feats[self.ns_branch], mask_frames)
         return out
 
 

@@ -7,6 +7,7 @@ einops, never with ``.view`` across the time axis (the authors' public code scra
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -15,13 +16,49 @@ from einops import rearrange
 from torch import nn
 
 
+def create_encoder(
+    backbone: str, *, pretrained: bool = False, checkpoint_path: str | Path | None = None, **kwargs: Any
+) -> nn.Module:
+    """``timm.create_model(backbone, **kwargs)`` with its starting weights.
+
+    - ``checkpoint_path``: a local weights file (a timm or torchvision ResNet state dict, .pth / .bin /
+      .safetensors; torchvision's ``resnet18-f37072fd.pth`` has timm's key names), loaded by timm's own loader
+      (the ImageNet classifier is dropped for ``features_only``).  Missing: ``FileNotFoundError``.
+    - else ``pretrained``: timm's weights for the name's tag, downloaded once (``resnet18.tv_in1k`` is
+      torchvision's ``IMAGENET1K_V1``; a bare ``resnet18`` means timm's default tag, ``resnet18.a1_in1k``).
+      No network and no cache: ``FileNotFoundError`` with one line saying what to set instead.
+    - neither: random init.
+
+    The stage (:meth:`~lightning_modules.base.BaseStage.build_net`) turns the ``FileNotFoundError`` into the
+    one-line ``DataError`` of the command lines.
+    """
+    if checkpoint_path is not None:
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: encoder checkpoint not found")
+        return timm.create_model(
+            backbone, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs
+        )
+    if not pretrained:
+        return timm.create_model(backbone, pretrained=False, **kwargs)
+    try:
+        return timm.create_model(backbone, pretrained=True, **kwargs)
+    except OSError as e:  # huggingface_hub / urllib / requests: no network, no cache, a proxy refusing
+        first = (str(e).splitlines() or [""])[0][:120]
+        raise FileNotFoundError(
+            f"{backbone}: could not fetch the pretrained weights ({type(e).__name__}: {first}); offline, set "
+            f"model.init_args.checkpoint_path to a local weights file, or pretrained: false for random init"
+        ) from None
+
+
 class FrameEncoder(nn.Module):
     """ResNet-18 truncated after its last stage (stride 32: 7 x 7 at 224 px), then a 1x1 conv to ``dim``
     (Sec. 3.1).  Built with timm (``features_only``, last stage); ``backbone`` can name another timm model of
     the same kind, e.g. ``test_resnet`` (stride 32, 0.4 M parameters) for CPU tests, and ``backbone_args`` are
     passed to ``timm.create_model`` (e.g. ``{"channels": [16, 32, 48, 64], "stem_width": 8}`` with
     ``resnet10t`` for a 0.13 M-parameter ResNet at demo size; ``{"out_indices": [3]}`` stops a ResNet after
-    its third stage, stride 16).
+    its third stage, stride 16).  Starting weights: :func:`create_encoder` (``pretrained`` /
+    ``checkpoint_path``).
 
     ``(B, T, C, H, W) -> (B, T, N, D)`` with ``N = (H/s) * (W/s)`` (``s = stride``, 32 for a whole ResNet) in
     row-major order.  Frames never mix (except through BatchNorm batch statistics in training mode, as in any
@@ -35,13 +72,13 @@ class FrameEncoder(nn.Module):
         backbone: str = "resnet18",
         in_chans: int = 3,
         pretrained: bool = False,
+        checkpoint_path: str | Path | None = None,
         backbone_args: dict[str, Any] | None = None,
     ):
         super().__init__()
-        # pretrained=True downloads ImageNet weights through timm; the default stays offline
         kwargs = {"features_only": True, "out_indices": (-1,), "in_chans": in_chans}
         kwargs |= {k: tuple(v) if isinstance(v, list) else v for k, v in (backbone_args or {}).items()}
-        self.body = timm.create_model(backbone, pretrained=pretrained, **kwargs)
+        self.body = create_encoder(backbone, pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)
         self.stride = int(self.body.feature_info.reduction()[-1])
         self.proj = nn.Conv2d(int(self.body.feature_info.channels()[-1]), dim, kernel_size=1)
 

@@ -138,9 +138,9 @@ class PredictedMasks:
                 raise DataError(path, f"'mask' shape {f['mask'].shape} does not match the cine file {want}")
             if f["mask"].dtype != np.uint8:
                 raise DataError(path, f"'mask' must be uint8, got {f['mask'].dtype}")
-            ids = np.array([text(v) for v in f["annot_id"][()]], dtype=object)
+            ids = np.array([text(v, path, "annot_id") for v in f["annot_id"][()]], dtype=object)
             try:
-                nums = np.array([int(text(v)) for v in f["frame_num"][()]], dtype=np.int64)
+                nums = np.array([int(text(v, path, "frame_num")) for v in f["frame_num"][()]], dtype=np.int64)
             except ValueError:
                 raise DataError(path, "'frame_num' holds a value that is not an integer") from None
         if ids.shape != (n,) or nums.shape != (n,):
@@ -612,5 +612,5 @@ class RowBlocks(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         r0 = i * self.block
-        frames = self._h5.file["image"][r0 : min(self.n_rows, r0 + self.block)]
+        frames = read_rows(self._h5.file["image"], np.arange(r0, min(self.n_rows, r0 + self.block)))
         return r0, resize(frames, self.size)[:, None] / 255.0

@@ -44,6 +44,7 @@ from datamodules.folds import load_fold
 from datamodules.stacks import PredictedMasks, build_dataset
 from datamodules.stanford import StanfordCine
 from lightning_modules.export import EmbeddingExport
+from stages.options import count, output_file, positive_int
 
 SHARD_KEYS = ("nodule", "stack", "image", "seg", "image_prob", "seg_prob")
 
@@ -317,13 +318,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vit", type=Path, required=True, help="ViT stage checkpoint (stage 1)")
     p.add_argument("--maskcnn", type=Path, required=True, help="mask CNN stage checkpoint (stage 3)")
     p.add_argument("--splits", type=Path, default=None, help="splits.json (records each nodule's part)")
-    p.add_argument("--fold", type=int, default=None, help="fold the checkpoints were trained for")
-    p.add_argument("--out", type=Path, required=True, help="output embeddings.h5")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--img-size", type=int, default=None, help="ViT input size (default: from the checkpoint)")
+    p.add_argument("--fold", type=count, default=None, help="fold the checkpoints were trained for")
+    p.add_argument("--out", type=output_file, required=True, help="output embeddings.h5")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--num-workers", type=count, default=0)
+    p.add_argument("--img-size", type=positive_int, default=None, help="ViT input size (default: from the checkpoint)")
     p.add_argument(
-        "--mask-size", type=int, default=None, help="mask CNN input size (default: from the checkpoint)"
+        "--mask-size", type=positive_int, default=None, help="mask CNN input size (default: from the checkpoint)"
     )
     p.add_argument(
         "--boxes",

@@ -35,6 +35,11 @@ class DataError(ValueError):
         return (type(self), (self.path, self.problem))
 
 
+class OptionError(DataError):
+    """A bad value of a setting: ``path`` is the setting's name (``img_size``), which ``lightning fit`` prefixes
+    with where it sits in the config (``data.init_args.img_size``)."""
+
+
 def _original_message(text: str) -> str:
     """The worker's own one-line message out of torch's ``Caught DataError in DataLoader worker ...`` text: the
     last line that starts with the exception's qualified name."""

@@ -80,7 +80,9 @@ def read_error(ds: h5py.Dataset, rows: np.ndarray, e: OSError) -> DataError:
     """One-line :class:`DataError` for a failed read of ``rows`` of an h5py dataset."""
     where = f"rows {int(rows[0])}-{int(rows[-1])}" if len(rows) else "rows"
     reason = str(e).split(" (", 1)[0] if str(e) else type(e).__name__
-    return DataError(ds.file.filename, f"cannot read {where} of '{ds.name.lstrip('/')}': {reason} (corrupt file?)")
+    return DataError(
+        ds.file.filename, f"cannot read {where} of '{ds.name.lstrip('/')}': {reason} (corrupt file?)"
+    )
 
 
 def text(value, path: str | os.PathLike | None = None, key: str = "") -> str:

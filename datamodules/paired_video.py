@@ -235,6 +235,7 @@ class PairedVideoDataModule(BaseDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.check_options()
         self.datasets: dict[str, PairedVideoDataset] = {}
 
     def _parts(self, cases: list[PairedCase]) -> dict[str, list[PairedCase]]:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from datamodules.errors import DataError
+from datamodules.errors import DataError, OptionError
 from datamodules.folds import load_fold
 from datamodules.lazy_h5 import InMemoryH5, LazyH5, open_checked, read_rows, text
 from datamodules.parts import IMAGENET_MEAN, IMAGENET_STD, BaseDataModule
@@ -507,6 +507,12 @@ class StackDataModule(BaseDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.check_options()
+        if normalize not in NORMALIZE:
+            choices = ", ".join(repr(k) for k in NORMALIZE if k is not None)
+            raise OptionError("normalize", f"must be one of {choices} or null, got {normalize!r}")
+        if kind not in ("image", "mask"):
+            raise OptionError("kind", f"must be 'image' or 'mask', got {kind!r}")
         self.cine: StanfordCine | None = None
         self.datasets: dict[str, StackDataset] = {}
 
@@ -569,6 +575,7 @@ class FrameDataModule(BaseDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.check_options()
         self.cine: StanfordCine | None = None
         self.datasets: dict[str, FrameDataset] = {}
 

@@ -69,7 +69,8 @@ def _numeric_column(meta: pd.DataFrame, col: str, path: Path) -> pd.Series:
     if bad.any():
         row = meta.loc[bad].iloc[0]
         raise DataError(
-            path, f"{col} must be a number (ACR points), got {str(row[col]).strip()!r} for annot_id {row['annot_id']!r}"
+            path,
+            f"{col} must be a number (ACR points), got {str(row[col]).strip()!r} for annot_id {row['annot_id']!r}",
         )
     return values
 

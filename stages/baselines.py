@@ -290,7 +290,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="tirads,avepool,cinetrans",
         help="comma list of tirads, avepool, cinetrans (default: all); empty for none",
     )
-    p.add_argument("--folds", type=count, nargs="*", default=None, help="folds to run (default: all in splits)")
+    p.add_argument(
+        "--folds", type=count, nargs="*", default=None, help="folds to run (default: all in splits)"
+    )
     p.add_argument(
         "--embeddings",
         type=fold_pattern,

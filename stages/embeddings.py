@@ -322,9 +322,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=output_file, required=True, help="output embeddings.h5")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--num-workers", type=count, default=0)
-    p.add_argument("--img-size", type=positive_int, default=None, help="ViT input size (default: from the checkpoint)")
     p.add_argument(
-        "--mask-size", type=positive_int, default=None, help="mask CNN input size (default: from the checkpoint)"
+        "--img-size", type=positive_int, default=None, help="ViT input size (default: from the checkpoint)"
+    )
+    p.add_argument(
+        "--mask-size",
+        type=positive_int,
+        default=None,
+        help="mask CNN input size (default: from the checkpoint)",
     )
     p.add_argument(
         "--boxes",

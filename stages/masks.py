@@ -101,7 +101,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metadata", type=Path, default=None, help="metadata CSV (default: beside the HDF5)")
     p.add_argument("--seg", type=Path, required=True, help="SegStage checkpoint (seg.ckpt)")
     p.add_argument("--out", type=output_file, required=True, help="output masks.h5")
-    p.add_argument("--size", type=positive_int, default=None, help="network input size (default: from the checkpoint)")
+    p.add_argument(
+        "--size", type=positive_int, default=None, help="network input size (default: from the checkpoint)"
+    )
     p.add_argument("--batch-size", type=positive_int, default=16, help="frames per forward pass")
     p.add_argument("--num-workers", type=count, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")

@@ -278,7 +278,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", type=Path, default=None, help="HeadStage checkpoint (overrides --fold-dir)")
     p.add_argument("--head-variant", default="stact", help="head file in --fold-dir: head_<variant>.ckpt")
     p.add_argument(
-        "--out", type=output_file, default=Path("predictions.csv"), help="output CSV (default predictions.csv)"
+        "--out",
+        type=output_file,
+        default=Path("predictions.csv"),
+        help="output CSV (default predictions.csv)",
     )
     p.add_argument("--threshold", type=fraction, default=0.5, help="decision threshold on prob_malignant")
     p.add_argument(

@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "data", type=Path, help="Stanford dataset.hdf5 (metadata.csv beside it) or a paired manifest.csv"
     )
     p.add_argument("--metadata", type=Path, default=None, help="metadata CSV (default: beside the HDF5)")
-    p.add_argument("-k", "--folds", type=int_at_least(2), default=5, help="number of folds (default 5, as the paper)")
+    p.add_argument(
+        "-k", "--folds", type=int_at_least(2), default=5, help="number of folds (default 5, as the paper)"
+    )
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--groups",

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 from einops import rearrange
 from torch import nn
+
+from lightning_modules.nets.vit_stack import timm_model
 
 
 class FrameEncoder(nn.Module):
@@ -41,7 +42,7 @@ class FrameEncoder(nn.Module):
         # pretrained=True downloads ImageNet weights through timm; the default stays offline
         kwargs = {"features_only": True, "out_indices": (-1,), "in_chans": in_chans}
         kwargs |= {k: tuple(v) if isinstance(v, list) else v for k, v in (backbone_args or {}).items()}
-        self.body = timm.create_model(backbone, pretrained=pretrained, **kwargs)
+        self.body = timm_model(backbone, downloads=pretrained, pretrained=pretrained, **kwargs)
         self.stride = int(self.body.feature_info.reduction()[-1])
         self.proj = nn.Conv2d(int(self.body.feature_info.channels()[-1]), dim, kernel_size=1)
 

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.atomic import atomic_path
 from datamodules.embeddings import group_name
-from datamodules.errors import DataError
+from datamodules.errors import DataError, is_write_error, write_error
 from datamodules.folds import load_fold
 from datamodules.stacks import PredictedMasks, build_dataset
 from datamodules.stanford import StanfordCine
@@ -103,17 +103,22 @@ class EmbeddingWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ) -> None:
-        if self._shard is None:
-            self._shard = self._open_shard(trainer.global_rank, int(prediction["image"].shape[1]))
-        n = len(prediction["nodule"])
-        for key in SHARD_KEYS:
-            ds = self._shard[key]
-            ds.resize(ds.shape[0] + n, axis=0)
-            ds[-n:] = (
-                prediction[key].detach().float().cpu().numpy()
-                if key not in ("nodule", "stack")
-                else prediction[key].cpu().numpy()
-            )
+        try:
+            if self._shard is None:
+                self._shard = self._open_shard(trainer.global_rank, int(prediction["image"].shape[1]))
+            n = len(prediction["nodule"])
+            for key in SHARD_KEYS:
+                ds = self._shard[key]
+                ds.resize(ds.shape[0] + n, axis=0)
+                ds[-n:] = (
+                    prediction[key].detach().float().cpu().numpy()
+                    if key not in ("nodule", "stack")
+                    else prediction[key].cpu().numpy()
+                )
+        except OSError as e:  # disk full under the shard folder: name the output, not h5py's internals
+            if is_write_error(e):
+                raise write_error(self.out, e) from None
+            raise
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._shard is not None:

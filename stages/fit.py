@@ -333,6 +333,8 @@ def input_files(*settings: dict) -> dict[str, tuple[int, int]]:
     found: dict[str, tuple[int, int]] = {}
 
     def visit(value) -> None:
+        if hasattr(value, "as_dict"):  # jsonargparse's Namespace
+            value = value.as_dict()
         if isinstance(value, dict):
             for v in value.values():
                 visit(v)
@@ -349,6 +351,7 @@ def input_files(*settings: dict) -> dict[str, tuple[int, int]]:
                 pass
 
     for s in settings:
+        s = s.as_dict() if hasattr(s, "as_dict") else s
         visit(s)
         h5 = s.get("h5") if isinstance(s, dict) else None
         if h5 and s.get("metadata") is None:

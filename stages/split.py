@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--metadata", type=Path, default=None, help="metadata CSV (default: beside the HDF5)")
     p.add_argument(
-        "-k", "--folds", type=int_at_least(2), default=5, help="number of folds (default 5, as the paper)"
+        "-k", "--folds", type=int_at_least(3), default=5, help="number of folds (default 5, as the paper)"
     )
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument(

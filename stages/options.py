@@ -61,13 +61,15 @@ def output_file(text: str) -> Path:
 
 
 def fold_pattern(text: str) -> str:
-    """A path pattern with ``{fold}`` (and optionally ``{runs}``) and no other field."""
+    """A path pattern whose only fields are ``{fold}`` and ``{runs}`` (a fixed path is allowed: one fold's
+    file; the consumers check the fold each file records)."""
     check_pattern(text)
     return text
 
 
 def check_pattern(text: str, fields: tuple[str, ...] = ("runs", "fold")) -> None:
-    """Raise ``ArgumentTypeError`` unless ``text`` formats with exactly ``fields`` (``{fold}`` required)."""
+    """Raise ``ArgumentTypeError`` unless ``text`` formats with ``fields`` and no other (a typo such as
+    ``{flod}``, an unclosed brace, an index or attribute)."""
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(text) if name is not None]
     except ValueError as e:  # a single { or }
@@ -76,9 +78,7 @@ def check_pattern(text: str, fields: tuple[str, ...] = ("runs", "fold")) -> None
     if unknown:
         known = ", ".join(f"{{{f}}}" for f in fields)
         raise argparse.ArgumentTypeError(f"{text!r}: unknown field {{{unknown[0]}}} (known: {known})")
-    if "fold" not in names:
-        raise argparse.ArgumentTypeError(f"{text!r} has no {{fold}}: every fold would read the same file")
     try:
         text.format(runs="runs", fold=0)
-    except (ValueError, IndexError, KeyError, AttributeError) as e:
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None

@@ -324,8 +324,8 @@ OPTION_ERRORS = {
                              "{runs}/fold{flod}/embeddings.h5"], ["--embeddings", "{flod}"]),
     "baselines_brace": (["baselines", "--splits", "s", "--runs", "r", "--cinetrans",
                          "{runs}/fold{fold/head.ckpt"], ["--cinetrans"]),
-    "baselines_no_fold": (["baselines", "--splits", "s", "--runs", "r", "--embeddings", "{runs}/e.h5"],
-                          ["--embeddings", "{fold}"]),
+    "baselines_index": (["baselines", "--splits", "s", "--runs", "r", "--embeddings", "{runs}/{fold[0]}.h5"],
+                        ["--embeddings"]),
     "baselines_head_typo": (["baselines", "--splits", "s", "--runs", "r", "--head", "stact={runs}/{fodl}.ckpt"],
                             ["--head", "{fodl}"]),
 }  # fmt: skip

@@ -17,6 +17,8 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from datamodules.errors import is_write_error, write_error
+
 
 def _temp_name(path: Path, kind: str, pid: int) -> Path:
     return path.with_name(f".{path.name}.{kind}-{pid}{path.suffix}")
@@ -81,6 +83,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     place; between the renames the old one is complete under its aside name and the next write (or
     :func:`clean_stale`) renames it back; after the second the new one is in place and the aside copy is
     garbage the next write removes.  If the second rename fails with an exception, the old one is put back.
+
+    A write that fails because the disk is full (or the quota, or the filesystem is read-only) comes out as a
+    one-line :class:`~datamodules.errors.DataError` naming ``path``, after the temporary is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,8 +106,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             _remove(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        if is_write_error(e):
+            raise write_error(path, e) from None
         raise
 
 

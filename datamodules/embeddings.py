@@ -126,6 +126,7 @@ class EmbeddingDataModule(BaseDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.check_options()
         self.datasets: dict[str, EmbeddingDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:

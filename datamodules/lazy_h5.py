@@ -27,7 +27,10 @@ class LazyH5:
     @property
     def file(self) -> h5py.File:
         if self._handle is None or self._pid != os.getpid():
-            self._handle = h5py.File(self.path, "r")
+            try:
+                self._handle = h5py.File(self.path, "r")
+            except OSError as e:  # replaced or removed while a run was reading it
+                raise DataError(self.path, f"cannot be opened any more ({e})") from None
             self._pid = os.getpid()
         return self._handle
 
@@ -57,21 +60,41 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray, box: Box | None = None) -> np.
     """``ds[rows, y0:y1, x0:x1]`` for rows in any order, with repeats.
 
     h5py fancy indexing needs increasing unique rows, and is much slower than a slice: a contiguous run of rows
-    (the usual 3-stack) is read as one slice.
+    (the usual 3-stack) is read as one slice.  A read that fails (a corrupt or truncated chunk behind an intact
+    header) is a one-line :class:`DataError` naming the file, the dataset and the rows.
     """
     uniq, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
     ys = slice(None) if box is None else slice(box[0], box[2])
     xs = slice(None) if box is None else slice(box[1], box[3])
-    if uniq.size and uniq[-1] - uniq[0] + 1 == uniq.size:
-        data = ds[int(uniq[0]) : int(uniq[-1]) + 1, ys, xs]
-    else:
-        data = ds[uniq.tolist(), ys, xs]
+    try:
+        if uniq.size and uniq[-1] - uniq[0] + 1 == uniq.size:
+            data = ds[int(uniq[0]) : int(uniq[-1]) + 1, ys, xs]
+        else:
+            data = ds[uniq.tolist(), ys, xs]
+    except OSError as e:
+        raise read_error(ds, uniq, e) from None
     return data[inverse]
 
 
-def text(value) -> str:
-    """An HDF5 bytes cell (``b'129_'``) or a str, stripped."""
-    return (value.decode() if isinstance(value, bytes | np.bytes_) else str(value)).strip()
+def read_error(ds: h5py.Dataset, rows: np.ndarray, e: OSError) -> DataError:
+    """One-line :class:`DataError` for a failed read of ``rows`` of an h5py dataset."""
+    where = f"rows {int(rows[0])}-{int(rows[-1])}" if len(rows) else "rows"
+    reason = str(e).split(" (", 1)[0] if str(e) else type(e).__name__
+    return DataError(
+        ds.file.filename, f"cannot read {where} of '{ds.name.lstrip('/')}': {reason} (corrupt file?)"
+    )
+
+
+def text(value, path: str | os.PathLike | None = None, key: str = "") -> str:
+    """An HDF5 bytes cell (``b'129_'``) or a str, stripped.  Bytes that are not UTF-8 are a one-line
+    :class:`DataError` naming ``path`` and the dataset ``key``."""
+    if isinstance(value, bytes | np.bytes_):
+        try:
+            value = value.decode()
+        except UnicodeDecodeError:
+            where = f"'{key}' value" if key else "value"
+            raise DataError(path, f"{where} {bytes(value)!r} is not UTF-8 text") from None
+    return str(value).strip()
 
 
 def open_checked(path: Path, keys: Sequence[str] = (), missing: str = "file does not exist") -> h5py.File:

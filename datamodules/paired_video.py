@@ -260,6 +260,7 @@ class PairedVideoDataModule(BaseDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.check_options()
         self.datasets: dict[str, PairedVideoDataset] = {}
         self._device_batch: int | None = None
 

@@ -9,6 +9,8 @@ import lightning.pytorch as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.errors import OptionError
+
 # ImageNet normalisation (timm's default mean / std), for every image input of the project.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,6 +42,24 @@ class BaseDataModule(L.LightningDataModule):
         """Samples per batch of each process's loaders: ``batch_size`` (per device) unless a subclass derives
         it from a global batch (:class:`~datamodules.paired_video.PairedVideoDataModule`)."""
         return self.hparams.batch_size
+
+    # Settings that must be positive integers / non-negative integers when a subclass has them.
+    _positive = ("batch_size", "img_size", "size", "frames")
+    _non_negative = ("num_workers", "fold")
+
+    def check_options(self) -> None:
+        """Refuse impossible settings at construction (one-line :class:`OptionError` naming the setting), not
+        deep inside a DataLoader worker later.  Subclasses call it after ``save_hyperparameters()``."""
+        hp = self.hparams
+        for names, low in ((self._positive, 1), (self._non_negative, 0)):
+            for name in names:
+                value = hp.get(name)
+                if value is None:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise OptionError(name, f"must be an integer, got {value!r}")
+                if value < low:
+                    raise OptionError(name, f"must be >= {low}, got {value}")
 
     def drop_last(self, part: str, data: Dataset) -> bool:
         """Whether the loader of ``part`` drops its last, incomplete batch (see ``drop_single_last``)."""

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from datamodules.errors import DataError
+from datamodules.errors import DataError, OptionError
 from datamodules.folds import load_fold
 from datamodules.lazy_h5 import InMemoryH5, LazyH5, open_checked, read_rows, text
 from datamodules.parts import IMAGENET_MEAN, IMAGENET_STD, BaseDataModule
@@ -138,9 +138,9 @@ class PredictedMasks:
                 raise DataError(path, f"'mask' shape {f['mask'].shape} does not match the cine file {want}")
             if f["mask"].dtype != np.uint8:
                 raise DataError(path, f"'mask' must be uint8, got {f['mask'].dtype}")
-            ids = np.array([text(v) for v in f["annot_id"][()]], dtype=object)
+            ids = np.array([text(v, path, "annot_id") for v in f["annot_id"][()]], dtype=object)
             try:
-                nums = np.array([int(text(v)) for v in f["frame_num"][()]], dtype=np.int64)
+                nums = np.array([int(text(v, path, "frame_num")) for v in f["frame_num"][()]], dtype=np.int64)
             except ValueError:
                 raise DataError(path, "'frame_num' holds a value that is not an integer") from None
         if ids.shape != (n,) or nums.shape != (n,):
@@ -507,6 +507,12 @@ class StackDataModule(BaseDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.check_options()
+        if normalize not in NORMALIZE:
+            choices = ", ".join(repr(k) for k in NORMALIZE if k is not None)
+            raise OptionError("normalize", f"must be one of {choices} or null, got {normalize!r}")
+        if kind not in ("image", "mask"):
+            raise OptionError("kind", f"must be 'image' or 'mask', got {kind!r}")
         self.cine: StanfordCine | None = None
         self.datasets: dict[str, StackDataset] = {}
 
@@ -569,6 +575,7 @@ class FrameDataModule(BaseDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.check_options()
         self.cine: StanfordCine | None = None
         self.datasets: dict[str, FrameDataset] = {}
 
@@ -612,5 +619,5 @@ class RowBlocks(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         r0 = i * self.block
-        frames = self._h5.file["image"][r0 : min(self.n_rows, r0 + self.block)]
+        frames = read_rows(self._h5.file["image"], np.arange(r0, min(self.n_rows, r0 + self.block)))
         return r0, resize(frames, self.size)[:, None] / 255.0

@@ -60,6 +60,21 @@ def parse_level(value) -> float:
     return float(text)
 
 
+def _numeric_column(meta: pd.DataFrame, col: str, path: Path) -> pd.Series:
+    """``meta[col]`` as numbers; a blank cell is missing (NaN), any other non-number a one-line
+    :class:`DataError` (it would otherwise be read as missing without a word)."""
+    values = pd.to_numeric(meta[col], errors="coerce")
+    raw = meta[col].astype(str).str.strip()
+    bad = values.isna() & meta[col].notna() & (raw != "")
+    if bad.any():
+        row = meta.loc[bad].iloc[0]
+        raise DataError(
+            path,
+            f"{col} must be a number (ACR points), got {str(row[col]).strip()!r} for annot_id {row['annot_id']!r}",
+        )
+    return values
+
+
 def bbox_from_mask(mask: np.ndarray) -> Box | None:
     """Tight box ``(y0, x0, y1, x1)`` (end-exclusive) around the non-zero pixels of one mask, None if empty."""
     rows = np.flatnonzero(mask.any(axis=1))
@@ -192,11 +207,12 @@ class StanfordCine:
                 if arr.shape != (n,):
                     raise DataError(path, f"'{key}' shape {arr.shape} does not match {n} image rows")
             shape = (int(image.shape[1]), int(image.shape[2]))
-        ids = np.array([text(v) for v in ids], dtype=object)
+        ids = np.array([text(v, path, "annot_id") for v in ids], dtype=object)
+        nums_text = [text(v, path, "frame_num") for v in frame_nums]
         try:
-            nums = np.array([int(text(v)) for v in frame_nums], dtype=np.int64)
+            nums = np.array([int(v) for v in nums_text], dtype=np.int64)
         except ValueError:
-            bad = next(v for v in frame_nums if not text(v).lstrip("-").isdigit())
+            bad = next(v for v in nums_text if not v.lstrip("-").isdigit())
             raise DataError(path, f"'frame_num' value {bad!r} is not an integer") from None
         return ids, nums, shape, has_mask
 
@@ -228,7 +244,19 @@ class StanfordCine:
         meta["histopath_diagnosis"] = labels.astype(int)
         for col in (f"ti-rads_{f}" for f in TIRADS_FEATURES):
             if col in meta.columns:
-                meta[col] = pd.to_numeric(meta[col], errors="coerce")
+                meta[col] = _numeric_column(meta, col, path)
+        if "ti-rads_level" in meta.columns:
+            for annot_id, value in zip(meta["annot_id"], meta["ti-rads_level"], strict=True):
+                try:
+                    level = parse_level(value)
+                except ValueError:
+                    level = 0.0
+                if not (np.isnan(level) or level in (1, 2, 3, 4, 5)):
+                    raise DataError(
+                        path,
+                        f"ti-rads_level must be TR1-TR5 (ACR TI-RADS), got {str(value).strip()!r} "
+                        f"for annot_id {annot_id!r}",
+                    )
         return meta.set_index("annot_id", drop=False)
 
     @staticmethod

@@ -44,8 +44,9 @@ from torchmetrics.functional.classification import (
 )
 from torchmetrics.utilities import dim_zero_cat
 
-from datamodules.errors import DataError
+from datamodules.errors import DataError, OptionError
 from lightning_modules import wandb_media
+from lightning_modules.nets import WeightsUnavailable
 
 # Batch keys copied unchanged into predict_step outputs when present (what a prediction writer needs).
 PASSTHROUGH_KEYS = ("nodule", "stack", "label", "index")
@@ -198,8 +199,13 @@ class BaseStage(L.LightningModule):
         """
         params = inspect.signature(net_cls.__init__).parameters
         args = {k: v for k, v in self.hparams.items() if k in params and k not in fixed}
+        size = args.get("img_size")
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise OptionError("img_size", f"must be a positive integer (pixels) or null, got {size!r}")
         try:
             return net_cls(**args, **fixed)
+        except WeightsUnavailable as e:
+            raise OptionError("pretrained", str(e)) from None
         except FileNotFoundError as e:
             raise DataError(None, str(e)) from None
 

@@ -37,6 +37,7 @@ from datamodules.embeddings import EmbeddingDataset, pad_collate, read_index
 from datamodules.errors import DataError
 from datamodules.folds import load_fold, load_splits
 from datamodules.stanford import TIRADS_FEATURES, StanfordCine
+from stages.options import check_pattern, count, fold_pattern, positive_int, seed
 
 METHOD_FILES = {"tirads": "tirads", "avepool": "cinecnn_avepool", "cinetrans": "cinecnn_trans"}
 FEATURES = (*TIRADS_FEATURES, "level")
@@ -267,6 +268,7 @@ def _head_arg(text: str) -> tuple[str, str]:
     name, sep, pattern = text.partition("=")
     if not sep or not name or not pattern:
         raise argparse.ArgumentTypeError(f"expected NAME=PATTERN, got {text!r}")
+    check_pattern(pattern)
     return name, pattern
 
 
@@ -288,14 +290,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="tirads,avepool,cinetrans",
         help="comma list of tirads, avepool, cinetrans (default: all); empty for none",
     )
-    p.add_argument("--folds", type=int, nargs="*", default=None, help="folds to run (default: all in splits)")
+    p.add_argument(
+        "--folds", type=count, nargs="*", default=None, help="folds to run (default: all in splits)"
+    )
     p.add_argument(
         "--embeddings",
+        type=fold_pattern,
         default="{runs}/fold{fold}/embeddings.h5",
         help="embeddings file pattern (default: {runs}/fold{fold}/embeddings.h5)",
     )
     p.add_argument(
         "--cinetrans",
+        type=fold_pattern,
         default="{runs}/fold{fold}/head_cine_trans.ckpt",
         metavar="PATTERN",
         help="CineCNN-Trans checkpoint of each fold, fitted by `lightning fit -c conf/cinetrans.yaml` "
@@ -310,8 +316,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="HeadStage checkpoint pattern, e.g. stact={runs}/fold{fold}/head/last.ckpt "
         "(writes predictions_NAME.csv; repeatable)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random forest seed")
-    p.add_argument("--n-estimators", type=int, default=500, help="random forest trees")
+    p.add_argument("--seed", type=seed, default=0, help="random forest seed")
+    p.add_argument("--n-estimators", type=positive_int, default=500, help="random forest trees")
     p.set_defaults(func=run)
 
 

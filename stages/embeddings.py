@@ -39,11 +39,12 @@ from torch.utils.data import DataLoader
 
 from datamodules.atomic import atomic_path
 from datamodules.embeddings import group_name
-from datamodules.errors import DataError
+from datamodules.errors import DataError, is_write_error, write_error
 from datamodules.folds import load_fold
 from datamodules.stacks import PredictedMasks, build_dataset
 from datamodules.stanford import StanfordCine
 from lightning_modules.export import EmbeddingExport
+from stages.options import count, output_file, positive_int
 
 SHARD_KEYS = ("nodule", "stack", "image", "seg", "image_prob", "seg_prob")
 
@@ -102,17 +103,22 @@ class EmbeddingWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ) -> None:
-        if self._shard is None:
-            self._shard = self._open_shard(trainer.global_rank, int(prediction["image"].shape[1]))
-        n = len(prediction["nodule"])
-        for key in SHARD_KEYS:
-            ds = self._shard[key]
-            ds.resize(ds.shape[0] + n, axis=0)
-            ds[-n:] = (
-                prediction[key].detach().float().cpu().numpy()
-                if key not in ("nodule", "stack")
-                else prediction[key].cpu().numpy()
-            )
+        try:
+            if self._shard is None:
+                self._shard = self._open_shard(trainer.global_rank, int(prediction["image"].shape[1]))
+            n = len(prediction["nodule"])
+            for key in SHARD_KEYS:
+                ds = self._shard[key]
+                ds.resize(ds.shape[0] + n, axis=0)
+                ds[-n:] = (
+                    prediction[key].detach().float().cpu().numpy()
+                    if key not in ("nodule", "stack")
+                    else prediction[key].cpu().numpy()
+                )
+        except OSError as e:  # disk full under the shard folder: name the output, not h5py's internals
+            if is_write_error(e):
+                raise write_error(self.out, e) from None
+            raise
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._shard is not None:
@@ -317,13 +323,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vit", type=Path, required=True, help="ViT stage checkpoint (stage 1)")
     p.add_argument("--maskcnn", type=Path, required=True, help="mask CNN stage checkpoint (stage 3)")
     p.add_argument("--splits", type=Path, default=None, help="splits.json (records each nodule's part)")
-    p.add_argument("--fold", type=int, default=None, help="fold the checkpoints were trained for")
-    p.add_argument("--out", type=Path, required=True, help="output embeddings.h5")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--img-size", type=int, default=None, help="ViT input size (default: from the checkpoint)")
+    p.add_argument("--fold", type=count, default=None, help="fold the checkpoints were trained for")
+    p.add_argument("--out", type=output_file, required=True, help="output embeddings.h5")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--num-workers", type=count, default=0)
     p.add_argument(
-        "--mask-size", type=int, default=None, help="mask CNN input size (default: from the checkpoint)"
+        "--img-size", type=positive_int, default=None, help="ViT input size (default: from the checkpoint)"
+    )
+    p.add_argument(
+        "--mask-size",
+        type=positive_int,
+        default=None,
+        help="mask CNN input size (default: from the checkpoint)",
     )
     p.add_argument(
         "--boxes",

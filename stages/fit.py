@@ -13,10 +13,12 @@ What this CLI adds to the stock one, all overridable from the command line:
   else its last, else the final weights) to ``PATH`` atomically, so the Makefile can name each stage's output
   (``runs/<exp>/fold<k>/vit.ckpt``) and later stages can depend on it.
 - ``--resume true`` (default): checkpoints go to ``<default_root_dir>/checkpoints`` with ``last.ckpt``; a fit
-  that finds a ``last.ckpt`` written by the same experiment (same model, data, optimizer, scheduler and seed)
-  resumes from it, so killing a fit and rerunning the same make target picks up where it stopped.  A changed
-  config, or a rerun after a fit that finished (inputs changed upstream), starts afresh: old checkpoints
-  are removed, never mixed in.
+  that finds a ``last.ckpt`` written by the same experiment (same model, data, optimizer, scheduler and seed,
+  and the same input files: size and mtime of every file the model and data settings name, so data rewritten
+  at the same path or a refit upstream checkpoint counts as a change) resumes from it, so killing a fit and
+  rerunning the same make target picks up where it stopped.  A changed config or input (the log says which
+  file, in one ``notice:`` line), or a rerun after a fit that finished, starts afresh: old checkpoints are
+  removed, never mixed in.
 - Logging: when the config names no logger, every run logs to W&B (project ``usnodule``, group = ``--exp``,
   job_type = the stage, name = stage + fold), offline unless ``WANDB_MODE``/credentials say otherwise.  Only
   rank 0 logs (Lightning's rank-zero logger).
@@ -30,16 +32,18 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from datamodules.atomic import atomic_path
-from datamodules.errors import DataError
+from datamodules.errors import DataError, OptionError
 from datamodules.parts import BaseDataModule
 from lightning_modules.base import BaseStage
 from lightning_modules.callbacks import RNGState
@@ -70,7 +74,121 @@ def stage_name(model: LightningModule) -> str:
     return getattr(model, "stage", None) or type(model).__name__.lower().removesuffix("stage")
 
 
+# ---------------------------------------------------------------------------------------------- one-line errors
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value")
+
+
+def _tree(lines: list[tuple[int, str]]) -> list[tuple[str, list]]:
+    """Indented lines -> nested ``(text, children)``."""
+    out, i = [], 0
+    while i < len(lines):
+        indent, text = lines[i]
+        j = i + 1
+        while j < len(lines) and lines[j][0] > indent:
+            j += 1
+        out.append((text, _tree(lines[i + 1 : j])))
+        i = j
+    return out
+
+
+def _innermost(nodes: list[tuple[str, list]], key: str) -> tuple[str, str]:
+    """``(config key, problem)`` of the innermost real problem of a jsonargparse message tree: follows
+    ``Parser key "x"`` and the ``class_path`` branch of a union, skips the ``Expected NoneType`` branches."""
+    given = next((t.split(":", 1)[1].strip() for t, _ in nodes if t.startswith("Given value:")), None)
+    expected = []
+    for text, children in nodes:
+        m = re.match(r'Parser key "([^"]+)":\s*(.*)', text)
+        if m:
+            sub = f"{key}.{m.group(1)}" if key else m.group(1)
+            return (sub, m.group(2)) if m.group(2) else _innermost(children, sub)
+        m = re.match(r"- Problem with given class_path '([^']+)':\s*(.*)", text)
+        if m:
+            sub = f"{key}.init_args" if key else "init_args"
+            inner = m.group(2) or (children[0][0] if children and len(children) == 1 else "")
+            if re.match(r"No module named|Import|.*has no attribute|.*not a subclass", inner):
+                return f"{key}.class_path" if key else "class_path", f"{m.group(1)!r}: {inner}"
+            return (sub, m.group(2)) if m.group(2) else _innermost(children, sub)
+        if text.startswith("Errors:"):
+            for t, ch in children:
+                if t.startswith("- Problem with given class_path"):
+                    return _innermost([(t, ch)], key)
+            for t, ch in children:
+                m = re.match(r"- Expected a <class '([^']+)'>", t)
+                if m:
+                    expected.append("null" if m.group(1) == "NoneType" else m.group(1))
+                elif t.startswith("- "):  # an error raised while building the class
+                    return key, " ".join([t[2:], *(c for c, _ in ch)])
+    if expected:
+        return key, f"expected {' or '.join(expected)}" + (f", got {given!r}" if given is not None else "")
+    return key, " ".join(t for t in _flat(nodes) if not t.startswith(_NOISE))
+
+
+def _flat(nodes: list[tuple[str, list]]) -> list[str]:
+    return [x for t, ch in nodes for x in (t, *_flat(ch))]
+
+
+def config_error(message: str) -> str:
+    """A jsonargparse error message (nested, 5-20 lines) as one line: ``<config key>: <problem>``."""
+    lines = [(len(x) - len(x.lstrip()), x.strip()) for x in message.splitlines() if x.strip()]
+    try:
+        key, problem = _innermost(_tree(lines), "")
+    except Exception:  # an unforeseen layout: all of it, folded into one line
+        key, problem = "", ""
+    problem = re.sub(r"<class '([^']+)'>", r"\1", " ".join((problem or message).split()))
+    return f"{key}: {problem}" if key and problem else problem
+
+
+class OneLineParser(LightningArgumentParser):
+    """LightningCLI's parser, but a config error (unknown key, wrong type, YAML syntax, a class that cannot be
+    built) is one line on stderr and exit status 2; the usage is printed by ``--help`` only."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        from jsonargparse._common import debug_mode_active  # JSONARGPARSE_DEBUG: jsonargparse's own error
+
+        if not self.exit_on_error or debug_mode_active():
+            return super().error(message, ex)
+        sys.stderr.write(f"error: {config_error(message)} (see --help)\n")
+        self.exit(2)
+
+
+def _unwrap(e: BaseException, config: dict) -> DataError:
+    """The one-line error behind an exception of jsonargparse's instantiation: a :class:`DataError` raised by a
+    model or data module (an :class:`OptionError` gets its config key), else the innermost message."""
+    text = str(e)
+    where = "model" if "BaseStage" in text.split("Errors:")[0] else "data" if "DataModule" in text else ""
+    seen = set()
+    cause = e
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OptionError) and where:
+            return DataError(f"{where}.init_args.{cause.path}", cause.problem)
+        if isinstance(cause, DataError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    key, problem = _innermost(_tree([(len(x) - len(x.lstrip()), x.strip()) for x in text.splitlines()]), "")
+    problem = " ".join((problem or text).split())
+    return DataError(f"{where}.init_args" if where else None, problem)
+
+
 class UsnoduleCLI(LightningCLI):
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's, with an error while building the model, data or trainer as one line, and a model
+        built for another input size than the data's refused."""
+        try:
+            super().instantiate_classes()
+        except DataError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise _unwrap(e, self.config) from None
+        model_size = self.model.hparams.get("img_size") if hasattr(self.model, "hparams") else None
+        data_hp = getattr(self.datamodule, "hparams", {}) or {}
+        key = next((k for k in ("img_size", "size") if data_hp.get(k) is not None), None)
+        if model_size is not None and key and data_hp[key] != model_size:
+            raise DataError(
+                f"data.init_args.{key}",
+                f"{data_hp[key]} differs from model.init_args.img_size {model_size}: set both to the same size",
+            )
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--ckpt_out",
@@ -138,6 +256,14 @@ class UsnoduleCLI(LightningCLI):
         text = json.dumps(doc, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def _input_files(self) -> dict[str, list[int]]:
+        """Identity (size, mtime_ns) of every input file the model and data settings name, by resolved path."""
+        cfg = self._sub()
+        return input_files(*(((cfg.get(k) or {}).get("init_args") or {}) for k in ("model", "data")))
+
+    def _stamp(self) -> dict:
+        return {"config": self._experiment_hash(), "inputs": self._input_files()}
+
     def before_fit(self) -> None:
         trainer = self.trainer
         ckpt_dir = Path(trainer.default_root_dir) / "checkpoints"
@@ -151,17 +277,25 @@ class UsnoduleCLI(LightningCLI):
         if not self._sub().get("resume") or cfg.get("ckpt_path") is not None or trainer.fast_dev_run:
             return
         stamp = ckpt_dir / "experiment.sha"
-        current = self._experiment_hash()
+        current = self._stamp()
         last = ckpt_dir / "last.ckpt"
-        if last.is_file() and stamp.is_file() and stamp.read_text().strip() == current:
+        before = read_stamp(stamp) if last.is_file() else None
+        if before == current:
             cfg["ckpt_path"] = str(last)
             print(f"resuming from {last}", file=sys.stderr)
             return
+        if before is not None and before.get("config") == current["config"] and trainer.is_global_zero:
+            changed = sorted(set(before.get("inputs", {}).items()) ^ set(current["inputs"].items()))
+            what = changed[0][0] if changed else "an input file"
+            print(
+                f"notice: {what} changed since {last} was written: starting afresh, not resuming",
+                file=sys.stderr,
+            )
         if trainer.is_global_zero:
             if ckpt_dir.exists():  # another experiment's checkpoints: set aside, never resumed into
                 shutil.rmtree(ckpt_dir)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(current)
+            stamp.write_text(json.dumps(current, sort_keys=True))
         trainer.strategy.barrier("usnodule-resume")
 
     def after_fit(self) -> None:
@@ -192,6 +326,53 @@ class UsnoduleCLI(LightningCLI):
             os.replace(tmp, out)
 
 
+def input_files(*settings: dict) -> dict[str, tuple[int, int]]:
+    """``{resolved path: (size, mtime_ns)}`` of every existing file named by a string in ``settings`` (nested
+    dicts and lists too): the HDF5, metadata, splits, masks, embeddings, manifests and upstream checkpoints
+    of a fit.  A Stanford HDF5 given without ``metadata`` brings the ``metadata.csv`` beside it.  Part of the
+    resume stamp: a file rewritten at the same path (other data, a refit upstream stage) changes it."""
+    found: dict[str, tuple[int, int]] = {}
+
+    def visit(value) -> None:
+        if hasattr(value, "as_dict"):  # jsonargparse's Namespace
+            value = value.as_dict()
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                visit(v)
+        elif isinstance(value, str | os.PathLike) and str(value) and len(str(value)) < 4096:
+            try:
+                path = Path(value)
+                if path.is_file():
+                    st = path.stat()
+                    found[str(path.resolve())] = (st.st_size, st.st_mtime_ns)
+            except (OSError, ValueError):  # not a path at all (an option value with odd characters)
+                pass
+
+    for s in settings:
+        s = s.as_dict() if hasattr(s, "as_dict") else s
+        visit(s)
+        h5 = s.get("h5") if isinstance(s, dict) else None
+        if h5 and s.get("metadata") is None:
+            visit(str(Path(h5).with_name("metadata.csv")))
+    return found
+
+
+def read_stamp(path: Path) -> dict | None:
+    """The resume stamp written by a fit in progress; None when there is none or it is of an older format (a
+    plain config hash, which says nothing of the inputs: such a fit is not resumed)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    doc["inputs"] = {k: tuple(v) for k, v in (doc.get("inputs") or {}).items()}
+    return doc
+
+
 def result_line(trainer: Trainer) -> str | None:
     """``RESULT <monitor>=<best score>`` of the fit's monitored checkpoint callback, falling back to the last
     logged value of the monitored key; ``None`` without a monitor or a value."""
@@ -208,6 +389,33 @@ def result_line(trainer: Trainer) -> str | None:
     return f"RESULT {monitor}={value:.6g}"
 
 
+def check_config_files(argv: list) -> None:
+    """A config file named by ``-c``/``--config`` that is not valid YAML: one line naming the file, the line
+    and the problem (jsonargparse's own message names neither the file nor, always, the line)."""
+    import yaml
+
+    argv = [str(a) for a in argv]
+    for i, a in enumerate(argv):
+        name = (
+            a.split("=", 1)[1]
+            if a.startswith("--config=")
+            else argv[i + 1]
+            if a in ("-c", "--config") and i + 1 < len(argv)
+            else None
+        )
+        if name is None or not Path(name).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(name).read_text())
+        except UnicodeDecodeError:
+            raise DataError(name, "not a text file (a YAML config was expected)") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            what = getattr(e, "problem", None) or str(e)
+            raise DataError(name, f"YAML syntax error at {where}{what}") from None
+
+
 def main(args: ArgsType = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list | tuple) and any(
@@ -216,6 +424,8 @@ def main(args: ArgsType = None) -> None:
         for name in STAGE_MODULES:
             importlib.import_module(name)
     try:
+        if isinstance(argv, list | tuple):
+            check_config_files(list(argv))
         UsnoduleCLI(
             BaseStage,
             BaseDataModule,
@@ -223,8 +433,18 @@ def main(args: ArgsType = None) -> None:
             subclass_mode_data=True,
             save_config_callback=WandbSaveConfig,  # config.yaml as before, and the resolved config into W&B
             save_config_kwargs={"overwrite": True},
+            parser_class=OneLineParser,
             args=args,
         )
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MisconfigurationException as e:  # a Trainer setting this machine cannot run (devices, precision)
+        print(f"error: trainer: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:
+        if e.filename is None and e.errno is None:
+            raise
+        reason = e.strerror or str(e)
+        print(f"error: {e.filename}: {reason}" if e.filename else f"error: {reason}", file=sys.stderr)
         raise SystemExit(2) from None

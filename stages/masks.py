@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from datamodules.atomic import atomic_path
 from datamodules.stacks import RowBlocks
 from datamodules.stanford import StanfordCine
+from stages.options import count, fraction, output_file, positive_int
 
 
 @torch.inference_mode()
@@ -99,13 +100,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cine", type=Path, required=True, help="Stanford dataset.hdf5")
     p.add_argument("--metadata", type=Path, default=None, help="metadata CSV (default: beside the HDF5)")
     p.add_argument("--seg", type=Path, required=True, help="SegStage checkpoint (seg.ckpt)")
-    p.add_argument("--out", type=Path, required=True, help="output masks.h5")
-    p.add_argument("--size", type=int, default=None, help="network input size (default: from the checkpoint)")
-    p.add_argument("--batch-size", type=int, default=16, help="frames per forward pass")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--out", type=output_file, required=True, help="output masks.h5")
+    p.add_argument(
+        "--size", type=positive_int, default=None, help="network input size (default: from the checkpoint)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=16, help="frames per forward pass")
+    p.add_argument("--num-workers", type=count, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument(
-        "--threshold", type=float, default=None, help="mask probability threshold (default: stage's)"
+        "--threshold", type=fraction, default=None, help="mask probability threshold (default: stage's)"
     )
     p.set_defaults(func=run)
 

@@ -44,6 +44,7 @@ from datamodules.embeddings import pad_collate
 from datamodules.errors import DataError
 from datamodules.stacks import PredictedMasks
 from datamodules.stanford import StanfordCine
+from stages.options import fraction, output_file, positive_int
 
 COLUMNS = ("clip", "n_frames", "n_stacks", "frames_with_mask", "prob_malignant", "pred", "prob_avepool")
 CHECKPOINTS = {"seg": "seg.ckpt", "vit": "vit.ckpt", "maskcnn": "maskcnn.ckpt"}  # names in a fold folder
@@ -277,17 +278,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", type=Path, default=None, help="HeadStage checkpoint (overrides --fold-dir)")
     p.add_argument("--head-variant", default="stact", help="head file in --fold-dir: head_<variant>.ckpt")
     p.add_argument(
-        "--out", type=Path, default=Path("predictions.csv"), help="output CSV (default predictions.csv)"
+        "--out",
+        type=output_file,
+        default=Path("predictions.csv"),
+        help="output CSV (default predictions.csv)",
     )
-    p.add_argument("--threshold", type=float, default=0.5, help="decision threshold on prob_malignant")
+    p.add_argument("--threshold", type=fraction, default=0.5, help="decision threshold on prob_malignant")
     p.add_argument(
         "--mask-threshold",
-        type=float,
+        type=fraction,
         default=None,
         help="mask probability threshold (default: the SegStage's)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=int, default=16, help="frames / stacks per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="frames / stacks per forward pass")
     p.set_defaults(func=run)
 
 

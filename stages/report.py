@@ -56,6 +56,7 @@ from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_sc
 
 from datamodules.atomic import atomic_path
 from datamodules.errors import DataError
+from stages.options import positive_int, seed
 
 METRICS = ("acc", "precision", "recall", "f1", "auroc", "specificity", "precision_w", "recall_w", "f1_w")
 TABLE_METRICS = ("acc", "precision", "recall", "f1", "auroc")
@@ -908,8 +909,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--runs", type=Path, required=True, help="experiment folder with fold<k>/predictions_*.csv"
     )
     p.add_argument("--out", type=Path, required=True, help="report folder (e.g. reports/demo)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the AUROC CI")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples for the AUROC CI")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--wandb",
         action="store_true",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from datamodules.errors import DataError
 from datamodules.folds import make_folds, write_splits
+from stages.options import int_at_least, output_file, seed
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,8 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="Stanford dataset.hdf5 (metadata.csv beside it), a paired manifest.csv or a still-image manifest.csv",
     )
     p.add_argument("--metadata", type=Path, default=None, help="metadata CSV (default: beside the HDF5)")
-    p.add_argument("-k", "--folds", type=int, default=5, help="number of folds (default 5, as the paper)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "-k", "--folds", type=int_at_least(3), default=5, help="number of folds (default 5, as the paper)"
+    )
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument(
         "--groups",
         type=Path,
@@ -40,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="CSV: case id, patient id (first two columns); overrides the data's own patient ids",
     )
     p.add_argument(
-        "--out", type=Path, default=None, help="output path (default: splits.json beside the data)"
+        "--out", type=output_file, default=None, help="output path (default: splits.json beside the data)"
     )
     p.set_defaults(func=run)
 

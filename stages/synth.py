@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stages.options import seed
+
 
 def _int_at_least(low: int):
     def parse(text: str) -> int:
@@ -82,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="scale of the label model's logistic noise (default 1; below 1 labels follow the planted signals "
         "more closely, and truth.csv's ceiling rises with them)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")
+    p.add_argument("--seed", type=seed, default=0, help="random seed (same seed -> same bytes)")
     p.add_argument(
         "--workers",
         type=_int_at_least(0),

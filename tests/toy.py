@@ -11,8 +11,18 @@ from lightning_modules.base import BaseStage
 
 
 class ToyData(BaseDataModule):
-    def __init__(self, n: int = 64, batch_size: int = 8, fold: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        n: int = 64,
+        batch_size: int = 8,
+        fold: int | None = None,
+        seed: int = 0,
+        source: str | None = None,
+    ):
+        """``source``: a text file holding an integer added to the seed (an input file, as the real data's)."""
         super().__init__()
+        if source is not None:
+            seed += int(open(source).read())
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, 4, generator=g)
         self.y = (self.x[:, 0] > 0).long()

@@ -14,6 +14,8 @@ from typing import Any
 import timm
 from torch import Tensor, nn
 
+from lightning_modules.nets import WeightsUnavailable
+
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "identity": nn.Identity}
 
 
@@ -52,7 +54,31 @@ def create_backbone(
     kwargs.update(num_classes=0, in_chans=in_chans)
     if img_size is not None and takes_img_size(name):
         kwargs["img_size"] = img_size
-    return timm.create_model(name, **kwargs)
+    return timm_model(name, downloads=checkpoint_path is None and pretrained, **kwargs)
+
+
+def timm_model(name: str, *, downloads: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``; when it ``downloads`` weights and that fails (no network), a
+    one-line :class:`WeightsUnavailable` that says what to set instead of the download library's traceback."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except Exception as e:
+        if downloads and _is_download_error(e):
+            raise WeightsUnavailable(
+                f"true needs timm's {name} weights, which could not be downloaded ({type(e).__name__}: no "
+                "network?); without a network set checkpoint_path: to a local weights file (or pretrained: "
+                "false for random init)"
+            ) from None
+        raise
+
+
+def _is_download_error(e: BaseException) -> bool:
+    """Whether ``e`` comes from fetching weights: an OS / connection error, or any error of the download
+    libraries timm uses (huggingface_hub, its HTTP clients, torch.hub's urllib)."""
+    if isinstance(e, OSError | ConnectionError | TimeoutError):
+        return True
+    root = type(e).__module__.split(".")[0]
+    return root in {"huggingface_hub", "httpx", "httpcore", "requests", "urllib3", "urllib"}
 
 
 def takes_img_size(name: str) -> bool:

@@ -20,6 +20,7 @@ COMMANDS = (
     "embeddings",
     "baselines",
     "report",
+    "report-multiclass",
     "predict",
     "import-stills",
 )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -379,3 +381,44 @@ def test_data_and_model_subtypes_must_agree(stills, tmp_path, capsys):
         main(["fit", *args])
     assert e.value.code == 2
     assert "differ from the model's" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- make
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+def test_make_targets_fit_every_fold_then_report(tmp_path):
+    """``make -n csasn-ablation`` (print only) on a scratch tree: the split stratified by subtype, the full
+    model and the four ablations per fold with their switch, both reports; nothing again once all exist."""
+    (tmp_path / "stills").mkdir()
+    (tmp_path / "conf").mkdir()
+    for f in ("stills/manifest.csv", "conf/csasn.yaml", "stamp"):
+        (tmp_path / f).write_text("")
+    var = {"FOLDS": 2, "STAMP": tmp_path / "stamp", "RUNS": tmp_path / "runs", "REPORT": tmp_path / "rep",
+           "CONF": tmp_path / "conf", "STILLS_MANIFEST": tmp_path / "stills" / "manifest.csv", "VERBOSE": 1}  # fmt: skip
+
+    def dry(target: str) -> list[str]:
+        cmd = ["make", "-n", "-C", str(ROOT), target, *(f"{k}={v}" for k, v in var.items())]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+        return [line for line in out.splitlines() if line.strip() and not line.startswith("make")]
+
+    lines = dry("csasn-ablation")
+    assert sum("split" in x and "--stratify subtype" in x for x in lines) == 1
+    fits = [x for x in lines if "lightning fit" in x]
+    assert len(fits) == 2 * 5
+    for switch in ("use_cnn=false", "use_vit=false", "use_refinement=false", "class_weighting=none"):
+        assert sum(switch in x for x in fits) == 2, switch
+    assert any("usnodule report --runs" in x and "csasn_ablation" in x for x in lines)
+    assert any("usnodule report-multiclass --runs" in x for x in lines)
+    # once every prediction file exists (newer than its inputs), only the reports are left to do
+    for k in range(2):
+        for m in ("csasn", "csasn_no_effnet", "csasn_no_vit", "csasn_no_refine", "csasn_no_dynamic"):
+            for d in ("csasn", "csasn_ablation") if m == "csasn" else ("csasn_ablation",):
+                path = tmp_path / "runs" / d / f"fold{k}" / f"predictions_{m}.csv"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("")
+    (tmp_path / "stills" / "splits_subtype.json").write_text("")
+    for p in (tmp_path / "runs").rglob("*.csv"):
+        p.touch()
+    assert not any("lightning fit" in x or "split" in x for x in dry("csasn-ablation"))
+    assert not any("lightning fit" in x for x in dry("csasn"))

@@ -59,7 +59,8 @@ def multiclass_metrics(prob: Tensor, target: Tensor, names: Sequence[str]) -> di
     predicted class = argmax):
 
     ``recall_<name>``, ``precision_<name>`` per class (0 when the class is never true / never predicted, as
-    scikit-learn's ``zero_division=0``), ``macro_f1`` (F1 averaged over the K classes), ``balanced_acc`` (mean
+    scikit-learn's ``zero_division=0``), ``macro_f1`` (F1 averaged over the classes that occur in ``target`` or in
+    the predictions: torchmetrics' and scikit-learn's default), ``balanced_acc`` (mean
     recall over the classes present in ``target``: scikit-learn's ``balanced_accuracy_score``),
     ``auroc_<name>`` one-vs-rest (NaN when the class is absent from ``target`` or is all of it), ``macro_auroc``
     (their mean over defined ones) and ``confusion`` (``(K, K)``, rows = true class, columns = predicted).

@@ -6,7 +6,8 @@ binary methods -- are skipped).  The class list is the order of the ``p_<class>`
 in every file.  Writes to ``--out``:
 
 * ``results_multiclass.md`` / ``.csv`` -- one row per method: per-class recall and precision, macro-F1, balanced
-  accuracy (mean recall over the classes present), one-vs-rest AUROC per class and their macro mean, each as
+  accuracy (mean recall over the classes present), macro-F1 over the classes that are true or predicted in the
+  fold (as the stage's torchmetrics value), one-vs-rest AUROC per class and their macro mean, each as
   mean ± std over folds (sample std, ddof = 1; scikit-learn metrics, predicted class = the argmax of the
   probabilities; precision of a never-predicted class is 0).  A fold whose test part lacks a class has an
   undefined AUROC for it and is left out of that mean (``n_folds_auroc_<class>`` says how many remain);
@@ -102,7 +103,8 @@ def fold_metrics(df: pd.DataFrame, classes: list[str]) -> dict[str, float]:
     pred = prob.argmax(axis=1)
     labels = list(range(k))
     out = {
-        "macro_f1": f1_score(y, pred, labels=labels, average="macro", zero_division=0),
+        # over the classes in the targets or the predictions (scikit-learn's and torchmetrics' default)
+        "macro_f1": f1_score(y, pred, average="macro", zero_division=0),
         "balanced_acc": balanced_accuracy_score(y, pred),
     }
     rec = recall_score(y, pred, labels=labels, average=None, zero_division=0)

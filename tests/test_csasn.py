@@ -283,6 +283,7 @@ def test_stage_loss_is_the_weighted_sum_and_no_dynamic_is_plain_ce():
 # ---------------------------------------------------------------------------------------------- metrics
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_multiclass_metrics_match_sklearn():
     rng = np.random.default_rng(3)
     y = np.array([0] * 10 + [1] * 6 + [2] * 3 + [3] * 3)
@@ -307,6 +308,15 @@ def test_multiclass_metrics_match_sklearn():
     part = multiclass_metrics(torch.tensor(prob[keep]), torch.tensor(y[keep]), SUBTYPES)
     assert np.isnan(float(part["auroc_MTC"]))
     assert float(part["balanced_acc"]) == pytest.approx(skm.balanced_accuracy_score(y[keep], pred[keep]))
+    assert float(part["macro_f1"]) == pytest.approx(skm.f1_score(y[keep], pred[keep], average="macro"))
+    # the report computes the same numbers from the prediction file's columns
+    from stages.report_multiclass import fold_metrics
+
+    frame = pd.DataFrame({"subtype": [SUBTYPES[i] for i in y[keep]]})
+    for i, s in enumerate(SUBTYPES):
+        frame[f"p_{s}"] = prob[keep, i]
+    for name, value in fold_metrics(frame, SUBTYPES).items():
+        assert value == pytest.approx(float(part[name]), abs=1e-6, nan_ok=True), name
 
 
 # ---------------------------------------------------------------------------------------------- fit

@@ -218,6 +218,70 @@ $(REPORT)/asycmst/results.md: $(call ASYCMST_PRED,$(ASYCMST_METHODS))
 	$(Q)$(call STEP,asycmst_report) $(USNODULE) report --runs $(ASYCMST_RUNS) --out $(@D) --exp $(EXP) \
 	  --title AsyCMST $$(test -f $(PAIRED)/truth.csv && echo --truth $(PAIRED)/truth.csv) $(REPORT_ARGS)
 
+# ---------------------------------------------------------------------------------------------- CSASN
+# Multi-class (benign / PTC / FTC / MTC) on a still-image manifest with a subtype column (STILLS_MANIFEST; the
+# synthetic subtype set of `usnodule synth --stills N` by default, or an imported one), folds grouped by patient
+# and stratified by subtype (splits_subtype.json beside the manifest), one process per fold: `lightning fit` with
+# test_after_fit fits, tests the best checkpoint and writes $(CSASN_RUNS)/fold<k>/{csasn.ckpt,
+# predictions_csasn.csv}.  `make csasn` then writes the shared binary report (malignant probability; the
+# generator's reference rows when truth.csv sits beside the manifest) and the multi-class report (mean ± std over
+# folds, pooled confusion matrix) into $(REPORT)/csasn/.  `make csasn-ablation` fits the four ablations
+# (CSASN_ABLATIONS) per fold and reports them with the full model in one table, $(REPORT)/csasn_ablation/.
+# Paper size: make csasn CONF=conf EXP=paper STILLS_MANIFEST=/data/thyroid_subtypes/manifest.csv
+STILLS_MANIFEST ?= $(SYNTH)/stills/manifest.csv
+STILLS_DIR      = $(patsubst %/,%,$(dir $(STILLS_MANIFEST)))
+CSASN_SPLITS    ?= $(STILLS_DIR)/splits_subtype.json
+CSASN_CONF      ?= $(CONF)/csasn.yaml
+CSASN_RUNS      := $(RUNS)/csasn
+CSASN_ABL_RUNS  := $(RUNS)/csasn_ablation
+CSASN_ABLATIONS ?= no_effnet no_vit no_refine no_dynamic
+CSASN_SWITCH_no_effnet  := --model.init_args.use_cnn=false
+CSASN_SWITCH_no_vit     := --model.init_args.use_vit=false
+CSASN_SWITCH_no_refine  := --model.init_args.use_refinement=false
+CSASN_SWITCH_no_dynamic := --model.init_args.class_weighting=none
+CSASN_ARGS = --exp $(EXP) --data.init_args.manifest=$(STILLS_MANIFEST) --data.init_args.splits=$(CSASN_SPLITS) \
+  --data.init_args.fold=$* --model.init_args.test_after_fit=true $(TRAINER_ARGS)
+CSASN_ABL_PRED = $(foreach m,csasn $(addprefix csasn_,$(CSASN_ABLATIONS)),\
+  $(foreach k,$(FOLD_IDS),$(CSASN_ABL_RUNS)/fold$(k)/predictions_$(m).csv))
+
+.PHONY: csasn csasn-ablation
+csasn: $(REPORT)/csasn/results_multiclass.md ## CSASN (subtypes + malignancy) on still images, every fold, then both reports
+	@echo && cat $(REPORT)/csasn/results.md $<
+csasn-ablation: $(REPORT)/csasn_ablation/results_multiclass.md ## CSASN and its four ablations, every fold, one table
+	@echo && cat $<
+
+$(CSASN_SPLITS): $(STILLS_MANIFEST) | $(STAMP)
+	$(Q)$(call STEP,splits_csasn) $(USNODULE) split $< -k $(FOLDS) --seed $(SEED) --stratify subtype --out $@
+
+$(CSASN_RUNS)/fold%/predictions_csasn.csv: $(CSASN_CONF) $(CSASN_SPLITS) | $(STAMP)
+	$(Q)$(call STEP,csasn,$*) $(FIT) -c $(CSASN_CONF) $(CSASN_ARGS) --model.init_args.predictions_dir=$(@D) \
+	  --trainer.default_root_dir=$(@D)/csasn --ckpt_out=$(@D)/csasn.ckpt
+
+# the ablations write beside a copy of the full model's predictions, so their folder holds the five methods
+$(CSASN_ABL_RUNS)/fold%/predictions_csasn.csv: $(CSASN_RUNS)/fold%/predictions_csasn.csv
+	@mkdir -p $(@D) && cp $< $@
+
+define CSASN_ABLATION_RULE
+$$(CSASN_ABL_RUNS)/fold%/predictions_csasn_$(1).csv: $$(CSASN_CONF) $$(CSASN_SPLITS) | $$(STAMP)
+	$$(Q)$$(call STEP,csasn_$(1),$$*) $$(FIT) -c $$(CSASN_CONF) $$(CSASN_ARGS) $$(CSASN_SWITCH_$(1)) \
+	  --model.init_args.method=csasn_$(1) --model.init_args.predictions_dir=$$(@D) \
+	  --trainer.default_root_dir=$$(@D)/$(1) --ckpt_out=$$(@D)/csasn_$(1).ckpt
+endef
+$(foreach a,$(CSASN_ABLATIONS),$(eval $(call CSASN_ABLATION_RULE,$(a))))
+
+# $(1): runs folder, $(2): report folder, $(3): title
+define CSASN_REPORTS
+	$(Q)$(call STEP,$(notdir $(2))_report) $(USNODULE) report --runs $(1) --out $(2) --exp $(EXP) --title "$(3)" \
+	  $(call TRUTH,$(STILLS_DIR)) $(REPORT_ARGS)
+	$(Q)$(call STEP,$(notdir $(2))_report_multiclass) $(USNODULE) report-multiclass --runs $(1) --out $(2) \
+	  --exp $(EXP) --title "$(3)"
+endef
+$(REPORT)/csasn/results_multiclass.md: $(foreach k,$(FOLD_IDS),$(CSASN_RUNS)/fold$(k)/predictions_csasn.csv)
+	$(call CSASN_REPORTS,$(CSASN_RUNS),$(@D),CSASN)
+
+$(REPORT)/csasn_ablation/results_multiclass.md: $(CSASN_ABL_PRED)
+	$(call CSASN_REPORTS,$(CSASN_ABL_RUNS),$(@D),CSASN ablations)
+
 # ---------------------------------------------------------------------------------------------- checks
 LINTED := stages datamodules lightning_modules tests benchmarks
 test: lint ## lint, then run the whole test suite

@@ -30,8 +30,14 @@ def make_folds(
     k: int = 5,
     seed: int = 0,
     source: str | None = None,
+    strata: Sequence[str] | None = None,
 ) -> dict:
-    """Assign ids to ``k`` label-stratified, group-disjoint folds; return the splits.json document."""
+    """Assign ids to ``k`` label-stratified, group-disjoint folds; return the splits.json document.
+
+    ``strata`` (e.g. the carcinoma subtype of each id): stratify by it instead of the label, so that a rare
+    subtype is spread over the folds too (the label must be a function of it, as subtypes are; the
+    benign / malignant checks below still hold).  The document then records ``"stratify": "strata"``.
+    """
     ids = [str(i) for i in ids]
     labels = np.asarray(labels, dtype=int)
     groups = np.asarray([str(g) for g in groups])
@@ -49,7 +55,10 @@ def make_folds(
             )
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     fold_of = np.empty(len(ids), dtype=int)
-    for f, (_, test_idx) in enumerate(splitter.split(np.zeros(len(ids)), labels, groups)):
+    y = labels if strata is None else np.unique(np.asarray([str(s) for s in strata]), return_inverse=True)[1]
+    if len(y) != len(ids):
+        raise DataError(source, f"{len(y)} strata for {len(ids)} ids")
+    for f, (_, test_idx) in enumerate(splitter.split(np.zeros(len(ids)), y, groups)):
         fold_of[test_idx] = f
     folds = []
     for f in range(k):
@@ -61,10 +70,12 @@ def make_folds(
             raise DataError(
                 source, f"fold {fold['fold']} got no malignant case; use fewer folds or another seed"
             )
+    extra = {} if strata is None else {"stratify": "strata"}
     return {
         "k": k,
         "seed": seed,
         "source": source,
+        **extra,
         "n": len(ids),
         "n_positive": int(labels.sum()),
         "folds": folds,

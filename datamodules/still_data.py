@@ -22,7 +22,14 @@ from datamodules.stacks import NORMALIZE, grow_box, seeded
 from datamodules.stanford import Box, bbox_from_mask
 from datamodules.stills import StillCase, read_manifest, read_still, read_still_mask
 
-__all__ = ["roi_box", "PredictedStillMasks", "StillDataset", "StillDataModule", "build_transform"]
+__all__ = [
+    "roi_box",
+    "PredictedStillMasks",
+    "StillDataset",
+    "StillDataModule",
+    "build_transform",
+    "subtype_indices",
+]
 
 PARTS = ("train", "val", "test")
 
@@ -99,6 +106,45 @@ class PredictedStillMasks:
         return arr
 
 
+# ------------------------------------------------------------------------------------------------ subtypes
+
+
+def subtype_indices(
+    cases: Sequence[StillCase],
+    subtypes: Sequence[str],
+    benign_subtypes: Sequence[str] = ("benign",),
+    source: str | os.PathLike | None = None,
+) -> list[int]:
+    """The index of each case's ``subtype`` in ``subtypes`` (the class list, fixed by the caller so that an
+    index means the same class in every fold, also when a fold's training part lacks a rare class).
+
+    Exact, case-sensitive names.  One :class:`DataError` line (naming ``source``, the manifest) for a blank or
+    unknown subtype, and for a subtype that contradicts the malignancy label: a subtype in
+    ``benign_subtypes`` needs ``label`` 0, any other one ``label`` 1 (e.g. ``benign`` with label 1 is refused).
+    """
+    subtypes = list(subtypes)
+    if len(set(subtypes)) != len(subtypes) or len(subtypes) < 2:
+        raise ValueError(f"subtypes must be at least two distinct names, got {subtypes}")
+    benign = set(benign_subtypes)
+    if not benign <= set(subtypes):
+        raise ValueError(f"benign_subtypes {sorted(benign - set(subtypes))} are not in subtypes {subtypes}")
+    index = {name: i for i, name in enumerate(subtypes)}
+    out = []
+    for c in cases:
+        if c.subtype not in index:
+            what = "has no subtype" if not c.subtype else f"has subtype {c.subtype!r}"
+            raise DataError(source, f"case {c.case_id!r} {what}; expected one of {subtypes}")
+        if int(c.subtype not in benign) != c.label:
+            kind = "benign" if c.subtype in benign else "malignant"
+            raise DataError(
+                source,
+                f"case {c.case_id!r}: subtype {c.subtype!r} is {kind} but its label is {c.label} "
+                f"(benign_subtypes: {sorted(benign)})",
+            )
+        out.append(index[c.subtype])
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ dataset
 
 
@@ -133,6 +179,10 @@ class StillDataset(Dataset):
         channels: gray repeated to this many channels (3 for ImageNet backbones, 1 for segmentation nets).
         normalize: ``"imagenet"``, ``"half"`` or None ([0, 1]), as :class:`~datamodules.stacks.StackDataModule`.
         patients: the patient id list that ``patient`` indexes (default: the sorted patients of ``cases``).
+        subtypes: the class list of a multi-class model (e.g. ``["benign", "PTC", "FTC", "MTC"]``); items then
+            carry ``"subtype"`` (long, the index of the case's subtype in this list; :func:`subtype_indices`).
+            None (default): no ``subtype`` key.
+        benign_subtypes: the names in ``subtypes`` that are benign (label 0); the others are malignant.
     """
 
     def __init__(
@@ -147,6 +197,8 @@ class StillDataset(Dataset):
         channels: int = 3,
         normalize: str | None = "imagenet",
         patients: Sequence[str] | None = None,
+        subtypes: Sequence[str] | None = None,
+        benign_subtypes: Sequence[str] = ("benign",),
     ):
         if roi not in (None, "annotated", "predicted"):
             raise ValueError(f"roi must be None, 'annotated' or 'predicted', got {roi!r}")
@@ -174,6 +226,10 @@ class StillDataset(Dataset):
                 self.mean, self.std = self.mean.mean().repeat(channels), self.std.mean().repeat(channels)
         self.transform = build_transform(img_size, augment)
         self.augment = augment
+        self.subtypes = None if subtypes is None else list(subtypes)
+        self.subtype_index = (
+            None if subtypes is None else subtype_indices(self.cases, subtypes, benign_subtypes)
+        )
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -216,6 +272,11 @@ class StillDataset(Dataset):
             "label": torch.tensor(case.label, dtype=torch.long),
             "index": torch.tensor(i, dtype=torch.long),
             "patient": torch.tensor(self._patient[case.patient_id], dtype=torch.long),
+            **(
+                {}
+                if self.subtype_index is None
+                else {"subtype": torch.tensor(self.subtype_index[i], dtype=torch.long)}
+            ),
         }
 
 
@@ -236,6 +297,10 @@ class StillDataModule(BaseDataModule):
         normalize: ``"imagenet"`` | ``"half"`` | None.
         augment: training augmentation (flip, brightness/contrast); other parts are only resized.
         predict_ids: ``"all"`` (default), ``"train"``, ``"val"``, ``"test"`` or a list of case ids.
+        subtypes: the class list of a multi-class model, fixed here (not read from the data) so that indices
+            are the same in every fold; items then carry ``subtype`` (:func:`subtype_indices`: every case of the
+            manifest must have one of these names, consistent with its label).  None: no ``subtype`` key.
+        benign_subtypes: the names of ``subtypes`` that are benign (label 0).
         batch_size, num_workers: the loaders (:class:`~datamodules.parts.BaseDataModule`).
 
     ``setup`` validates the manifest and splits (and the predicted masks of every case used) in the main
@@ -257,6 +322,8 @@ class StillDataModule(BaseDataModule):
         normalize: str | None = "imagenet",
         augment: bool = False,
         predict_ids: str | list[str] = "all",
+        subtypes: list[str] | None = None,
+        benign_subtypes: list[str] = ["benign"],  # noqa: B006  (a YAML default, never mutated)
         batch_size: int = 32,
         num_workers: int = 0,
     ):
@@ -297,6 +364,8 @@ class StillDataModule(BaseDataModule):
             return
         hp = self.hparams
         self.cases = read_manifest(hp.manifest)
+        if hp.subtypes is not None:  # every case of the manifest, so a bad row stops every fold alike
+            subtype_indices(self.cases, hp.subtypes, hp.benign_subtypes, hp.manifest)
         parts = self._parts()
         predicted = None
         if hp.roi == "predicted":
@@ -316,4 +385,6 @@ class StillDataModule(BaseDataModule):
                 channels=hp.channels,
                 normalize=hp.normalize,
                 patients=patients,
+                subtypes=hp.subtypes,
+                benign_subtypes=hp.benign_subtypes,
             )

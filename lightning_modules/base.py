@@ -53,7 +53,12 @@ PASSTHROUGH_KEYS = ("nodule", "stack", "label", "index")
 
 # Init args that fetched a starting point (ImageNet / a fine-tuning start file): switched off on reload, the
 # trained weights come from the checkpoint.
-_STARTING_POINT = {"pretrained": False, "checkpoint_path": None}
+_STARTING_POINT = {
+    "pretrained": False,
+    "checkpoint_path": None,
+    "cnn_checkpoint_path": None,  # CSASN's two branches
+    "vit_checkpoint_path": None,
+}
 
 
 def case_scores(case: Tensor, prob: Tensor, label: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -25,6 +25,7 @@ COMMANDS = (
     "embeddings",
     "baselines",
     "report",
+    "report-multiclass",
     "predict",
     "import-stills",
 )

@@ -6,6 +6,11 @@ whose second is the patient, for data that ships without them -- the public Stan
 every nodule is its own group there and two nodules of one patient (192 nodules from about 167 patients) can
 fall on both sides of a split.  When every case is its own group, the command says so in one warning line.
 Every stage reads its fold from ``splits.json``, so the grouping chosen here holds for all of them.
+
+``--stratify subtype`` (still-image manifests with a ``subtype`` column, for the multi-class CSASN): stratify by
+the subtype instead of the label, so that rare subtypes (FTC, MTC at ~5%) land in every test fold as evenly as
+the patient groups allow; a subtype with fewer patient groups than folds is warned about (some test folds will
+lack it).  The document records ``"stratify": "subtype"``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=output_file, default=None, help="output path (default: splits.json beside the data)"
     )
+    p.add_argument(
+        "--stratify",
+        choices=("label", "subtype"),
+        default="label",
+        help="stratify by the malignancy label (default) or by a still-image manifest's subtype column",
+    )
     p.set_defaults(func=run)
 
 
@@ -58,7 +69,12 @@ def run(args: argparse.Namespace) -> None:
             "nodules of one patient can fall in different folds",
             file=sys.stderr,
         )
-    doc = make_folds(ids, labels, groups, k=args.folds, seed=args.seed, source=str(args.data))
+    strata = None
+    if args.stratify == "subtype":
+        strata = _subtypes(args.data, ids, groups, args.folds)
+    doc = make_folds(ids, labels, groups, k=args.folds, seed=args.seed, source=str(args.data), strata=strata)
+    if strata is not None:
+        doc["stratify"] = "subtype"
     out = write_splits(doc, args.out or args.data.with_name("splits.json"))
     n_groups = len(set(groups))
     print(f"wrote {out}: {len(ids)} cases ({sum(labels)} malignant) in {n_groups} groups, {args.folds} folds")
@@ -84,6 +100,31 @@ def _cases(data: Path, metadata: Path | None) -> tuple[list[str], list[int], lis
 
     ds = StanfordCine(data, metadata)
     return [n.annot_id for n in ds.nodules], ds.labels().tolist(), ds.groups()
+
+
+def _subtypes(data: Path, ids: list[str], groups: list[str], k: int) -> list[str]:
+    """The ``subtype`` of each id of a still-image manifest (blank refused: it cannot be stratified); a warning
+    line for each subtype held by fewer than ``k`` patient groups."""
+    from datamodules.stills import is_still_manifest
+    from datamodules.stills import read_manifest as read_stills
+
+    if data.suffix.lower() != ".csv" or not is_still_manifest(data):
+        raise DataError(data, "--stratify subtype needs a still-image manifest with a subtype column")
+    subtype = {c.case_id: c.subtype for c in read_stills(data)}
+    blank = [i for i in ids if not subtype[i]]
+    if blank:
+        raise DataError(
+            data, f"{len(blank)} case(s) have no subtype (e.g. {blank[:3]}): cannot stratify by it"
+        )
+    strata = [subtype[i] for i in ids]
+    for name in sorted(set(strata)):
+        n = len({g for g, s in zip(groups, strata, strict=True) if s == name})
+        if n < k:
+            print(
+                f"warning: subtype {name!r} has {n} patient group(s) for {k} folds: some test folds lack it",
+                file=sys.stderr,
+            )
+    return strata
 
 
 def read_groups(path: Path, ids: list[str]) -> list[str]:

@@ -62,6 +62,7 @@ STAGE_MODULES = (
     "lightning_modules.maskcnn_stage",
     "lightning_modules.head_stage",
     "lightning_modules.asycmst",
+    "lightning_modules.csasn_stage",
     "datamodules.stacks",
     "datamodules.embeddings",
     "datamodules.paired_video",

@@ -144,7 +144,12 @@ def export_graph(
                     {i: dims.setdefault(name, torch.export.Dim(name)) for i, name in axes.items()}
                     for axes in inputs.values()
                 )
-                kwargs = {"dynamic_shapes": shapes, "verbose": False, "optimize": True}
+                kwargs = {
+                    "dynamic_shapes": shapes,
+                    "verbose": False,
+                    "optimize": True,
+                    "external_data": False,
+                }
             quiet = io.StringIO()  # the dynamo exporter's progress lines and onnxscript's optimiser notes
             with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
                 torch.onnx.export(
@@ -222,7 +227,7 @@ def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[
     return {
         "seg": {
             "file": FILES["seg"],
-            "checkpoint": str(paths["seg"]),
+            "checkpoint": str(paths["seg"].resolve()),
             "checkpoint_sha256": sha256(paths["seg"]),
             "inputs": {"frames": _io(x_seg.shape, n)},
             "outputs": {"mask_logits": _io(x_seg.shape, n)},
@@ -234,7 +239,7 @@ def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[
         },
         "image_encoder": {
             "file": FILES["image_encoder"],
-            "checkpoint": str(paths["vit"]),
+            "checkpoint": str(paths["vit"].resolve()),
             "checkpoint_sha256": sha256(paths["vit"]),
             "inputs": {"image": _io(x_img.shape, n)},
             "outputs": {"embedding": ["n", dim], "prob": ["n"]},
@@ -249,7 +254,7 @@ def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[
         },
         "mask_cnn": {
             "file": FILES["mask_cnn"],
-            "checkpoint": str(paths["maskcnn"]),
+            "checkpoint": str(paths["maskcnn"].resolve()),
             "checkpoint_sha256": sha256(paths["maskcnn"]),
             "inputs": {"mask": _io(x_mask.shape, n)},
             "outputs": {"embedding": ["n", dim], "prob": ["n"]},
@@ -261,7 +266,7 @@ def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[
         },
         "head": {
             "file": FILES["head"],
-            "checkpoint": str(paths["head"]),
+            "checkpoint": str(paths["head"].resolve()),
             "checkpoint_sha256": sha256(paths["head"]),
             "variant": head.variant,
             "inputs": {
@@ -295,7 +300,7 @@ def export_asycmst(path: Path, out: Path, opset: int = OPSET) -> dict[str, Any]:
     return {
         "asycmst": {
             "file": FILES["asycmst"],
-            "checkpoint": str(path),
+            "checkpoint": str(Path(path).resolve()),
             "checkpoint_sha256": sha256(path),
             "inputs": {"bus": ["batch", t, 3, size, size], "ceus": ["batch", t, 3, size, size]},
             "outputs": {"prob": ["batch"], "logits": ["batch", 2]},
@@ -326,3 +331,64 @@ def write_chain(out: Path, networks: dict[str, Any], opset: int = OPSET) -> Path
     path = out / "chain.json"
     path.write_text(json.dumps(chain, indent=2) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- check
+def _inputs(name: str, entry: dict[str, Any], batch: int, stacks: int) -> dict[str, Tensor]:
+    """Random inputs for network ``name`` of ``chain.json`` with ``batch`` rows and ``stacks`` stacks (sizes
+    other than the export example's, so that a baked-in axis shows)."""
+    g = torch.Generator().manual_seed(batch * 100 + stacks)
+    out = {}
+    for key, shape in entry["inputs"].items():
+        dims = [{"n": batch, "batch": batch, "stacks": stacks}.get(d, d) for d in shape]
+        if key == "valid":
+            x = torch.ones(*dims, dtype=torch.bool)
+            x[0, dims[1] // 2 + 1 :] = False  # padding in the first row
+        elif key.endswith("_emb"):
+            x = torch.randn(*dims, generator=g)
+        else:
+            x = torch.rand(*dims, generator=g)
+        out[key] = x
+    return out
+
+
+@torch.no_grad()
+def _reference(name: str, stage: nn.Module, x: dict[str, Tensor]) -> dict[str, Tensor]:
+    """What the PyTorch stage computes for the network's outputs, by the stage's own methods."""
+    if name == "seg":
+        return {"mask_prob": torch.sigmoid(stage(x["frames"]))}
+    if name in ("image_encoder", "mask_cnn"):
+        (image,) = x.values()
+        emb = stage.net.forward_features(image)
+        return {"embedding": emb, "prob": stage.malignant_prob(stage.net.forward_head(emb))}
+    if name == "head":
+        return {"prob": stage.malignant_prob(stage(x["image_emb"], x["seg_emb"], x["valid"]))}
+    return {"prob": stage.malignant_prob(stage({"bus": x["bus"], "ceus": x["ceus"]})["logits"])}
+
+
+def check(
+    folder: str | os.PathLike, sizes: tuple[tuple[int, int], ...] = ((1, 1), (3, 5))
+) -> dict[str, float]:
+    """Run every network of an export under onnxruntime and its checkpoint under PyTorch on the same random
+    inputs (each ``(batch, stacks)`` of ``sizes``); returns the largest absolute difference per network and
+    output (``seg``: on the mask probabilities, ``sigmoid(mask_logits)``)."""
+    import onnxruntime as ort
+
+    from lightning_modules.base import BaseStage
+
+    folder = Path(folder)
+    chain = json.loads((folder / "chain.json").read_text())
+    diffs: dict[str, float] = {}
+    for name, entry in chain["networks"].items():
+        stage, _ = BaseStage.from_checkpoint(entry["checkpoint"])
+        session = ort.InferenceSession(str(folder / entry["file"]), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        for batch, stacks in sizes:
+            x = _inputs(name, entry, batch, stacks)
+            got = dict(zip(names, session.run(None, {k: v.numpy() for k, v in x.items()}), strict=True))
+            if "mask_logits" in got:
+                got["mask_prob"] = torch.sigmoid(torch.from_numpy(got.pop("mask_logits"))).numpy()
+            for key, ref in _reference(name, stage, x).items():
+                d = float((torch.from_numpy(got[key]) - ref.float()).abs().max())
+                diffs[f"{name}/{key}"] = max(d, diffs.get(f"{name}/{key}", 0.0))
+    return diffs

@@ -9,7 +9,8 @@ Paired BUS + CEUS videos (AsyCMST):
             SRC/images/{0.ben,1.mal}/{bus,ceus}/<name>/ instead of the videos.  Folds then come from
             `usnodule split OUT` (the authors' split files are recorded in source_splits, not used as folds).
 
-Still images (two-stage, CSASN; the same as `usnodule import-stills --layout LAYOUT`, which stays as an alias):
+Still images (two-stage, CSASN; the same importers as `usnodule import-stills --layout LAYOUT`, kept as the older
+spelling; each layout's subcommand takes only its own options):
 
   busi      SRC/{benign,malignant,normal}/<name>.png + <name>_mask.png (several _mask_<n>.png merged by union);
             normal images skipped unless --normal keep (label 0, subtype normal)
@@ -30,8 +31,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from datamodules.still_import import LAYOUTS
-from stages import import_stills
+from datamodules.still_import import FRAME_CHOICES, LAYOUTS, TIRADS_LEVELS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,12 +67,56 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         s = layouts.add_parser(
             layout,
             help=f"still-image layout {layout} -> still-image manifest folder",
-            description=import_stills.__doc__,
+            description=__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         s.add_argument("src", type=Path, help="the layout's folder (stanford: dataset.hdf5 or its folder)")
-        import_stills.add_still_options(s, layout)
-        s.set_defaults(func=import_stills.run, _parser=s)
+        s.add_argument("--out", type=Path, required=True, help="output folder (gets manifest.csv)")
+        # the options of `usnodule import-stills` (stages/import_stills.py), each under its layout only
+        if layout == "busi":
+            s.add_argument(
+                "--normal", choices=("skip", "keep"), default="skip", help="normal images (default skip)"
+            )
+        elif layout == "ddti":
+            s.add_argument(
+                "--tirads-malignant",
+                choices=TIRADS_LEVELS,
+                type=str.lower,
+                required=True,
+                help="lowest TI-RADS category labelled malignant (DDTI has no pathology: a proxy)",
+            )
+        elif layout == "stanford":
+            s.add_argument("--frames", choices=FRAME_CHOICES, default="middle", help="frames per nodule")
+            s.add_argument(
+                "--metadata", type=Path, default=None, help="metadata CSV (default beside the HDF5)"
+            )
+        s.add_argument(
+            "--overwrite", action="store_true", help="replace a non-empty OUT not written by an import"
+        )
+        s.set_defaults(func=run_stills)
+
+
+def run_stills(args: argparse.Namespace) -> None:
+    import sys
+
+    from datamodules import still_import as si
+
+    common = {"overwrite": args.overwrite}
+    if args.layout == "busi":
+        result = si.import_busi(args.src, args.out, normal=args.normal, **common)
+    elif args.layout == "tn3k":
+        result = si.import_tn3k(args.src, args.out, **common)
+    elif args.layout == "ddti":
+        result = si.import_ddti(args.src, args.out, tirads_malignant=args.tirads_malignant, **common)
+    elif args.layout == "tn5000":
+        result = si.import_tn5000(args.src, args.out, **common)
+    else:
+        src = args.src / "dataset.hdf5" if args.src.is_dir() else args.src
+        result = si.export_cine_stills(src, args.out, frames=args.frames, metadata=args.metadata, **common)
+    for line in result.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    print(f"wrote {result.manifest}: {result.n} images ({result.n_malignant} malignant)")
+    print(f"RESULT images={result.n} malignant={result.n_malignant}")  # for `python -m stages.step`
 
 
 def run_asycmst(args: argparse.Namespace) -> None:

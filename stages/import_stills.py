@@ -1,7 +1,5 @@
 """``usnodule import-stills``: a public still-image layout, or frames of a cine set, -> a still-image manifest.
 
-The same as ``usnodule import LAYOUT SRC --out DIR`` (``stages/import_layout.py``), kept as an alias.
-
 Layouts (what each keeps and drops: README "Still images", :mod:`datamodules.still_import`):
 
   busi      SRC/{benign,malignant,normal}/<name>.png + <name>_mask.png (several _mask_<n>.png merged by union);
@@ -39,60 +37,38 @@ _ONLY_FOR = {"normal": "busi", "tirads_malignant": "ddti", "frames": "stanford",
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    """``usnodule import-stills --layout X``: the older spelling of ``usnodule import X`` (kept as an alias)."""
     p = sub.add_parser(
         "import-stills",
-        help="import a still-image layout (BUSI, TN3K, DDTI, TN5000) or cine frames into a manifest "
-        "(alias of `usnodule import LAYOUT`)",
+        help="import a still-image layout (BUSI, TN3K, DDTI, TN5000) or cine frames into a manifest",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", type=Path, help="the layout's folder (stanford: dataset.hdf5)")
     p.add_argument("--layout", choices=LAYOUTS, required=True)
-    add_still_options(p)
-    p.set_defaults(func=run, _parser=p)
-
-
-def add_still_options(p: argparse.ArgumentParser, layout: str | None = None) -> None:
-    """``--out`` and the layout options; with ``layout`` (``usnodule import LAYOUT``) only that layout's."""
-
-    def wanted(option: str) -> bool:
-        return layout is None or _ONLY_FOR[option] == layout
-
     p.add_argument("--out", type=Path, required=True, help="output folder (gets manifest.csv)")
-    if wanted("normal"):
-        p.add_argument(
-            "--normal", choices=("skip", "keep"), default=None, help="busi: normal images (default skip)"
-        )
-    if wanted("tirads_malignant"):
-        p.add_argument(
-            "--tirads-malignant",
-            choices=TIRADS_LEVELS,
-            type=str.lower,
-            default=None,
-            required=layout == "ddti",
-            help="ddti (required): lowest TI-RADS category labelled malignant",
-        )
-    if wanted("frames"):
-        p.add_argument(
-            "--frames",
-            choices=FRAME_CHOICES,
-            default=None,
-            help="stanford: frames per nodule (default middle)",
-        )
-    if wanted("metadata"):
-        p.add_argument(
-            "--metadata", type=Path, default=None, help="stanford: metadata CSV (default beside the HDF5)"
-        )
+    p.add_argument(
+        "--normal", choices=("skip", "keep"), default=None, help="busi: normal images (default skip)"
+    )
+    p.add_argument(
+        "--tirads-malignant",
+        choices=TIRADS_LEVELS,
+        type=str.lower,
+        default=None,
+        help="ddti (required): lowest TI-RADS category labelled malignant",
+    )
+    p.add_argument(
+        "--frames", choices=FRAME_CHOICES, default=None, help="stanford: frames per nodule (default middle)"
+    )
+    p.add_argument(
+        "--metadata", type=Path, default=None, help="stanford: metadata CSV (default beside the HDF5)"
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace a non-empty OUT not written by this command"
     )
+    p.set_defaults(func=run, _parser=p)
 
 
 def run(args: argparse.Namespace) -> None:
-    for option in _ONLY_FOR:  # options another layout's subcommand does not define read as unset
-        if not hasattr(args, option):
-            setattr(args, option, None)
     for option, layout in _ONLY_FOR.items():
         if getattr(args, option) is not None and args.layout != layout:
             args._parser.error(f"--{option.replace('_', '-')} applies to --layout {layout} only")

@@ -23,7 +23,7 @@ and, when present, ``stack_predictions_<backbone>.csv`` (``annot_id,stack,label,
 * ``report.html`` -- one self-contained page (images embedded): the tables above, ``roc.png``,
   ``calibration.png`` and a gallery of the paper's method's test nodules sorted by error (ROI crops with the
   predicted and drawn masks when the frames can be found: ``--cine`` or the folds' ``embeddings.h5``, and
-  ``fold<k>/masks.h5``; numbers only otherwise), the ``--gallery`` largest errors (:mod:`stages.report_html`);
+  ``fold<k>/masks.h5``; numbers only otherwise), the ``--gallery`` largest errors (:mod:`datamodules.report_html`);
 * with ``--wandb``: one W&B summary run (project ``usnodule``, group = the experiment, job_type ``report``;
   offline unless ``WANDB_MODE``/credentials say otherwise, under ``--out``/wandb) holding the Table-2 table, the
   Table-3 table, the per-nodule predictions and the pooled ROC as an image, and each method's numbers in the
@@ -907,9 +907,9 @@ def report(
 def write_report_html(
     out: Path, runs: Path, preds: pd.DataFrame, title: str | None, cine, gallery: int
 ) -> Path:
-    """``report.html`` from the files just written (:mod:`stages.report_html`); the gallery shows the paper's
+    """``report.html`` from the files just written (:mod:`datamodules.report_html`); the gallery shows the paper's
     method (STACT-Time, else AsyCMST, else the first), as the DeLong test compares against."""
-    from stages import report_html
+    from datamodules import report_html
 
     methods = method_order(preds["method"].unique())
     main = next((m for m in ("stact", "asycmst") if m in methods), methods[0])

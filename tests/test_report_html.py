@@ -1,4 +1,4 @@
-"""``report.html`` of ``usnodule report`` (stages/report_html.py): structure read back with html.parser."""
+"""``report.html`` of ``usnodule report`` (datamodules/report_html.py): structure read back with html.parser."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from datamodules.report_html import markdown_to_html
 from datamodules.stanford import StanfordCine
 from stages.cli import main as usnodule
-from stages.report_html import markdown_to_html
 from tests.commands import argv
 
 

@@ -10,7 +10,9 @@ outline) over it.
 Where the crops come from, per fold: ``--cine dataset.hdf5`` (else the ``cine`` path recorded in the fold's
 ``embeddings.h5``) and the fold's predicted masks ``<runs>/fold<k>/masks.h5`` (else the ``masks`` path recorded
 in ``embeddings.h5``).  Without them (AsyCMST runs, a report made elsewhere) the gallery shows the numbers
-only and says why.  Imports no other stage; the report passes what it computed.
+only and says why.  It lives here rather than in ``stages/`` because command modules import no other one
+(tests/test_imports.py) and the gallery is a reader of frames and masks; ``stages/report.py`` passes what it
+computed.
 """
 
 from __future__ import annotations

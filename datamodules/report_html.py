@@ -22,11 +22,14 @@ import html
 import io
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from datamodules.errors import DataError
 
 GALLERY_SIZE = 100  # nodules shown by default (the largest errors)
 TILE = 128  # px, height of each gallery panel
@@ -214,8 +217,12 @@ def gallery_tiles(rows: pd.DataFrame, sources: dict[int, CropSource]) -> dict[tu
         src = sources.get(int(fold))
         if src is None:
             continue
-        cine = opened.setdefault(src.cine, StanfordCine(src.cine))
-        predicted = PredictedMasks(src.masks, cine) if src.masks is not None else None
+        try:  # the gallery is optional: frames or masks that do not fit leave this fold without crops
+            cine = opened.setdefault(src.cine, StanfordCine(src.cine))
+            predicted = PredictedMasks(src.masks, cine) if src.masks is not None else None
+        except DataError as e:
+            print(f"warning: report.html: no crops for fold {int(fold)}: {e}", file=sys.stderr)
+            continue
         for annot_id in group["annot_id"].astype(str):
             if annot_id in cine.by_id:
                 tiles[(int(fold), annot_id)] = nodule_tile(*_frame_and_masks(cine, predicted, annot_id))

@@ -53,10 +53,11 @@ def export(args: argparse.Namespace) -> dict[str, float]:
     from datamodules.atomic import atomic_path
     from lightning_modules import onnx_export
 
-    for module in ("onnx", "onnxscript"):
+    stact = stact_checkpoints(args)
+    # onnxscript: torch.export's ONNX translator, used for the head only (onnx_export.export_graph)
+    for module in ("onnx", "onnxscript") if stact is not None else ("onnx",):
         if importlib.util.find_spec(module) is None:
             raise DataError(None, f"ONNX export needs {module}: pip install 'usnodule[onnx]'")
-    stact = stact_checkpoints(args)
     asycmst = args.asycmst
     if asycmst is None and args.fold_dir is not None and (args.fold_dir / "asycmst.ckpt").is_file():
         asycmst = args.fold_dir / "asycmst.ckpt"

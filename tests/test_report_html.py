@@ -157,6 +157,20 @@ def test_report_html_without_frames_and_gallery_size(tmp_path):
     assert "No crops" in text and len(page.images) == 2  # ROC + calibration only
 
 
+def test_masks_of_another_file_leave_that_fold_without_crops(tmp_path, capsys):
+    h5, runs = runs_on_synth(tmp_path)
+    with h5py.File(runs / "fold1" / "masks.h5", "r+") as f:
+        del f["mask"]
+        f["mask"] = np.zeros((3, 8, 8), np.uint8)  # not this cine file's masks
+    out = tmp_path / "report"
+    usnodule(argv("report", runs=runs, out=out, n_boot=20, cine=h5))
+    assert "warning: report.html: no crops for fold 1" in capsys.readouterr().err
+    page = Page()
+    page.feed((out / "report.html").read_text())
+    assert {f["data-fold"] for f in page.figures if f["img"] is None} == {"1"}
+    assert sum(f["img"] is not None for f in page.figures) == 6
+
+
 def test_markdown_subset():
     html = markdown_to_html("# T\n\nA *b* **c** `d` <e>\n\n| x | y |\n|---|---|\n| 1 | 2 |\n\n- one\n- two\n")
     assert "<h2>T</h2>" in html and "<em>b</em>" in html and "<strong>c</strong>" in html

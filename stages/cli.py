@@ -17,7 +17,7 @@ import sys
 
 from datamodules.errors import DataError
 
-# One line per subcommand; its module in stages/ is the name with "-" -> "_".
+# One line per subcommand; its module in stages/ is the name with "-" -> "_" (or the name in MODULES).
 COMMANDS = (
     "synth",
     "split",
@@ -27,8 +27,15 @@ COMMANDS = (
     "report",
     "report-multiclass",
     "predict",
+    "import",
     "import-stills",
+    "export",
 )
+MODULES = {"import": "import_layout"}  # `import` is a Python keyword: no module stages/import.py
+
+
+def module_name(command: str) -> str:
+    return f"stages.{MODULES.get(command, command.replace('-', '_'))}"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -49,7 +56,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS if only is None else (only,):
-        importlib.import_module(f"stages.{name.replace('-', '_')}").add_parser(sub)
+        importlib.import_module(module_name(name)).add_parser(sub)
     return parser
 
 

@@ -20,6 +20,10 @@ and, when present, ``stack_predictions_<backbone>.csv`` (``annot_id,stack,label,
   test of the paper's method against each other one, on the pooled predictions (:func:`calibration_table`);
 * ``roc.png`` -- one ROC curve per method, predictions pooled over folds;
 * ``predictions.csv`` -- every per-nodule prediction (method, fold, annot_id, label, prob);
+* ``report.html`` -- one self-contained page (images embedded): the tables above, ``roc.png``,
+  ``calibration.png`` and a gallery of the paper's method's test nodules sorted by error (ROI crops with the
+  predicted and drawn masks when the frames can be found: ``--cine`` or the folds' ``embeddings.h5``, and
+  ``fold<k>/masks.h5``; numbers only otherwise), the ``--gallery`` largest errors (:mod:`datamodules.report_html`);
 * with ``--wandb``: one W&B summary run (project ``usnodule``, group = the experiment, job_type ``report``;
   offline unless ``WANDB_MODE``/credentials say otherwise, under ``--out``/wandb) holding the Table-2 table, the
   Table-3 table, the per-nodule predictions and the pooled ROC as an image, and each method's numbers in the
@@ -850,6 +854,8 @@ def report(
     exp: str | None = None,
     truth: str | os.PathLike | None = None,
     title: str | None = None,
+    cine: str | os.PathLike | None = None,
+    gallery: int = 100,
 ) -> pd.DataFrame:
     """Write the report files (module docstring) and return the nodule table (methods, then the reference rows
     when ``truth`` names a synthetic set's truth.csv); ``wandb``: also log a summary run (group ``exp``,
@@ -890,12 +896,35 @@ def report(
         )
     plot_roc(preds, out / "roc.png", refs, title)
     plot_reliability(preds, out / "calibration.png", title)
+    write_report_html(out, runs, preds, title, cine, gallery)
     if wandb:
         log_wandb(out, exp or runs.resolve().name, table, stack, preds, runs)
     if show:
         head = f"{title}: nodule-level results" if title else "Nodule-level results"
         print_table(table, f"{head} ({runs}), mean ± std over folds")
     return table
+
+
+def write_report_html(
+    out: Path, runs: Path, preds: pd.DataFrame, title: str | None, cine, gallery: int
+) -> Path:
+    """``report.html`` from the files just written (:mod:`datamodules.report_html`); the gallery shows the paper's
+    method (STACT-Time, else AsyCMST, else the first), as the DeLong test compares against."""
+    from datamodules import report_html
+
+    methods = method_order(preds["method"].unique())
+    main = next((m for m in ("stact", "asycmst") if m in methods), methods[0])
+    return report_html.write_html(
+        out,
+        title=f"{title}: report" if title else "Report",
+        results_md=(out / "results.md").read_text(),
+        images={"ROC curves": out / "roc.png", "Reliability diagram": out / "calibration.png"},
+        preds=preds,
+        method=main,
+        method_name=NAMES.get(main, main),
+        sources=report_html.crop_sources(runs, cine),
+        gallery_size=gallery,
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -929,6 +958,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--title", default=None, help="report title, e.g. STACT-Time or AsyCMST (results.md heading)"
     )
+    p.add_argument(
+        "--cine",
+        type=Path,
+        default=None,
+        help="dataset.hdf5 for the report.html gallery's crops (default: the path in each fold's embeddings.h5)",
+    )
+    p.add_argument(
+        "--gallery",
+        type=int,
+        default=100,
+        help="report.html: nodules in the gallery, largest errors first (default 100; -1 all)",
+    )
     p.set_defaults(func=run)
 
 
@@ -942,5 +983,7 @@ def run(args: argparse.Namespace) -> None:
         exp=args.exp,
         truth=args.truth,
         title=args.title,
+        cine=args.cine,
+        gallery=args.gallery,
     )
-    print(f"wrote {args.out}/results.md, results.csv, roc.png, calibration.png, predictions.csv")
+    print(f"wrote {args.out}/results.md, results.csv, roc.png, calibration.png, predictions.csv, report.html")

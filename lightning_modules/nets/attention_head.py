@@ -63,6 +63,8 @@ def _check_valid(valid: Tensor, batch: int, length: int) -> Tensor:
     if valid.shape != (batch, length):
         raise ValueError(f"valid must be (B, S) = {(batch, length)}, got {tuple(valid.shape)}")
     valid = valid.bool()
+    if torch.compiler.is_exporting():  # ONNX / torch.export graph: no data-dependent branch (nor check)
+        return valid
     if not bool(valid.any(1).all()):
         raise ValueError("every nodule needs at least one valid stack")
     return valid

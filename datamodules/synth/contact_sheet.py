@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from datamodules.atomic import atomic_path
+from datamodules.synth.subtypes import SUBTYPES
 
 
 def _tile(img: np.ndarray, mask: np.ndarray | None, px: int, color: tuple[int, int, int]) -> np.ndarray:
@@ -35,7 +36,8 @@ def _still_rows(man: Path, px: int, n: int) -> list[tuple[str, list[np.ndarray]]
     with open(man, newline="") as fh:
         cases = list(csv.DictReader(fh))
     rows = []
-    for sub in dict.fromkeys(r["subtype"] for r in sorted(cases, key=lambda r: r["label"])):
+    present = {r["subtype"] for r in cases}
+    for sub in [s for s in SUBTYPES if s in present] + sorted(present - set(SUBTYPES)):
         pick = [r for r in cases if r["subtype"] == sub]
         tiles = [_tile(np.asarray(Image.open(man.parent / r["image"])), np.asarray(Image.open(man.parent / r["mask"])),
                        px, (0, 255, 0)) for r in pick[:n]]  # fmt: skip

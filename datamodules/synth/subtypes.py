@@ -20,8 +20,8 @@ mirrors :func:`plan_stills` term by term).  ``truth.csv`` carries it per case (`
 (the "Bayes ceiling" row of ``usnodule report --truth``).  ``tirads_risk`` and ``tirads_p_*`` are the same
 posterior given the TI-RADS descriptors alone (composition, echogenicity, margin, foci, taller-than-wide as a
 yes/no; the "TI-RADS oracle" row), ``hidden_risk = risk - tirads_risk``.  For the multi-class case the ceiling
-is this posterior: its argmax is the Bayes classifier (lowest expected error), its per-class columns score the
-one-vs-rest AUROCs, and no model of the pixels can do better in expectation, since the image is rendered from
+is this posterior: its argmax is the Bayes classifier (lowest expected error), argmax of ``p_s / share_s`` the
+best rule for balanced accuracy, its per-class columns score the one-vs-rest AUROCs, and no model of the pixels can do better in expectation, since the image is rendered from
 exactly these draws plus noise that does not depend on the subtype.  It is an upper bound, not a promise: the
 image blurs some cues (speckle hides a faint halo, the depth scale is not drawn so absolute size shows only for
 small nodules), so a perfect model of the pixels sits somewhat below it.

@@ -20,9 +20,9 @@ One file per concern, each importing only files above it in this list:
 * ``bmode.py``: frame composition: :func:`render_cine`, :func:`render_still`, :func:`sweep_positions`.
 * ``ceus.py``: contrast time-intensity curves and :func:`render_paired`.
 * ``ownership.py``: the ``.usnodule-synth`` marker and :func:`check_target` (never replace a user's folder).
+* ``stills.py``: :func:`synthesize_stills` (PNG images + masks, still-image manifest, truth.csv).
 * ``writers.py``: :func:`synthesize_stanford` (HDF5 + CSV, optionally in worker processes),
   :func:`synthesize_paired` (.npy + CSV), :func:`synthesize` (both, and the stills when asked).
-* ``stills.py``: :func:`synthesize_stills` (PNG images + masks, still-image manifest, truth.csv).
 * ``contact_sheet.py``: :func:`preview`, a contact sheet of what was written (not ``preview.py``: that module
   name would be shadowed here by the function).
 

@@ -9,6 +9,7 @@ the cine renderer (``bmode.render_still``: same scene, speckle and nodule fields
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +24,15 @@ from datamodules.synth.subtypes import (
     plan_stills,
     still_truth_rows,
 )
-from datamodules.synth.writers import _write_csv
 
 STILL_MANIFEST_COLUMNS = ("case_id", "image", "mask", "label", "patient_id", "subtype")
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, str]]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def synthesize_stills(

@@ -33,6 +33,8 @@ from datamodules.synth.labels import (
     truth_rows,
 )
 from datamodules.synth.ownership import _write_marker, check_target
+from datamodules.synth.stills import synthesize_stills
+from datamodules.synth.subtypes import DEFAULT_MALIGNANT
 
 METADATA_COLUMNS = (
     "annot_id", "age", "sex", "location", "size_x", "size_y", "size_z",
@@ -280,9 +282,6 @@ def synthesize(
     with carcinoma subtypes, ``stills_size`` pixels, default min(size, 128); ``stills_malignant`` the malignant
     share, default ``subtypes.DEFAULT_MALIGNANT``), after the other two, which it does not change.
     """
-    from datamodules.synth.stills import synthesize_stills
-    from datamodules.synth.subtypes import DEFAULT_MALIGNANT
-
     out_dir = Path(out_dir)
     for layout in ("stanford", "paired", *(("stills",) if n_stills else ())):
         check_target(out_dir / layout, layout, overwrite)

@@ -84,6 +84,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="scale of the label model's logistic noise (default 1; below 1 labels follow the planted signals "
         "more closely, and truth.csv's ceiling rises with them)",
     )
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")
+    p.add_argument(
+        "--workers",
+        type=_int_at_least(0),
+        default=None,
+        help="render processes (default: 2 for big sets, else 0)",
+    )
+    p.add_argument("--preview", action="store_true", help="also write <out>/preview.png (a contact sheet)")
     p.add_argument(
         "--stills",
         type=_int_at_least(0),
@@ -104,14 +112,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="malignant share of the stills (PTC + FTC + MTC; FTC and MTC 5%% of all each; default 0.4)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bytes)")
-    p.add_argument(
-        "--workers",
-        type=_int_at_least(0),
-        default=None,
-        help="render processes (default: 2 for big sets, else 0)",
-    )
-    p.add_argument("--preview", action="store_true", help="also write <out>/preview.png (a contact sheet)")
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -1,6 +1,7 @@
-"""``usnodule synth``: write the synthetic Stanford-layout and paired BUS/CEUS sets (the embedded default).
+"""``usnodule synth``: write the synthetic Stanford-layout and paired BUS/CEUS sets (the embedded default), and
+with ``--stills N`` a still-image set with carcinoma subtypes (``<out>/stills``).
 
-A non-empty ``<out>/stanford`` or ``<out>/paired`` that synth did not write (no ``.usnodule-synth`` marker) is
+A non-empty ``<out>/stanford``, ``<out>/paired`` or ``<out>/stills`` that synth did not write (no ``.usnodule-synth`` marker) is
 refused with one line and exit status 2 before anything is written; ``--overwrite`` replaces it anyway.
 """
 
@@ -33,9 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
         help="write synthetic data: <out>/stanford (dataset.hdf5, metadata.csv), <out>/paired (manifest.csv), "
-        "each with the generator's truth.csv",
+        "optionally <out>/stills (--stills N), each with the generator's truth.csv",
         description="Synthetic thyroid ultrasound: B-mode cine sweeps in the Stanford AIMI layout and paired "
-                    "BUS/CEUS clips, labels from TI-RADS features plus image-only signals. "
+                    "BUS/CEUS clips, labels from TI-RADS features plus image-only signals; with --stills N, still "
+                    "images with carcinoma subtypes (benign, PTC, FTC, MTC) for CSASN. "
                     "Deterministic by seed. Each folder also gets truth.csv (clean risk, its TI-RADS and hidden "
                     "parts, the hidden signals, the label), which no training stage reads; "
                     "`usnodule report --truth` uses it for reference rows.",
@@ -93,9 +95,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--preview", action="store_true", help="also write <out>/preview.png (a contact sheet)")
     p.add_argument(
+        "--stills",
+        type=_int_at_least(0),
+        default=0,
+        help="also write <out>/stills: N still images with carcinoma subtypes (benign, PTC, FTC, MTC) for "
+        "CSASN, PNG images + masks, manifest.csv (with a subtype column) and truth.csv (the generator's subtype "
+        "posterior); default 0 (none); the other layouts are the same bytes either way",
+    )
+    p.add_argument(
+        "--stills-size",
+        type=_int_at_least(16),
+        default=None,
+        help="still image height = width in pixels (default min(size, 128))",
+    )
+    p.add_argument(
+        "--stills-malignant",
+        type=_fraction,
+        default=None,
+        help="malignant share of the stills (PTC + FTC + MTC; FTC and MTC 5%% of all each; default 0.4)",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace <out>/stanford and <out>/paired even if they hold files synth did not write (without it "
+        help="replace <out>/stanford, <out>/paired (and <out>/stills) even if they hold files synth did not write (without it "
         "such a folder is refused; synth's own earlier output, marked by a .usnodule-synth file, is always "
         "replaced)",
     )
@@ -120,9 +142,13 @@ def run(args: argparse.Namespace) -> None:
                          prevalence=args.prevalence, label_noise=args.label_noise,
                          paired_prevalence=args.paired_prevalence,
                          seed=args.seed, workers=args.workers, progress=progress,
-                         overwrite=args.overwrite)  # fmt: skip
+                         overwrite=args.overwrite, n_stills=args.stills, stills_size=args.stills_size,
+                         stills_malignant=args.stills_malignant)  # fmt: skip
     print(f"wrote {out / 'stanford' / 'dataset.hdf5'}, {out / 'stanford' / 'metadata.csv'}, "
           f"{out / 'paired' / 'manifest.csv'}; generator truth (read by no stage, only `report --truth`): "
           f"{out / 'stanford' / 'truth.csv'}, {out / 'paired' / 'truth.csv'}")  # fmt: skip
+    if args.stills:
+        print(f"wrote {out / 'stills' / 'manifest.csv'} ({args.stills} still images with subtypes); generator "
+              f"truth: {out / 'stills' / 'truth.csv'}")  # fmt: skip
     if args.preview:
         print(f"wrote {preview(out, out / 'preview.png')}")

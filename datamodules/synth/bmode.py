@@ -33,6 +33,16 @@ def render_cine(spec: NoduleSpec, size: int = 256) -> tuple[np.ndarray, np.ndarr
     return img, mask
 
 
+def render_still(spec: NoduleSpec, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """One B-mode frame through the centre of the nodule (its largest cross-section): image (H, W) uint8 and
+    mask (H, W) uint8 in {0, 255}.  ``spec.still`` must be set (one frame number, foci in the plane); the
+    scene, gain, speckle and nodule fields are the cine renderer's, with a stationary probe."""
+    if not spec.still or len(spec.frame_nums) != 1:
+        raise ValueError("render_still needs a spec with still=True and one frame number")
+    img, mask, _ = _render(spec, size, stationary=True, pattern=None, ceus_curve=None)
+    return img[0], mask[0]
+
+
 def _render(
     spec: NoduleSpec,
     size: int,
@@ -44,6 +54,8 @@ def _render(
     rng = np.random.default_rng(spec.seed)
     scene = _scene(spec, size, rng)
     mot = _motion(spec, scene, rng, stationary)
+    if spec.still:
+        mot.z[:] = 0.0  # the plane through the centre: the largest cross-section
     nod = _nodule(spec, scene, rng, pattern)
     gain = _gain(size, rng, scene.px_per_cm)
     c = scene.bg.shape[0]

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from datamodules.atomic import atomic_path
+from datamodules.synth.subtypes import SUBTYPES
 
 
 def _tile(img: np.ndarray, mask: np.ndarray | None, px: int, color: tuple[int, int, int]) -> np.ndarray:
@@ -26,12 +27,30 @@ def _tile(img: np.ndarray, mask: np.ndarray | None, px: int, color: tuple[int, i
     return out
 
 
+def _still_rows(man: Path, px: int, n: int) -> list[tuple[str, list[np.ndarray]]]:
+    """One row per subtype of the still-image set (its first ``n`` stills, mask outline in green)."""
+    if not man.exists():
+        return []
+    from PIL import Image
+
+    with open(man, newline="") as fh:
+        cases = list(csv.DictReader(fh))
+    rows = []
+    present = {r["subtype"] for r in cases}
+    for sub in [s for s in SUBTYPES if s in present] + sorted(present - set(SUBTYPES)):
+        pick = [r for r in cases if r["subtype"] == sub]
+        tiles = [_tile(np.asarray(Image.open(man.parent / r["image"])), np.asarray(Image.open(man.parent / r["mask"])),
+                       px, (0, 255, 0)) for r in pick[:n]]  # fmt: skip
+        rows.append((f"stills: {sub} ({len(pick)} of {len(cases)})", tiles))
+    return rows
+
+
 def preview(
     root: str | os.PathLike, png: str | os.PathLike | None = None, *, n_clips: int = 4, n_frames: int = 6
 ) -> Path:
     """Contact sheet of what ``synthesize`` made: a few Stanford clips (frames across the sweep with the mask
-    outline), paired BUS and CEUS frames, and CEUS time-intensity curves inside the mask (benign blue,
-    malignant red).  One mosaic image rather than an axes per frame keeps it fast."""
+    outline), paired BUS and CEUS frames, CEUS time-intensity curves inside the mask (benign blue,
+    malignant red) and, when there is a still-image set, a row of stills per subtype.  One mosaic image rather than an axes per frame keeps it fast."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,6 +93,7 @@ def preview(
                 name = f"paired {r['case_id']}"
                 rows.append((f"{name} BUS ({lab})", [_tile(bus[i], mk[i], px, green) for i in pick]))
                 rows.append((f"{name} CEUS", [_tile(ceus[i], mk[i], px, yellow) for i in pick]))
+    rows += _still_rows(root / "stills" / "manifest.csv", px, n_frames)
     if not rows:
         raise FileNotFoundError(f"{root}: nothing synthesized there")
     row_h = px + gap + 14  # room for a title above each row

@@ -74,6 +74,12 @@ class NoduleSpec:
     frame_nums: np.ndarray = field(repr=False)
     seed: int = 0
     pool_seed: int = 0
+    # Set by the still-image set (``stills.py``) only; the cine and paired plans keep these defaults, so their
+    # bytes do not change.  ``halo``: None lets ``nodule.py`` draw it (70% of smooth iso/hyperechoic nodules),
+    # True/False is a drawn descriptor.  ``still``: one frame through the nodule's centre, every echogenic
+    # focus in that plane (``bmode.render_still``).
+    halo: bool | None = None
+    still: bool = False
 
     @property
     def taller(self) -> bool:

@@ -120,24 +120,30 @@ def _nodule(spec: NoduleSpec, scene: _Scene, rng: np.random.Generator, pattern: 
         th0 = rng.uniform(-math.pi, 0.0)  # anterior part of the wall
         rim = np.clip((np.cos(theta - th0) - math.cos(1.2)) / 0.15, 0, 1)
     foci = []
+    zs = 0.1 if spec.still else 1.0  # a still shows the plane z = 0: its foci lie (almost) in it
     for kind in spec.foci:
         if kind == "punctate":
             for _ in range(int(rng.integers(4, 12))):
                 r, th = 0.75 * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
-                foci.append((r * math.sin(th), r * math.cos(th), rng.uniform(-0.8, 0.8), 1.0, 0.0))
+                foci.append((r * math.sin(th), r * math.cos(th), zs * rng.uniform(-0.8, 0.8), 1.0, 0.0))
         elif kind == "macro":
             for _ in range(int(rng.integers(1, 3))):
                 r, th = 0.5 * math.sqrt(rng.random()), rng.uniform(0, 2 * math.pi)
-                foci.append((r * math.sin(th), r * math.cos(th), rng.uniform(-0.5, 0.5),
+                foci.append((r * math.sin(th), r * math.cos(th), zs * rng.uniform(-0.5, 0.5),
                              max(2.0, 0.15 * min(a0, b0)), 1.0))  # fmt: skip
         elif kind == "comet-tail":
             for _ in range(2):
                 foci.append(
-                    (rng.uniform(-0.8, -0.5), rng.uniform(-0.4, 0.4), rng.uniform(-0.6, 0.6), 1.0, 2.0)
+                    (rng.uniform(-0.8, -0.5), rng.uniform(-0.4, 0.4), zs * rng.uniform(-0.6, 0.6), 1.0, 2.0)
                 )
-    halo = (
-        spec.margin == "smooth" and spec.echogenicity in ("isoechoic", "hyperechoic") and rng.random() < 0.7
-    )
+    if spec.halo is None:
+        halo = (
+            spec.margin == "smooth"
+            and spec.echogenicity in ("isoechoic", "hyperechoic")
+            and rng.random() < 0.7
+        )
+    else:
+        halo = spec.halo
 
     ceus = np.ones(shape, np.float32)
     if pattern == "ring":

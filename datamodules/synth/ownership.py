@@ -41,6 +41,8 @@ def _synth_wrote(folder: Path, layout: str) -> bool:
     (the same names and the generator's truth.csv header)."""
     if (folder / MARKER).is_file():
         return True
+    if layout not in _LEGACY:  # layouts newer than the marker (stills) always had one
+        return False
     names, columns = _LEGACY[layout]
     try:
         with open(folder / "truth.csv", newline="") as fh:

@@ -33,6 +33,8 @@ from datamodules.synth.labels import (
     truth_rows,
 )
 from datamodules.synth.ownership import _write_marker, check_target
+from datamodules.synth.stills import synthesize_stills
+from datamodules.synth.subtypes import DEFAULT_MALIGNANT
 
 METADATA_COLUMNS = (
     "annot_id", "age", "sex", "location", "size_x", "size_y", "size_z",
@@ -265,6 +267,9 @@ def synthesize(
     label_noise: float = 1.0,
     paired_prevalence: float | None = None,
     overwrite: bool = False,
+    n_stills: int = 0,
+    stills_size: int | None = None,
+    stills_malignant: float | None = None,
 ) -> Path:
     """Both layouts: ``out_dir/stanford`` (Stanford cine clips) and ``out_dir/paired`` (BUS/CEUS).
 
@@ -273,10 +278,12 @@ def synthesize(
     min(frames, 32) frames of min(size, 128) pixels.  Each
     sub-directory is written atomically (a failure leaves no half directory).  Both targets are checked
     (:func:`check_target`) before either is written, so a refusal touches nothing; ``overwrite`` replaces
-    folders synth did not write.
+    folders synth did not write.  ``n_stills`` > 0 also writes ``out_dir/stills`` (``stills.py``: still images
+    with carcinoma subtypes, ``stills_size`` pixels, default min(size, 128); ``stills_malignant`` the malignant
+    share, default ``subtypes.DEFAULT_MALIGNANT``), after the other two, which it does not change.
     """
     out_dir = Path(out_dir)
-    for layout in ("stanford", "paired"):
+    for layout in ("stanford", "paired", *(("stills",) if n_stills else ())):
         check_target(out_dir / layout, layout, overwrite)
     cb = (lambda name: lambda d, n: progress(name, d, n)) if progress else (lambda name: None)
     synthesize_stanford(out_dir / "stanford", n_nodules=n_nodules, frames=frames, size=size,
@@ -286,4 +293,8 @@ def synthesize(
                       size=paired_size or min(size, 128),
                       prevalence=next(q for q in (paired_prevalence, prevalence, 0.45) if q is not None),
                       seed=seed, progress=cb("paired"), label_noise=label_noise, overwrite=overwrite)  # fmt: skip
+    if n_stills:
+        synthesize_stills(out_dir / "stills", n_stills=n_stills, size=stills_size or min(size, 128),
+                          malignant=DEFAULT_MALIGNANT if stills_malignant is None else stills_malignant,
+                          seed=seed, progress=cb("stills"), overwrite=overwrite)  # fmt: skip
     return out_dir

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from datamodules.boxes import boxes_for
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
 from datamodules.lazy_h5 import InMemoryH5, LazyH5, open_checked, read_rows, text
@@ -213,6 +214,7 @@ class StackDataset(Dataset):
         mask_roi: bool = False,
         transform=None,
         cache: bool = False,
+        box_cache: bool = True,
     ) -> None:
         if kind not in ("image", "mask"):
             raise ValueError(f"kind must be 'image' or 'mask', got {kind!r}")
@@ -233,6 +235,11 @@ class StackDataset(Dataset):
             self.pred = masks_h5
         else:
             self.pred = PredictedMasks(masks_h5, self.cine)
+        # Per-frame mask boxes, one pass per file and process (datamodules/boxes.py); False: from the masks at
+        # every read (the reference path, tested equal).
+        use_boxes = box_cache and (kind == "image" or mask_roi)
+        box_src = self.pred if use_predicted_boxes else self.cine
+        self._boxes = boxes_for(box_src, self.nodule_ids) if use_boxes else None
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32)[:, None, None]
         # Flat index of (nodule index, stack position, frame positions): small ints only, no pixels.
@@ -258,6 +265,8 @@ class StackDataset(Dataset):
 
     def nodule_box(self, nid: str) -> Box | None:
         """Union box over all frames of the nodule (fallback for stacks whose masks are empty)."""
+        if self._boxes is not None:
+            return self._boxes.union(self.cine.by_id[nid].rows)
         if nid not in self._fallback:
             n = self.cine.by_id[nid].n_frames
             boxes = []
@@ -269,7 +278,10 @@ class StackDataset(Dataset):
 
     def roi(self, nid: str, pos: np.ndarray) -> Box:
         """The crop box of one stack: union of its mask boxes + buffer, clipped; see module docstring."""
-        box = bbox_from_mask(self._box_masks(nid, pos).max(axis=0))
+        if self._boxes is not None:
+            box = self._boxes.union(self.cine.by_id[nid].rows[pos])
+        else:
+            box = bbox_from_mask(self._box_masks(nid, pos).max(axis=0))
         if box is None:
             box = self.nodule_box(nid)
         h, w = self.cine.image_shape

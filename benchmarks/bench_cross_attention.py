@@ -17,8 +17,8 @@ figure is the median over rounds of the *thread CPU time* (``time.thread_time``;
 wall time: on a machine shared with other jobs, CPU time is not inflated by waiting for a core, wall time is.
 The backward pass takes a dense random upstream gradient (the ``.sum()`` of the first version handed SDPA an
 expanded gradient, which no network produces) and gradients are set to ``None`` before every step, as an
-optimiser's ``zero_grad`` does.  ``asymmetric-sdpa`` is the asymmetric core as it was before issue 14 (one SDPA
-call per direction on CPU too), kept as the in-run baseline of the batched-matmul path.
+optimiser's ``zero_grad`` does.  ``asymmetric-bmm`` is the asymmetric strategy with :func:`attend_bmm`, a batched-matmul
+candidate for the spatial / temporal patterns that was measured against the library's SDPA path and not adopted.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the running peak of the allocation balance that
 ``torch.profiler`` (profile_memory=True) records per op, in time order; both above what was held before the step.
@@ -42,17 +42,22 @@ from einops import rearrange
 from datamodules.atomic import write_json
 from lightning_modules.nets.asycmst_attention import STRATEGY_PATTERNS, CrossModalAttention, attend
 
-SDPA_FOLDS = {  # the pre-issue-14 CPU path of the spatial / temporal patterns
-    "spatial": ("b m t n d -> (b t) m n d", "(b t) m n d -> b m t n d"),
-    "temporal": ("b m t n d -> (b n) m t d", "(b n) m t d -> b m t n d"),
-}
-
-
-def attend_sdpa(q, k, v, pattern):
-    """``attend`` for the spatial / temporal patterns through one SDPA call (the code before issue 14)."""
-    fold, unfold = SDPA_FOLDS[pattern]
-    out = F.scaled_dot_product_attention(rearrange(q, fold), rearrange(k, fold), rearrange(v, fold))
-    return rearrange(out, unfold, b=q.shape[0], t=q.shape[2], n=q.shape[3])
+def attend_bmm(q, k, v, pattern):
+    """Candidate tried for issue 14 item 4 and *not* adopted (BENCHMARKS.md): the spatial / temporal patterns
+    as one batched matmul per product over ``(B*M*T)`` / ``(B*M*N)`` rows and one softmax, instead of SDPA.
+    Equal to SDPA to 1e-12 in float64 (tested in commit bfc3d80, since reverted); other patterns go to :func:`attend`."""
+    if pattern not in ("spatial", "temporal"):
+        return attend(q, k, v, pattern)
+    b, m, t, n, d = q.shape
+    if pattern == "spatial":  # batch (b m t), sequence n: a view when the inputs are contiguous
+        q, k, v = (x.reshape(b * m * t, n, d) for x in (q, k, v))
+    else:  # batch (b m n), sequence t: one transposing copy per input
+        q, k, v = (x.transpose(2, 3).reshape(b * m * n, t, d) for x in (q, k, v))
+    scores = torch.bmm(q, k.transpose(1, 2)).mul_(d**-0.5)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v)
+    if pattern == "spatial":
+        return out.view(b, m, t, n, d)
+    return out.view(b, m, n, t, d).transpose(2, 3)
 
 
 KEYS = {  # keys per query for each pattern (the "cross" pattern computes N + T scores, one of them masked)
@@ -153,7 +158,7 @@ def cpu_peak_mib(fn) -> float:
 
 
 class _patched:
-    """Within the block, route ``attend``'s spatial / temporal patterns through SDPA (the old path)."""
+    """Within the block, route ``attend`` through :func:`attend_bmm` (the candidate)."""
 
     def __init__(self, on: bool):
         self.on = on
@@ -162,13 +167,13 @@ class _patched:
         if self.on:
             from lightning_modules.nets import asycmst_attention as mod
 
-            self.saved, mod._attend_axis_bmm = mod._attend_axis_bmm, attend_sdpa
+            self.saved, mod.attend = mod.attend, attend_bmm
 
     def __exit__(self, *exc):
         if self.on:
             from lightning_modules.nets import asycmst_attention as mod
 
-            mod._attend_axis_bmm = self.saved
+            mod.attend = self.saved
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -201,7 +206,7 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     for b in args.batch:
         fns, meta = {}, {}
-        strategies = list(args.strategies) + (["asymmetric-sdpa"] if "asymmetric" in args.strategies else [])
+        strategies = list(args.strategies) + (["asymmetric-bmm"] if "asymmetric" in args.strategies else [])
         for strategy in strategies:
             mod = CrossModalAttention(dim=d_model, heads=m, strategy=strategy.split("-")[0]).to(device)
             x_c = torch.randn(b, t, n, d_model, device=device, requires_grad=True)
@@ -210,12 +215,12 @@ def run(args: argparse.Namespace) -> dict:
             qkv = [torch.randn(b, m, t, n, d_model // m, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(6)]  # fmt: skip
             g_qkv = [torch.randn(b, m, t, n, d_model // m, device=device, dtype=dtype) for _ in range(2)]
-            core = attend_sdpa if strategy == "asymmetric-sdpa" else attend
+            core = attend_bmm if strategy == "asymmetric-bmm" else attend
 
-            def module_step(mod=mod, x_c=x_c, x_b=x_b, g=g_x, sdpa=strategy == "asymmetric-sdpa"):
+            def module_step(mod=mod, x_c=x_c, x_b=x_b, g=g_x, bmm=strategy == "asymmetric-bmm"):
                 mod.zero_grad(set_to_none=True)
                 x_c.grad = x_b.grad = None
-                with torch.autocast(device.type, dtype=dtype, enabled=amp), _patched(sdpa):
+                with torch.autocast(device.type, dtype=dtype, enabled=amp), _patched(bmm):
                     a, c = mod(x_c, x_b)
                 torch.autograd.backward([a.float(), c.float()], g)
 
@@ -271,7 +276,7 @@ def run(args: argparse.Namespace) -> dict:
             if asym is None:
                 continue
             entry = {"batch": b, "part": part}
-            for other in ("global", "symmetric", "asymmetric-sdpa", "asymmetric-naive-loop"):
+            for other in ("global", "symmetric", "asymmetric-bmm", "asymmetric-naive-loop"):
                 o = pick(b, other, part)
                 if o is not None:
                     entry[f"{other}_over_asym_time"] = o["ms"] / asym["ms"]

@@ -67,8 +67,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str) -> t
     - ``cross``: ``K[:, n]`` together with ``K[t, :]``, each key once (N+T-1 keys; Sec. 4.6 "symmetric").
     """
     b, m, t, n, _ = q.shape
-    if pattern in ("spatial", "temporal") and q.device.type == "cpu":
-        return _attend_axis_bmm(q, k, v, pattern)
     if pattern == "spatial":
         fold, unfold = "b m t n d -> (b t) m n d", "(b t) m n d -> b m t n d"
     elif pattern == "temporal":
@@ -81,29 +79,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str) -> t
         raise ValueError(f"unknown pattern {pattern!r}")
     out = F.scaled_dot_product_attention(rearrange(q, fold), rearrange(k, fold), rearrange(v, fold))
     return rearrange(out, unfold, b=b, t=t, n=n)
-
-
-def _attend_axis_bmm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str) -> torch.Tensor:
-    """The ``spatial`` / ``temporal`` patterns on CPU: one batched matmul per product over ``(B*M*T)`` query
-    rows (spatial, N keys each) or ``(B*M*N)`` (temporal, T keys each), and one softmax.
-
-    Hand-written because CPU ``scaled_dot_product_attention`` pays its blocked flash kernel's set-up and
-    zero-fills once per (batch, head) for attentions of only 16 or 49 keys: at paper scale it ran 3-5x off the
-    FLOP bound (issue 14, item 4; ``benchmarks/bench_cross_attention.py``).  The score matrices are small
-    (``(B M T) x N x N`` and ``(B M N) x T x T``), so materialising them costs less than the kernel's overheads.
-    Same maths as SDPA (``softmax(Q K^T / sqrt(d)) V``); tested against it to 1e-12 in float64.  GPUs keep the
-    fused SDPA kernels.
-    """
-    b, m, t, n, d = q.shape
-    if pattern == "spatial":  # batch (b m t), sequence n: a view when the inputs are contiguous
-        q, k, v = (x.reshape(b * m * t, n, d) for x in (q, k, v))
-    else:  # batch (b m n), sequence t: one transposing copy per input
-        q, k, v = (x.transpose(2, 3).reshape(b * m * n, t, d) for x in (q, k, v))
-    scores = torch.bmm(q, k.transpose(1, 2)).mul_(d**-0.5)
-    out = torch.bmm(torch.softmax(scores, dim=-1), v)
-    if pattern == "spatial":
-        return out.view(b, m, t, n, d)
-    return out.view(b, m, n, t, d).transpose(2, 3)
 
 
 def _attend_cross(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -36,11 +36,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 
 from datamodules.atomic import write_json
 from lightning_modules.nets.asycmst_attention import STRATEGY_PATTERNS, CrossModalAttention, attend
+
 
 def attend_bmm(q, k, v, pattern):
     """Candidate tried for issue 14 item 4 and *not* adopted (BENCHMARKS.md): the spatial / temporal patterns

@@ -10,7 +10,9 @@ repeated, so that every nodule has at least one stack (S >= 1) and is never lost
 default; predicted masks from a ``masks.h5`` with ``use_predicted_boxes=True``), grown by ``buffer`` pixels
 (paper: 5) on every side and clipped at the image border.  When all three masks are empty (nodule out of view)
 the nodule's union box over all its frames is used instead; when every mask of the nodule is empty, the full
-frame.  Only the box is read from the HDF5 (the reader's ``box=``).  The crop is resized to ``img_size``
+frame.  The boxes come from every frame's mask box, computed once per file and process
+(``datamodules/boxes.py``; ``box_cache=False`` recomputes them from the masks at each read).  Only the box
+is read from the HDF5 (the reader's ``box=``).  The crop is resized to ``img_size``
 (bilinear, antialiased when shrinking), scaled to [0, 1] and optionally normalised by ``mean``/``std``.
 
 **Mask stacks** (mask CNN).  Predicted masks from ``masks.h5`` (written by ``usnodule masks``) are stacked the

@@ -35,7 +35,7 @@ import numpy as np
 from datamodules.errors import DataError
 from datamodules.lazy_h5 import Box, InMemoryH5, read_rows
 
-BLOCK = 32  # masks per read in the pass: bounded memory (32 x 802 x 1054 uint8 = 27 MB at the real size)
+BLOCK = 4  # masks per read in the pass: small temporaries (32 per read ran ~1.3x slower at 802 x 1054)
 
 
 def tight_boxes(masks: np.ndarray) -> np.ndarray:

@@ -12,6 +12,14 @@ FLOPs are counted analytically (one multiply-add = 2 FLOPs; backward = 2 x forwa
 bound with the device's measured matmul throughput (a large square matmul in the same dtype), so
 ``time / bound`` says how far a variant is from being compute-bound.
 
+Timing: all variants of one batch size run interleaved, round after round (``--repeats`` rounds), and each
+figure is the median over rounds of the *thread CPU time* (``time.thread_time``; one torch thread) beside the
+wall time: on a machine shared with other jobs, CPU time is not inflated by waiting for a core, wall time is.
+The backward pass takes a dense random upstream gradient (the ``.sum()`` of the first version handed SDPA an
+expanded gradient, which no network produces) and gradients are set to ``None`` before every step, as an
+optimiser's ``zero_grad`` does.  ``asymmetric-bmm`` is the asymmetric strategy with :func:`attend_bmm`, a batched-matmul
+candidate for the spatial / temporal patterns that was measured against the library's SDPA path and not adopted.
+
 Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the running peak of the allocation balance that
 ``torch.profiler`` (profile_memory=True) records per op, in time order; both above what was held before the step.
 
@@ -31,6 +39,25 @@ import torch
 
 from datamodules.atomic import write_json
 from lightning_modules.nets.asycmst_attention import STRATEGY_PATTERNS, CrossModalAttention, attend
+
+
+def attend_bmm(q, k, v, pattern):
+    """Candidate tried for issue 14 item 4 and *not* adopted (BENCHMARKS.md): the spatial / temporal patterns
+    as one batched matmul per product over ``(B*M*T)`` / ``(B*M*N)`` rows and one softmax, instead of SDPA.
+    Equal to SDPA to 1e-12 in float64 (tested in commit bfc3d80, since reverted); other patterns go to :func:`attend`."""
+    if pattern not in ("spatial", "temporal"):
+        return attend(q, k, v, pattern)
+    b, m, t, n, d = q.shape
+    if pattern == "spatial":  # batch (b m t), sequence n: a view when the inputs are contiguous
+        q, k, v = (x.reshape(b * m * t, n, d) for x in (q, k, v))
+    else:  # batch (b m n), sequence t: one transposing copy per input
+        q, k, v = (x.transpose(2, 3).reshape(b * m * n, t, d) for x in (q, k, v))
+    scores = torch.bmm(q, k.transpose(1, 2)).mul_(d**-0.5)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v)
+    if pattern == "spatial":
+        return out.view(b, m, t, n, d)
+    return out.view(b, m, n, t, d).transpose(2, 3)
+
 
 KEYS = {  # keys per query for each pattern (the "cross" pattern computes N + T scores, one of them masked)
     "spatial": lambda t, n: n,
@@ -78,27 +105,40 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(fn, device: torch.device, *, repeats: int, warmup: int) -> dict:
-    """Median wall time (ms) and peak extra memory (MiB) of ``fn()`` (which runs forward + backward)."""
-    for _ in range(warmup):
-        fn()
+def measure(fns: dict, device: torch.device, *, repeats: int, warmup: int, memory: bool = True) -> dict:
+    """Per name in ``fns`` (each runs forward + backward): median thread-CPU and wall time (ms) over
+    ``repeats`` interleaved rounds, and peak extra memory (MiB)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
+    cpu = {name: [] for name in fns}
+    wall = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+        for name, fn in fns.items():
+            c0, t0 = time.thread_time(), time.perf_counter()
+            fn()
+            _sync(device)
+            wall[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.thread_time() - c0) * 1e3)
+    out = {}
+    for name, fn in fns.items():
+        # on GPU the host thread mostly waits: report wall time as "ms" there
+        ms = cpu[name] if device.type == "cpu" else wall[name]
+        out[name] = {"ms": statistics.median(ms), "ms_min": min(ms), "wall_ms": statistics.median(wall[name]),
+                     "peak_mib": peak_mib(fn, device) if memory else float("nan")}  # fmt: skip
+    return out
+
+
+def peak_mib(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
         _sync(device)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak = cpu_peak_mib(fn)
-    return {"ms": statistics.median(times), "ms_min": min(times), "peak_mib": peak}
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return cpu_peak_mib(fn)
 
 
 def cpu_peak_mib(fn) -> float:
@@ -116,6 +156,25 @@ def cpu_peak_mib(fn) -> float:
     return peak / 2**20
 
 
+class _patched:
+    """Within the block, route ``attend`` through :func:`attend_bmm` (the candidate)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        if self.on:
+            from lightning_modules.nets import asycmst_attention as mod
+
+            self.saved, mod.attend = mod.attend, attend_bmm
+
+    def __exit__(self, *exc):
+        if self.on:
+            from lightning_modules.nets import asycmst_attention as mod
+
+            mod.attend = self.saved
+
+
 def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """Measured dense matmul throughput (TFLOP/s) in ``dtype``: the compute roof used for the FLOP bounds."""
     size = 4096 if device.type == "cuda" else 1536
@@ -125,11 +184,15 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
         a @ b
     _sync(device)
     reps = 20 if device.type == "cuda" else 3
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * size**3 * reps / (time.perf_counter() - t0) / 1e12
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time  # as in measure()
+    best = 0.0
+    for _ in range(3):  # best of three: the roof, not a loaded moment
+        t0 = clock()
+        for _ in range(reps):
+            a @ b
+        _sync(device)
+        best = max(best, 2 * size**3 * reps / (clock() - t0) / 1e12)
+    return best
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -141,52 +204,66 @@ def run(args: argparse.Namespace) -> dict:
     roof = matmul_tflops(device, dtype)
     rows = []
     for b in args.batch:
-        for strategy in args.strategies:
-            mod = CrossModalAttention(dim=d_model, heads=m, strategy=strategy).to(device)
+        fns, meta = {}, {}
+        strategies = list(args.strategies) + (["asymmetric-bmm"] if "asymmetric" in args.strategies else [])
+        for strategy in strategies:
+            mod = CrossModalAttention(dim=d_model, heads=m, strategy=strategy.split("-")[0]).to(device)
             x_c = torch.randn(b, t, n, d_model, device=device, requires_grad=True)
             x_b = torch.randn(b, t, n, d_model, device=device, requires_grad=True)
+            g_x = [torch.randn(b, t, n, d_model, device=device) for _ in range(2)]
             qkv = [torch.randn(b, m, t, n, d_model // m, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(6)]  # fmt: skip
+            g_qkv = [torch.randn(b, m, t, n, d_model // m, device=device, dtype=dtype) for _ in range(2)]
+            core = attend_bmm if strategy == "asymmetric-bmm" else attend
 
-            def module_step(mod=mod, x_c=x_c, x_b=x_b):
-                with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            def module_step(mod=mod, x_c=x_c, x_b=x_b, g=g_x, bmm=strategy == "asymmetric-bmm"):
+                mod.zero_grad(set_to_none=True)
+                x_c.grad = x_b.grad = None
+                with torch.autocast(device.type, dtype=dtype, enabled=amp), _patched(bmm):
                     a, c = mod(x_c, x_b)
-                (a.float().sum() + c.float().sum()).backward()
+                torch.autograd.backward([a.float(), c.float()], g)
 
-            pat_c, pat_b = STRATEGY_PATTERNS[strategy]
+            pat_c, pat_b = STRATEGY_PATTERNS[strategy.split("-")[0]]
 
-            def core_step(qkv=qkv, pat_c=pat_c, pat_b=pat_b):
+            def core_step(qkv=qkv, g=g_qkv, pat_c=pat_c, pat_b=pat_b, core=core):
+                for x in qkv:
+                    x.grad = None
                 q, k, v, q2, k2, v2 = qkv
-                a = attend(q, k2, v2, pat_c)
-                c = attend(q2, k, v, pat_b)
-                (a.float().sum() + c.float().sum()).backward()
+                a = core(q, k2, v2, pat_c)
+                c = core(q2, k, v, pat_b)
+                torch.autograd.backward([a.float(), c.float()], g)
 
-            fl_core = 3 * core_flops(strategy, b, t, n, d_model)
+            fl_core = 3 * core_flops(strategy.split("-")[0], b, t, n, d_model)
             fl_mod = fl_core + 3 * proj_flops(b, t, n, d_model)
             for part, fn, fl in (("module", module_step, fl_mod), ("core", core_step, fl_core)):
-                r = measure(fn, device, repeats=args.repeats, warmup=args.warmup)
-                bound = fl / (roof * 1e12) * 1e3
-                rows.append({"batch": b, "strategy": strategy, "part": part, **r, "gflop": fl / 1e9,
-                             "bound_ms": bound, "x_bound": r["ms"] / bound,
-                             "interactions": INTERACTIONS[strategy](t, n) * b})  # fmt: skip
-                print(f"B={b} {strategy:10s} {part:6s} {r['ms']:9.2f} ms  {r['peak_mib']:8.1f} MiB  "
-                      f"{fl / 1e9:7.2f} GFLOP  x{r['ms'] / bound:6.1f} of bound", flush=True)  # fmt: skip
+                fns[(strategy, part)] = fn
+                meta[(strategy, part)] = fl
         if b in args.naive_batch:
-            qkv = [torch.randn(b, m, t, n, d_model // m, device=device, dtype=dtype, requires_grad=True)
-                   for _ in range(6)]  # fmt: skip
+            qkv_naive = [torch.randn(b, m, t, n, d_model // m, device=device, dtype=dtype, requires_grad=True)
+                         for _ in range(6)]  # fmt: skip
 
-            def naive_step(qkv=qkv):
+            def naive_step(qkv=qkv_naive, g=g_qkv):
                 q, k, v, q2, k2, v2 = qkv
                 a, c = naive_loop(q, k2, v2, q2, k, v)
-                (a.float().sum() + c.float().sum()).backward()
+                torch.autograd.backward([a.float(), c.float()], g)
 
-            r = measure(naive_step, device, repeats=max(1, args.repeats // 3), warmup=1)
+            r = measure({"naive": naive_step}, device, repeats=max(1, args.repeats // 3), warmup=1)["naive"]
             fl = 3 * core_flops("asymmetric", b, t, n, d_model)
             bound = fl / (roof * 1e12) * 1e3
             rows.append({"batch": b, "strategy": "asymmetric-naive-loop", "part": "core", **r, "gflop": fl / 1e9,
                          "bound_ms": bound, "x_bound": r["ms"] / bound,
                          "interactions": INTERACTIONS["asymmetric"](t, n) * b})  # fmt: skip
             print(f"B={b} naive-loop  core   {r['ms']:9.2f} ms  {r['peak_mib']:8.1f} MiB", flush=True)
+        results = measure(fns, device, repeats=args.repeats, warmup=args.warmup)
+        for (strategy, part), r in results.items():
+            fl = meta[(strategy, part)]
+            bound = fl / (roof * 1e12) * 1e3
+            rows.append({"batch": b, "strategy": strategy, "part": part, **r, "gflop": fl / 1e9,
+                         "bound_ms": bound, "x_bound": r["ms"] / bound,
+                         "interactions": INTERACTIONS[strategy.split("-")[0]](t, n) * b})  # fmt: skip
+            print(f"B={b} {strategy:15s} {part:6s} {r['ms']:9.2f} ms (wall {r['wall_ms']:8.2f})  "
+                  f"{r['peak_mib']:8.1f} MiB  {fl / 1e9:7.2f} GFLOP  x{r['ms'] / bound:6.2f} of bound",
+                  flush=True)  # fmt: skip
 
     def pick(b, s, part):
         return next((r for r in rows if (r["batch"], r["strategy"], r["part"]) == (b, s, part)), None)
@@ -198,7 +275,7 @@ def run(args: argparse.Namespace) -> dict:
             if asym is None:
                 continue
             entry = {"batch": b, "part": part}
-            for other in ("global", "symmetric", "asymmetric-naive-loop"):
+            for other in ("global", "symmetric", "asymmetric-bmm", "asymmetric-naive-loop"):
                 o = pick(b, other, part)
                 if o is not None:
                     entry[f"{other}_over_asym_time"] = o["ms"] / asym["ms"]

@@ -10,7 +10,9 @@ repeated, so that every nodule has at least one stack (S >= 1) and is never lost
 default; predicted masks from a ``masks.h5`` with ``use_predicted_boxes=True``), grown by ``buffer`` pixels
 (paper: 5) on every side and clipped at the image border.  When all three masks are empty (nodule out of view)
 the nodule's union box over all its frames is used instead; when every mask of the nodule is empty, the full
-frame.  Only the box is read from the HDF5 (the reader's ``box=``).  The crop is resized to ``img_size``
+frame.  The boxes come from every frame's mask box, computed once per file and process
+(``datamodules/boxes.py``; ``box_cache=False`` recomputes them from the masks at each read).  Only the box
+is read from the HDF5 (the reader's ``box=``).  The crop is resized to ``img_size``
 (bilinear, antialiased when shrinking), scaled to [0, 1] and optionally normalised by ``mean``/``std``.
 
 **Mask stacks** (mask CNN).  Predicted masks from ``masks.h5`` (written by ``usnodule masks``) are stacked the
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from datamodules.boxes import boxes_for
 from datamodules.errors import DataError, OptionError
 from datamodules.folds import load_fold
 from datamodules.lazy_h5 import InMemoryH5, LazyH5, open_checked, read_rows, text
@@ -213,6 +216,7 @@ class StackDataset(Dataset):
         mask_roi: bool = False,
         transform=None,
         cache: bool = False,
+        box_cache: bool = True,
     ) -> None:
         if kind not in ("image", "mask"):
             raise ValueError(f"kind must be 'image' or 'mask', got {kind!r}")
@@ -233,6 +237,11 @@ class StackDataset(Dataset):
             self.pred = masks_h5
         else:
             self.pred = PredictedMasks(masks_h5, self.cine)
+        # Per-frame mask boxes, one pass per file and process (datamodules/boxes.py); False: from the masks at
+        # every read (the reference path, tested equal).
+        use_boxes = box_cache and (kind == "image" or mask_roi)
+        box_src = self.pred if use_predicted_boxes else self.cine
+        self._boxes = boxes_for(box_src, self.nodule_ids) if use_boxes else None
         self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = None if std is None else torch.tensor(std, dtype=torch.float32)[:, None, None]
         # Flat index of (nodule index, stack position, frame positions): small ints only, no pixels.
@@ -258,6 +267,8 @@ class StackDataset(Dataset):
 
     def nodule_box(self, nid: str) -> Box | None:
         """Union box over all frames of the nodule (fallback for stacks whose masks are empty)."""
+        if self._boxes is not None:
+            return self._boxes.union(self.cine.by_id[nid].rows)
         if nid not in self._fallback:
             n = self.cine.by_id[nid].n_frames
             boxes = []
@@ -269,7 +280,10 @@ class StackDataset(Dataset):
 
     def roi(self, nid: str, pos: np.ndarray) -> Box:
         """The crop box of one stack: union of its mask boxes + buffer, clipped; see module docstring."""
-        box = bbox_from_mask(self._box_masks(nid, pos).max(axis=0))
+        if self._boxes is not None:
+            box = self._boxes.union(self.cine.by_id[nid].rows[pos])
+        else:
+            box = bbox_from_mask(self._box_masks(nid, pos).max(axis=0))
         if box is None:
             box = self.nodule_box(nid)
         h, w = self.cine.image_shape

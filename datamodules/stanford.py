@@ -318,7 +318,7 @@ class StanfordCine:
             raise IndexError(
                 f"frame index out of range for nodule {annot_id!r} with {nodule.n_frames} frames"
             )
-        return read_rows(self._h5.file[key], nodule.rows[idx], box)
+        return read_rows(self._h5.dataset(key), nodule.rows[idx], box)
 
     def frames(self, annot_id: str, idx: Sequence[int] | np.ndarray, box: Box | None = None) -> np.ndarray:
         """(k, H, W) uint8 frames at positions ``idx`` of the nodule's ordered frames (optionally a box only)."""

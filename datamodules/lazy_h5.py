@@ -86,7 +86,9 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray, box: Box | None = None) -> np.
     try:
         if uniq and uniq[-1] - uniq[0] + 1 == len(uniq):
             data = ds[uniq[0] : uniq[-1] + 1, ys, xs]
-            if listed == uniq:  # increasing run: the slice itself (a copy for in-memory arrays, as h5py returns)
+            if (
+                listed == uniq
+            ):  # increasing run: the slice itself (a copy for in-memory arrays, as h5py returns)
                 return data.copy() if isinstance(ds, np.ndarray) else data
             return data[[r - uniq[0] for r in listed]]
         data = ds[uniq, ys, xs]

@@ -22,6 +22,9 @@ COMMANDS = (
     "report",
     "predict",
     "import-stills",
+    "still-masks",
+    "shape-forest",
+    "roi-predict",
 )
 
 

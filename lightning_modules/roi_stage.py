@@ -25,7 +25,8 @@ class RoiClassifierStage(ClassifierStage):
     """LightningModule around :class:`~lightning_modules.nets.roi_classifier.RoiClassifier`.
 
     ``predict_step``: ``{"prob": (B,) malignant probability, "embedding": pooled features, + index/label}``.
-    Reload with :meth:`~lightning_modules.base.BaseStage.from_checkpoint`.
+    Reload with :meth:`~lightning_modules.base.BaseStage.from_checkpoint`.  No ``img_size`` here: the data
+    module's sets the crop size (a CNN takes any; a ViT backbone gets it through ``backbone_kwargs``).
     """
 
     batch_keys = ("image", "label", "index")
@@ -35,7 +36,6 @@ class RoiClassifierStage(ClassifierStage):
         backbone: str = "resnet18",
         pretrained: bool = False,
         checkpoint_path: str | None = None,
-        img_size: int | None = None,
         in_chans: int = 3,
         dropout: float = 0.0,
         backbone_kwargs: dict[str, Any] | None = None,

@@ -100,12 +100,16 @@ class TransUNetStage(BaseStage):
             sync_dist=True,
         )
         for k in ("ce", "dice"):
-            self.log(f"{stage}/loss_{k}", terms[k], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+            self.log(
+                f"{stage}/loss_{k}", terms[k], on_step=False, on_epoch=True, batch_size=bs, sync_dist=True
+            )
         if stage != "train":
             metrics = self.val_metrics if stage == "val" else self.test_metrics
             prob = logits.float().softmax(1)[:, 1:2]
             index = batch.get("index")
-            metrics.update(prob, batch["mask"].float(), index, None if index is None else torch.zeros_like(index))
+            metrics.update(
+                prob, batch["mask"].float(), index, None if index is None else torch.zeros_like(index)
+            )
         return terms["loss"]
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

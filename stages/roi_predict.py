@@ -43,10 +43,10 @@ def roi_predict(
 
     from datamodules.atomic import write_predictions
     from datamodules.errors import DataError
+    from datamodules.folds import load_fold
     from datamodules.still_data import PredictedStillMasks, StillDataset
     from datamodules.still_masks import check_still_masks
     from datamodules.stills import read_manifest
-    from datamodules.folds import load_fold
     from lightning_modules.roi_stage import RoiClassifierStage
 
     model, data = RoiClassifierStage.from_checkpoint(ckpt)

@@ -168,12 +168,21 @@ def run_shape_forest(
         y = {name: [cases[i].label for i in ids] for name, ids in part.items()}
         ids_eval = part["test"] + part["val"]
         p = shape_forest(
-            x["train"], y["train"], np.concatenate([x["test"], x["val"]]), seed=seed, n_estimators=n_estimators
+            x["train"],
+            y["train"],
+            np.concatenate([x["test"], x["val"]]),
+            seed=seed,
+            n_estimators=n_estimators,
         )
         n_test = len(part["test"])
         out = runs / f"fold{k}"
-        for prefix, ids, pp in (("predictions_", part["test"], p[:n_test]), ("val_predictions_", part["val"], p[n_test:])):
-            written.append(write_predictions(out / f"{prefix}{method}.csv", ids, [cases[i].label for i in ids], pp))
+        for prefix, ids, pp in (
+            ("predictions_", part["test"], p[:n_test]),
+            ("val_predictions_", part["val"], p[n_test:]),
+        ):
+            written.append(
+                write_predictions(out / f"{prefix}{method}.csv", ids, [cases[i].label for i in ids], pp)
+            )
         assert len(ids_eval) == len(p)
         log(f"fold {k}: wrote {out}/predictions_{method}.csv ({n_test} test cases)")
     return written
@@ -195,7 +204,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="predicted-mask file pattern (default: {runs}/fold{fold}/still_masks.h5)",
     )
     p.add_argument(
-        "--source", choices=("predicted", "annotated"), default="predicted", help="which masks feed the features"
+        "--source",
+        choices=("predicted", "annotated"),
+        default="predicted",
+        help="which masks feed the features",
     )
     p.add_argument("--folds", type=int, nargs="*", default=None, help="folds to run (default: all)")
     p.add_argument("--seed", type=int, default=0)

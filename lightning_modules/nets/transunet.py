@@ -148,7 +148,9 @@ class TransUNet(nn.Module):
             )
         cnn = getattr(getattr(self.vit, "patch_embed", None), "backbone", None)
         if cnn is None or not hasattr(cnn, "stem") or not hasattr(cnn, "stages"):
-            raise ValueError(f"{backbone!r} is not a timm hybrid ResNet-ViT (patch_embed.backbone = ResNetV2)")
+            raise ValueError(
+                f"{backbone!r} is not a timm hybrid ResNet-ViT (patch_embed.backbone = ResNetV2)"
+            )
         info = cnn.feature_info  # stem (1/2), stage outputs (1/4, 1/8, 1/16 ...)
         self.stride = int(info[-1]["reduction"])
         # skips: the stem conv (1/2) and every stage but the last, deepest first

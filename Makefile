@@ -237,14 +237,22 @@ TS_PER_FOLD = $(foreach k,$(FOLD_IDS),$(TS_RUNS)/fold$(k)/$(1))
 TS_PRED = $(foreach m,$(1),$(call TS_PER_FOLD,predictions_$(m).csv))
 
 .PHONY: twostage twostage-masks stills
+# Named here so that make never deletes them as intermediates of the pattern chain (they are the fold's models).
+.SECONDARY: $(foreach f,transunet.ckpt still_masks.h5 roi_resnet18.ckpt roi_resnet18_annotated.ckpt,$(call TS_PER_FOLD,$(f)))
 stills: $(STILLS)/splits.json ## still-image demo set exported from the synthetic cine set, + its folds
 twostage-masks: $(call TS_PER_FOLD,still_masks.h5) ## two-stage stage 1: TransUNet + predicted masks, every fold
 twostage: $(REPORT)/twostage/results.md ## two-stage TransUNet -> ResNet-18 vs shape forest, every fold, report
 	@echo && cat $<
 
+# The cine set's truth.csv (one row per nodule) is copied per exported still (case id = image id), so the report
+# shows the generator's ceiling rows on the same images (the ceiling sees the whole sweep: a still cannot reach it).
+STILL_TRUTH = import pandas as pd; m = pd.read_csv("$(1)/manifest.csv"); t = pd.read_csv("$(2)/truth.csv"); \
+  t.merge(m[["case_id", "annot_id"]], on="annot_id").drop(columns="annot_id").rename(columns={"case_id": \
+  "annot_id"}).to_csv("$(1)/truth.csv", index=False)
 $(SYNTH)/stills_cine/manifest.csv: $(H5) | $(STAMP)
 	$(Q)$(call STEP,stills) $(USNODULE) import-stills --layout stanford $(DATA) --frames largest --out $(@D) \
 	  --overwrite
+	$(Q)test ! -f $(DATA)/truth.csv || $(PY) -c '$(call STILL_TRUTH,$(@D),$(DATA))'
 
 $(STILLS)/splits.json: $(STILLS)/manifest.csv | $(STAMP)
 	$(Q)$(call STEP,splits_stills) $(USNODULE) split $< -k $(FOLDS) --seed $(SEED) --out $@

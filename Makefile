@@ -282,6 +282,77 @@ $(REPORT)/csasn/results_multiclass.md: $(foreach k,$(FOLD_IDS),$(CSASN_RUNS)/fol
 $(REPORT)/csasn_ablation/results_multiclass.md: $(CSASN_ABL_PRED)
 	$(call CSASN_REPORTS,$(CSASN_ABL_RUNS),$(@D),CSASN ablations)
 
+# ---------------------------------------------------------------------------------------------- Two-stage
+# TransUNet -> ROI -> ResNet-18 on still images (Abdelrazik et al. 2025), per fold of $(STILLS)/splits.json, and
+# its baseline, a random forest on shape features of the same predicted masks; then the shared report, F1 first.
+#   fold k: transunet.ckpt (lightning fit) -> still_masks.h5 (usnodule still-masks, every image)
+#           -> roi_resnet18.ckpt (lightning fit on the predicted-mask ROIs) -> predictions_twostage.csv
+#   all folds: predictions_shape_forest.csv (usnodule shape-forest) -> $(REPORT)/twostage/results.md
+# STILLS: a still-image manifest folder; the default is exported from the synthetic cine set (one frame per
+# nodule, the one with the largest mask).  TWOSTAGE_METHODS="twostage twostage_annotated" adds the annotated-ROI
+# variant (crops around the drawn masks: not deployable) to the same report.
+# Paper size: make twostage CONF=conf EXP=paper STILLS=data/stills
+STILLS ?= $(SYNTH)/stills_cine
+TS_RUNS := $(RUNS)/twostage
+TWOSTAGE_METHODS ?= twostage
+TS_DATA = --exp $(EXP) --data.init_args.manifest=$(STILLS)/manifest.csv \
+  --data.init_args.splits=$(STILLS)/splits.json --data.init_args.fold=$* $(TRAINER_ARGS)
+TS_PER_FOLD = $(foreach k,$(FOLD_IDS),$(TS_RUNS)/fold$(k)/$(1))
+TS_PRED = $(foreach m,$(1),$(call TS_PER_FOLD,predictions_$(m).csv))
+
+.PHONY: twostage twostage-masks stills
+# Named here so that make never deletes them as intermediates of the pattern chain (they are the fold's models).
+.SECONDARY: $(foreach f,transunet.ckpt still_masks.h5 roi_resnet18.ckpt roi_resnet18_annotated.ckpt,$(call TS_PER_FOLD,$(f)))
+stills: $(STILLS)/splits.json ## still-image demo set exported from the synthetic cine set, + its folds
+twostage-masks: $(call TS_PER_FOLD,still_masks.h5) ## two-stage stage 1: TransUNet + predicted masks, every fold
+twostage: $(REPORT)/twostage/results.md ## two-stage TransUNet -> ResNet-18 vs shape forest, every fold, report
+	@echo && cat $<
+
+# The cine set's truth.csv (one row per nodule) is copied per exported still (case id = image id), so the report
+# shows the generator's ceiling rows on the same images (the ceiling sees the whole sweep: a still cannot reach it).
+STILL_TRUTH = import pandas as pd; m = pd.read_csv("$(1)/manifest.csv"); t = pd.read_csv("$(2)/truth.csv"); \
+  t.merge(m[["case_id", "annot_id"]], on="annot_id").drop(columns="annot_id").rename(columns={"case_id": \
+  "annot_id"}).to_csv("$(1)/truth.csv", index=False)
+$(SYNTH)/stills_cine/manifest.csv: $(H5) | $(STAMP)
+	$(Q)$(call STEP,stills) $(USNODULE) import-stills --layout stanford $(DATA) --frames largest --out $(@D) \
+	  --overwrite
+	$(Q)test ! -f $(DATA)/truth.csv || $(PY) -c '$(call STILL_TRUTH,$(@D),$(DATA))'
+
+$(STILLS)/splits.json: $(STILLS)/manifest.csv | $(STAMP)
+	$(Q)$(call STEP,splits_stills) $(USNODULE) split $< -k $(FOLDS) --seed $(SEED) --out $@
+
+$(TS_RUNS)/fold%/transunet.ckpt: $(CONF)/transunet.yaml $(STILLS)/splits.json | $(STAMP)
+	$(Q)$(call STEP,transunet,$*) $(FIT) -c $< $(TS_DATA) --trainer.default_root_dir=$(@D)/transunet --ckpt_out=$@
+
+$(TS_RUNS)/fold%/still_masks.h5: $(TS_RUNS)/fold%/transunet.ckpt | $(STAMP)
+	$(Q)$(call STEP,still_masks,$*) $(USNODULE) still-masks --manifest $(STILLS)/manifest.csv \
+	  --splits $(STILLS)/splits.json --fold $* --seg $< --out $@
+
+$(TS_RUNS)/fold%/roi_resnet18.ckpt: $(CONF)/roi_resnet18.yaml $(TS_RUNS)/fold%/still_masks.h5 | $(STAMP)
+	$(Q)$(call STEP,roi_resnet18,$*) $(FIT) -c $< $(TS_DATA) --data.init_args.roi=predicted \
+	  --data.init_args.predicted_masks=$(@D)/still_masks.h5 --trainer.default_root_dir=$(@D)/roi_resnet18 --ckpt_out=$@
+
+$(TS_RUNS)/fold%/roi_resnet18_annotated.ckpt: $(CONF)/roi_resnet18.yaml $(STILLS)/splits.json | $(STAMP)
+	$(Q)$(call STEP,roi_resnet18_annotated,$*) $(FIT) -c $< $(TS_DATA) --data.init_args.roi=annotated \
+	  --data.init_args.predicted_masks=null --trainer.default_root_dir=$(@D)/roi_resnet18_annotated --ckpt_out=$@
+
+$(TS_RUNS)/fold%/predictions_twostage.csv: $(TS_RUNS)/fold%/roi_resnet18.ckpt | $(STAMP)
+	$(Q)$(call STEP,roi_predict,$*) $(USNODULE) roi-predict --ckpt $< --splits $(STILLS)/splits.json --fold $* \
+	  --out-dir $(@D) --method twostage
+
+$(TS_RUNS)/fold%/predictions_twostage_annotated.csv: $(TS_RUNS)/fold%/roi_resnet18_annotated.ckpt | $(STAMP)
+	$(Q)$(call STEP,roi_predict_annotated,$*) $(USNODULE) roi-predict --ckpt $< --splits $(STILLS)/splits.json \
+	  --fold $* --out-dir $(@D) --method twostage_annotated
+
+$(TS_RUNS)/shape_forest.done: $(call TS_PER_FOLD,still_masks.h5) | $(STAMP)
+	$(Q)$(call STEP,shape_forest) $(USNODULE) shape-forest --manifest $(STILLS)/manifest.csv \
+	  --splits $(STILLS)/splits.json --runs $(TS_RUNS) --seed $(SEED)
+	$(Q)touch $@
+
+$(REPORT)/twostage/results.md: $(call TS_PRED,$(TWOSTAGE_METHODS)) $(TS_RUNS)/shape_forest.done
+	$(Q)$(call STEP,twostage_report) $(USNODULE) report --runs $(TS_RUNS) --out $(@D) --exp $(EXP) \
+	  --title "Two-stage" --first f1 $(call TRUTH,$(STILLS)) $(REPORT_ARGS)
+
 # ---------------------------------------------------------------------------------------------- checks
 LINTED := stages datamodules lightning_modules tests benchmarks
 test: lint ## lint, then run the whole test suite

@@ -30,6 +30,9 @@ COMMANDS = (
     "import",
     "import-stills",
     "export",
+    "still-masks",
+    "shape-forest",
+    "roi-predict",
 )
 MODULES = {"import": "import_layout"}  # `import` is a Python keyword: no module stages/import.py
 

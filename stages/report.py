@@ -90,6 +90,9 @@ NAMES = {
     "stact": "STACT-Time",
     "asycmst": "AsyCMST",
     "asycmst_none": "AsyCMST (no cross-attention)",
+    "twostage": "Two-stage (TransUNet -> ResNet-18)",
+    "twostage_annotated": "Two-stage, annotated ROI",
+    "shape_forest": "Shape forest (RF)",
 }
 # Reference rows from a synthetic set's truth.csv (``--truth``): method key -> (display name, score column).
 REFERENCES = {"bayes_ceiling": ("Bayes ceiling", "risk"), "tirads_oracle": ("TI-RADS oracle", "tirads_risk")}
@@ -100,6 +103,15 @@ FOLD_DIR = re.compile(r"^fold(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------------- metrics
+def lead(keys: tuple[str, ...], first: str | None) -> tuple[str, ...]:
+    """``keys`` with the one ending in ``first`` moved to the front (``--first f1``: F1 first, as the two-stage
+    paper reports; ``f1`` also leads the weighted table with ``f1_w``); unchanged for ``None``."""
+    if first is None:
+        return keys
+    hit = [k for k in keys if k == first or k == f"{first}_w"]
+    return (*hit, *[k for k in keys if k not in hit])
+
+
 def binary_metrics(label: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Nodule metrics at ``threshold`` (positive = prob >= threshold); AUROC NaN with one class.
 
@@ -593,6 +605,7 @@ def markdown(
     title: str | None = None,
     truth: Path | None = None,
     protocol: str | None = None,
+    first: str | None = None,
 ) -> str:
     refs, table = table[table["reference"]], table[~table["reference"]]  # every row says (_method_row)
     lines = [
@@ -601,13 +614,13 @@ def markdown(
         "Nodule-level metrics, mean ± std (ddof 1) over cross-validation folds, threshold 0.5 (Table 2).",
         "",
         *([f"Protocol: {protocol}.", ""] if protocol else []),
-        *_fold_table(table, TABLE_METRICS),
+        *_fold_table(table, lead(TABLE_METRICS, first)),
         "",
         "Precision, recall and F1 above are the malignant class's. Weighted by class support over both "
         "classes, as the paper's Table 2 appears to be (its weighted recall equals ACC): compare these with "
         "the paper.",
         "",
-        *_fold_table(table, WEIGHTED_METRICS),
+        *_fold_table(table, lead(WEIGHTED_METRICS, first)),
     ]
     lines += [
         "",
@@ -772,24 +785,25 @@ def _save_unit_plot(fig, ax, path: Path, xlabel: str, ylabel: str, what: str, ti
     plt.close(fig)
 
 
-def print_table(table: pd.DataFrame, title: str) -> None:
+def print_table(table: pd.DataFrame, title: str, first: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    keys = lead(TABLE_METRICS, first)
     t = Table(title=title)
     t.add_column("Method")
-    for k in TABLE_METRICS:
+    for k in keys:
         t.add_column(HEADERS[k], justify="right")
     t.add_column("Spec @95% sens", justify="right")
     refs = table["reference"]
     for _, r in table[~refs].iterrows():
         spec = "-" if np.isnan(r["sens95_specificity"]) else f"{r['sens95_specificity']:.2f}"
-        t.add_row(r["name"], *[pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in TABLE_METRICS], spec)
+        t.add_row(r["name"], *[pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in keys], spec)
     if refs.any():
         t.add_section()
         for _, r in table[refs].iterrows():
             spec = "-" if np.isnan(r["sens95_specificity"]) else f"{r['sens95_specificity']:.2f}"
-            cells = ["–" if k in THRESHOLDED else pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in TABLE_METRICS]
+            cells = ["–" if k in THRESHOLDED else pm(r[f"{k}_mean"], r[f"{k}_std"]) for k in keys]
             t.add_row(f"{r['name']} (reference)", *cells, spec, style="italic")
     import sys
 
@@ -856,10 +870,12 @@ def report(
     title: str | None = None,
     cine: str | os.PathLike | None = None,
     gallery: int = 100,
+    first: str | None = None,
 ) -> pd.DataFrame:
     """Write the report files (module docstring) and return the nodule table (methods, then the reference rows
     when ``truth`` names a synthetic set's truth.csv); ``wandb``: also log a summary run (group ``exp``,
-    default the runs folder's name); ``title`` heads results.md, the terminal table and roc.png."""
+    default the runs folder's name); ``title`` heads results.md, the terminal table and roc.png; ``first``
+    (e.g. ``f1``) puts that metric's column first in the tables."""
     runs, out = Path(runs), Path(out)
     preds = read_predictions(runs)
     if preds.empty:
@@ -891,7 +907,13 @@ def report(
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text(
             markdown(
-                table, stack, runs, title, Path(truth) if truth is not None else None, roi_protocol(runs)
+                table,
+                stack,
+                runs,
+                title,
+                Path(truth) if truth is not None else None,
+                roi_protocol(runs),
+                first=first,
             )
         )
     plot_roc(preds, out / "roc.png", refs, title)
@@ -901,7 +923,7 @@ def report(
         log_wandb(out, exp or runs.resolve().name, table, stack, preds, runs)
     if show:
         head = f"{title}: nodule-level results" if title else "Nodule-level results"
-        print_table(table, f"{head} ({runs}), mean ± std over folds")
+        print_table(table, f"{head} ({runs}), mean ± std over folds", first)
     return table
 
 
@@ -970,6 +992,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=100,
         help="report.html: nodules in the gallery, largest errors first (default 100; -1 all)",
     )
+    p.add_argument(
+        "--first",
+        choices=[k for k in TABLE_METRICS],
+        default=None,
+        help="metric column to show first (the two-stage report: f1, as its paper)",
+    )
     p.set_defaults(func=run)
 
 
@@ -985,5 +1013,6 @@ def run(args: argparse.Namespace) -> None:
         title=args.title,
         cine=args.cine,
         gallery=args.gallery,
+        first=args.first,
     )
     print(f"wrote {args.out}/results.md, results.csv, roc.png, calibration.png, predictions.csv, report.html")

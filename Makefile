@@ -34,9 +34,12 @@ PER_FOLD  = $(foreach k,$(FOLD_IDS),$(RUNS)/fold$(k)/$(1))
 # holds 20 malignant nodules; more nodules of fewer frames taught the image encoder more than long sweeps,
 # BENCHMARKS.md "Demo recipe").  Paired BUS/CEUS: 2,000 short 64 px clips (45% malignant like the AsyCMST
 # thyroid set): AsyCMST learns from many fresh clips, not from repeats of few.
+# Still images (two-stage, CSASN): 600 single frames at 96 px with carcinoma subtypes (40% malignant; FTC and
+# MTC 5% each, so every test fold holds ~6 of each rare subtype).
 # (The issue's benchmark set is 192 nodules x ~90 frames x 256 px, 9% malignant: `usnodule synth` defaults.)
 SYNTH_ARGS ?= --nodules 400 --frames 9 --size 128 --prevalence 0.25 \
-  --cases 2000 --paired-frames 12 --paired-size 64 --paired-prevalence 0.45 --seed $(SEED)
+  --cases 2000 --paired-frames 12 --paired-size 64 --paired-prevalence 0.45 \
+  --stills 600 --stills-size 96 --seed $(SEED)
 
 # Attention-head variants trained per fold: STACT-Time Table 4 (add `joint`, the joint-fusion backbone of
 # Table 3, with HEAD_VARIANTS="stact vit_self seg_self joint").
@@ -70,11 +73,11 @@ VERBOSE ?=
 Q     := $(if $(filter-out 0 no false,$(VERBOSE)),,@)
 STEP   = $(if $(Q),$(PY) -m stages.step --log $(RUNS)/logs/$(1)$(if $(2),_fold$(2)).log --name $(1)$(if $(2), --fold $(2)) --)
 
-data: $(SYNTH)/stanford/dataset.hdf5 ## generate the synthetic Stanford-layout and paired BUS/CEUS sets (+ preview.png)
+data: $(SYNTH)/stanford/dataset.hdf5 ## generate the synthetic Stanford-layout, paired BUS/CEUS and still-image sets (+ preview.png)
 
 # A real DATA directory is used as it is; the synthetic one is generated on demand, and again when
 # SYNTH_ARGS change (recorded in $(SYNTH)/.args, rewritten only when different).
-$(SYNTH)/stanford/dataset.hdf5 $(SYNTH)/paired/manifest.csv &: $(SYNTH)/.args | $(STAMP)
+$(SYNTH)/stanford/dataset.hdf5 $(SYNTH)/paired/manifest.csv $(SYNTH)/stills/manifest.csv &: $(SYNTH)/.args | $(STAMP)
 	$(Q)$(call STEP,data) $(USNODULE) synth --out $(SYNTH) $(SYNTH_ARGS) --preview
 
 $(SYNTH)/.args: FORCE

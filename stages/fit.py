@@ -63,6 +63,8 @@ STAGE_MODULES = (
     "lightning_modules.head_stage",
     "lightning_modules.asycmst",
     "lightning_modules.csasn_stage",
+    "lightning_modules.transunet_stage",
+    "lightning_modules.roi_stage",
     "datamodules.stacks",
     "datamodules.embeddings",
     "datamodules.paired_video",

@@ -281,6 +281,15 @@ class StanfordCine:
         uniq, inverse = np.unique(ids.astype(str), return_inverse=True)
         order = np.lexsort((np.arange(len(ids)), frame_nums, inverse))
         bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+        # A repeated (annot_id, frame_num) would put one frame twice into a stack: refuse it, naming the rows.
+        same = (inverse[order][1:] == inverse[order][:-1]) & (frame_nums[order][1:] == frame_nums[order][:-1])
+        if same.any():
+            k = int(np.argmax(same))
+            a, b = int(order[k]), int(order[k + 1])
+            raise DataError(
+                h5_path,
+                f"annot_id '{uniq[inverse[a]]}' frame_num {int(frame_nums[a])} appears twice (rows {a} and {b})",
+            )
         has_patient = "patient_id" in metadata.columns
         nodules = []
         for j, annot_id in enumerate(uniq):

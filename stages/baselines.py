@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,7 +70,15 @@ def tirads_forest(
     """Malignant probability of ``test_ids`` from a random forest fitted on ``train_ids`` only."""
     x_train, x_test = tirads_features(cine, train_ids), tirads_features(cine, test_ids)
     y_train = np.array([cine.by_id[i].label for i in train_ids])
-    # Median of the training nodules only; a column blank everywhere in training becomes 0 (kept, not dropped).
+    # Median of the training nodules only; a column blank everywhere in training becomes 0 (kept, not dropped),
+    # which the user is told: a metadata.csv without a TI-RADS column would otherwise look like a weak forest.
+    blank = [name for name, col in zip(FEATURES, x_train.T, strict=True) if np.isnan(col).all()]
+    if blank:
+        names = ", ".join(f"ti-rads_{b}" for b in blank)
+        print(
+            f"warning: TI-RADS forest: {names} blank for every training nodule: the forest sees 0",
+            file=sys.stderr,
+        )
     imputer = SimpleImputer(strategy="median", keep_empty_features=True).fit(x_train)
     forest = RandomForestClassifier(n_estimators=n_estimators, random_state=seed, n_jobs=1)
     forest.fit(imputer.transform(x_train), y_train)

@@ -82,6 +82,15 @@ def test_tirads_forest_fits_only_on_train_nodules(setup, monkeypatch):
         ]
 
 
+def test_tirads_column_missing_from_metadata_is_said_not_silently_zero(setup, capsys):
+    h5, splits, runs = setup
+    meta = h5.parent / "metadata.csv"
+    pd.read_csv(meta, dtype={"annot_id": str}).drop(columns="ti-rads_margin").to_csv(meta, index=False)
+    run_baselines(cine=h5, splits=splits, runs=runs, methods=["tirads"], n_estimators=5, log=lambda *_: None)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3 and all("ti-rads_margin blank for every training nodule" in w for w in warnings)
+
+
 def test_avepool_and_stack_predictions_from_embeddings(setup):
     _, splits, runs = setup
     run_baselines(cine=None, splits=splits, runs=runs, methods=["avepool"], log=lambda *_: None)

@@ -147,6 +147,18 @@ def test_frame_num_not_integer(h5):
         StanfordCine(h5)
 
 
+def test_repeated_frame_of_a_nodule_is_refused_naming_both_rows(h5):
+    with h5py.File(h5) as f:
+        ids, nums = f["annot_id"][()], f["frame_num"][()]
+    j = next(i for i in range(1, len(ids)) if ids[i] == ids[0])  # another row of the first row's nodule
+    nums[j] = nums[0]
+    _rewrite(h5, "frame_num", nums)
+    with pytest.raises(
+        DataError, match=rf"annot_id '{ids[0].decode().strip()}' frame_num .* appears twice \(rows"
+    ):
+        StanfordCine(h5)
+
+
 def test_labels_not_binary(h5):
     meta = pd.read_csv(h5.with_name("metadata.csv"), dtype={"annot_id": str})
     meta.loc[1, "histopath_diagnosis"] = 2

@@ -15,23 +15,14 @@ checked about it.  A folder of PNGs is never checked (it has no attributes).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from datamodules.errors import DataError
+from datamodules.files import file_digest
 from datamodules.still_data import StillDataModule
 
-__all__ = ["file_digest", "provenance", "check_still_masks", "TwoStageDataModule"]
-
-
-def file_digest(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+__all__ = ["provenance", "check_still_masks", "TwoStageDataModule"]
 
 
 def provenance(

@@ -25,7 +25,6 @@ graphs (they are data-dependent indexing, not tensor algebra); ``chain.json`` sp
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -35,6 +34,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from datamodules.files import file_digest
 
 OPSET = 18  # the dynamo exporter's own opset; onnxruntime >= 1.14 runs it
 FORMAT = "usnodule-onnx/1"
@@ -99,14 +100,6 @@ class AsyCMSTGraph(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- export
-def sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export_graph(
     graph: nn.Module,
     example: tuple[Tensor, ...],
@@ -228,7 +221,7 @@ def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[
         "seg": {
             "file": FILES["seg"],
             "checkpoint": str(paths["seg"].resolve()),
-            "checkpoint_sha256": sha256(paths["seg"]),
+            "checkpoint_sha256": file_digest(paths["seg"]),
             "inputs": {"frames": _io(x_seg.shape, n)},
             "outputs": {"mask_logits": _io(x_seg.shape, n)},
             "preprocess": f"gray frame (H, W) uint8 -> resize to {seg_size}x{seg_size} (bilinear, antialiased) "
@@ -240,7 +233,7 @@ def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[
         "image_encoder": {
             "file": FILES["image_encoder"],
             "checkpoint": str(paths["vit"].resolve()),
-            "checkpoint_sha256": sha256(paths["vit"]),
+            "checkpoint_sha256": file_digest(paths["vit"]),
             "inputs": {"image": _io(x_img.shape, n)},
             "outputs": {"embedding": ["n", dim], "prob": ["n"]},
             "preprocess": "3 consecutive frames (non-overlapping stacks in frame order; a trailing 1-2 frames "
@@ -255,7 +248,7 @@ def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[
         "mask_cnn": {
             "file": FILES["mask_cnn"],
             "checkpoint": str(paths["maskcnn"].resolve()),
-            "checkpoint_sha256": sha256(paths["maskcnn"]),
+            "checkpoint_sha256": file_digest(paths["maskcnn"]),
             "inputs": {"mask": _io(x_mask.shape, n)},
             "outputs": {"embedding": ["n", dim], "prob": ["n"]},
             "preprocess": "the same 3 frames' masks {0, 1} as channels, "
@@ -267,7 +260,7 @@ def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[
         "head": {
             "file": FILES["head"],
             "checkpoint": str(paths["head"].resolve()),
-            "checkpoint_sha256": sha256(paths["head"]),
+            "checkpoint_sha256": file_digest(paths["head"]),
             "variant": head.variant,
             "inputs": {
                 "image_emb": ["batch", "stacks", dim],
@@ -301,7 +294,7 @@ def export_asycmst(path: Path, out: Path, opset: int = OPSET) -> dict[str, Any]:
         "asycmst": {
             "file": FILES["asycmst"],
             "checkpoint": str(Path(path).resolve()),
-            "checkpoint_sha256": sha256(path),
+            "checkpoint_sha256": file_digest(path),
             "inputs": {"bus": ["batch", t, 3, size, size], "ceus": ["batch", t, 3, size, size]},
             "outputs": {"prob": ["batch"], "logits": ["batch", 2]},
             "streams": list(stage.streams),

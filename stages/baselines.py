@@ -36,6 +36,7 @@ from sklearn.impute import SimpleImputer
 from datamodules.atomic import write_predictions
 from datamodules.embeddings import EmbeddingDataset, pad_collate, read_index
 from datamodules.errors import DataError
+from datamodules.files import same_file
 from datamodules.folds import load_fold, load_splits
 from datamodules.stanford import TIRADS_FEATURES, StanfordCine
 from stages.options import check_pattern, count, fold_pattern, positive_int, seed
@@ -137,13 +138,6 @@ def predict_head(model, dataset: EmbeddingDataset, batch_size: int = 32) -> pd.D
     return pd.DataFrame({"annot_id": dataset.nodule_ids, "label": dataset.labels, "prob": p})
 
 
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them is gone: compare the names
-        return Path(a).resolve() == Path(b).resolve()
-
-
 def load_head(
     path: str | os.PathLike,
     *,
@@ -167,7 +161,7 @@ def load_head(
     if fold is not None and data["fold"] != fold:
         raise DataError(path, f"was fitted on fold {data['fold']}, not fold {fold}")
     for key, want in (("path", embeddings), ("splits", splits)):
-        if want is not None and data.get(key) and not _same_file(data[key], want):
+        if want is not None and data.get(key) and not same_file(data[key], want):
             raise DataError(path, f"was fitted on {data[key]}, not {want}")
     return model
 

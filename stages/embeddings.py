@@ -20,7 +20,6 @@ leaves no ``embeddings.h5``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
@@ -40,6 +39,7 @@ from torch.utils.data import DataLoader
 from datamodules.atomic import atomic_path
 from datamodules.embeddings import group_name
 from datamodules.errors import DataError, is_write_error, write_error
+from datamodules.files import file_digest
 from datamodules.folds import load_fold
 from datamodules.stacks import PredictedMasks, build_dataset
 from datamodules.stanford import StanfordCine
@@ -50,14 +50,6 @@ SHARD_KEYS = ("nodule", "stack", "image", "seg", "image_prob", "seg_prob")
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------- writer
 class EmbeddingWriter(BasePredictionWriter):
     """Streams predictions to a per-rank shard, then rank 0 merges the shards into ``out`` (atomically).

@@ -17,12 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def _same(a, b) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return Path(a).resolve() == Path(b).resolve()
+from datamodules.files import same_file
 
 
 @torch.inference_mode()
@@ -52,7 +47,7 @@ def roi_predict(
     model, data = RoiClassifierStage.from_checkpoint(ckpt)
     if data.get("fold") != fold:
         raise DataError(ckpt, f"was fitted on fold {data.get('fold')}, not fold {fold}")
-    if data.get("splits") and not _same(data["splits"], splits):
+    if data.get("splits") and not same_file(data["splits"], splits):
         raise DataError(ckpt, f"was fitted on splits {data['splits']}, not {splits}")
     manifest = manifest or data.get("manifest")
     roi = data.get("roi")

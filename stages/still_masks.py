@@ -22,12 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def _same(a, b) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return Path(a).resolve() == Path(b).resolve()
+from datamodules.files import same_file
 
 
 @torch.inference_mode()
@@ -60,7 +55,7 @@ def predict_still_masks(
     model, data = TransUNetStage.from_checkpoint(seg)
     if data.get("fold") != fold:
         raise DataError(seg, f"was fitted on fold {data.get('fold')}, not fold {fold}")
-    if data.get("splits") and not _same(data["splits"], splits):
+    if data.get("splits") and not same_file(data["splits"], splits):
         raise DataError(seg, f"was fitted on splits {data['splits']}, not {splits}")
     threshold = float(model.hparams.get("threshold", 0.5) if threshold is None else threshold)
     dev = torch.device(

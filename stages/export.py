@@ -26,27 +26,19 @@ import importlib.util
 from pathlib import Path
 
 from datamodules.errors import DataError
-
-STACT_FILES = {"seg": "seg.ckpt", "vit": "vit.ckpt", "maskcnn": "maskcnn.ckpt"}  # names in a fold folder
+from datamodules.files import FOLD_CHECKPOINTS, resolve_checkpoints
+from stages.options import add_checkpoint_options
 
 
 def stact_checkpoints(args: argparse.Namespace) -> dict[str, Path] | None:
     """The four STACT-Time checkpoints (explicit paths win over --fold-dir), or None when none is asked for."""
-    names = {**STACT_FILES, "head": f"head_{args.head_variant}.ckpt"}
-    given = {k: getattr(args, k) for k in names}
+    given = {k: getattr(args, k) for k in ("seg", "vit", "maskcnn", "head")}
     fold = args.fold_dir
-    if all(v is None for v in given.values()) and (fold is None or not (fold / names["seg"]).exists()):
+    if all(v is None for v in given.values()) and (
+        fold is None or not (fold / FOLD_CHECKPOINTS["seg"]).exists()
+    ):
         return None
-    paths = {}
-    for key, value in given.items():
-        if value is None:
-            if fold is None:
-                raise DataError(None, f"--{key} is required (or give --fold-dir runs/<exp>/fold<k>)")
-            value = fold / names[key]
-        if not Path(value).is_file():
-            raise DataError(value, f"checkpoint not found (the {key} stage)")
-        paths[key] = Path(value)
-    return paths
+    return resolve_checkpoints(fold_dir=fold, head_variant=args.head_variant, **given)
 
 
 def export(args: argparse.Namespace) -> dict[str, float]:
@@ -102,19 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--onnx", type=Path, required=True, help="output folder (*.onnx + chain.json)")
-    p.add_argument(
-        "--fold-dir",
-        type=Path,
-        default=None,
-        help="runs/<exp>/fold<k> (seg, vit, maskcnn, head_<variant>.ckpt) or runs/<exp>/asycmst/fold<k>",
+    add_checkpoint_options(
+        p, "runs/<exp>/fold<k> (seg, vit, maskcnn, head_<variant>.ckpt) or runs/<exp>/asycmst/fold<k>"
     )
-    p.add_argument("--seg", type=Path, default=None, help="SegStage checkpoint (overrides --fold-dir)")
-    p.add_argument("--vit", type=Path, default=None, help="ViTStage checkpoint (overrides --fold-dir)")
-    p.add_argument(
-        "--maskcnn", type=Path, default=None, help="MaskCNNStage checkpoint (overrides --fold-dir)"
-    )
-    p.add_argument("--head", type=Path, default=None, help="HeadStage checkpoint (overrides --fold-dir)")
-    p.add_argument("--head-variant", default="stact", help="head file in --fold-dir: head_<variant>.ckpt")
     p.add_argument("--asycmst", type=Path, default=None, help="AsyCMST checkpoint")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument(

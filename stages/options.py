@@ -82,3 +82,16 @@ def check_pattern(text: str, fields: tuple[str, ...] = ("runs", "fold")) -> None
         text.format(runs="runs", fold=0)
     except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- fold checkpoints
+def add_checkpoint_options(p: argparse.ArgumentParser, fold_dir_help: str) -> None:
+    """``--fold-dir`` and the four STACT-Time checkpoints that override it (``usnodule predict`` / ``export``)."""
+    p.add_argument("--fold-dir", type=Path, default=None, help=fold_dir_help)
+    p.add_argument("--seg", type=Path, default=None, help="SegStage checkpoint (overrides --fold-dir)")
+    p.add_argument("--vit", type=Path, default=None, help="ViTStage checkpoint (overrides --fold-dir)")
+    p.add_argument(
+        "--maskcnn", type=Path, default=None, help="MaskCNNStage checkpoint (overrides --fold-dir)"
+    )
+    p.add_argument("--head", type=Path, default=None, help="HeadStage checkpoint (overrides --fold-dir)")
+    p.add_argument("--head-variant", default="stact", help="head file in --fold-dir: head_<variant>.ckpt")

@@ -42,12 +42,12 @@ from datamodules.atomic import atomic_path
 from datamodules.clips import read_clip, split_h5_spec
 from datamodules.embeddings import pad_collate
 from datamodules.errors import DataError
+from datamodules.files import resolve_checkpoints
 from datamodules.stacks import PredictedMasks
 from datamodules.stanford import StanfordCine
-from stages.options import fraction, output_file, positive_int
+from stages.options import add_checkpoint_options, fraction, output_file, positive_int
 
 COLUMNS = ("clip", "n_frames", "n_stacks", "frames_with_mask", "prob_malignant", "pred", "prob_avepool")
-CHECKPOINTS = {"seg": "seg.ckpt", "vit": "vit.ckpt", "maskcnn": "maskcnn.ckpt"}  # names in a fold folder
 
 
 # ---------------------------------------------------------------------------------------------- clips
@@ -79,31 +79,6 @@ class Predictor:
     img_size: int
     mask_size: int
     device: torch.device
-
-
-def resolve_checkpoints(
-    *,
-    fold_dir: str | os.PathLike | None,
-    seg=None,
-    vit=None,
-    maskcnn=None,
-    head=None,
-    head_variant: str = "stact",
-) -> dict[str, Path]:
-    """Explicit paths win; the rest come from ``fold_dir`` (seg.ckpt, vit.ckpt, maskcnn.ckpt,
-    head_<variant>.ckpt). Every file must exist (DataError naming the first missing one)."""
-    given = {"seg": seg, "vit": vit, "maskcnn": maskcnn, "head": head}
-    names = {**CHECKPOINTS, "head": f"head_{head_variant}.ckpt"}
-    paths: dict[str, Path] = {}
-    for key, value in given.items():
-        if value is None:
-            if fold_dir is None:
-                raise DataError(None, f"--{key} is required (or give --fold-dir runs/<exp>/fold<k>)")
-            value = Path(fold_dir) / names[key]
-        paths[key] = Path(value)
-        if not paths[key].is_file():
-            raise DataError(paths[key], f"checkpoint not found (the {key} stage)")
-    return paths
 
 
 def pick_device(device: str) -> torch.device:
@@ -264,19 +239,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("clips", nargs="+", type=Path, help="clips: .dcm, .mp4/.avi, frame folder, .npy/.npz, .h5")
-    p.add_argument(
-        "--fold-dir",
-        type=Path,
-        default=None,
-        help="runs/<exp>/fold<k>: seg.ckpt, vit.ckpt, maskcnn.ckpt, head_<variant>.ckpt inside it",
+    add_checkpoint_options(
+        p, "runs/<exp>/fold<k>: seg.ckpt, vit.ckpt, maskcnn.ckpt, head_<variant>.ckpt inside it"
     )
-    p.add_argument("--seg", type=Path, default=None, help="SegStage checkpoint (overrides --fold-dir)")
-    p.add_argument("--vit", type=Path, default=None, help="ViTStage checkpoint (overrides --fold-dir)")
-    p.add_argument(
-        "--maskcnn", type=Path, default=None, help="MaskCNNStage checkpoint (overrides --fold-dir)"
-    )
-    p.add_argument("--head", type=Path, default=None, help="HeadStage checkpoint (overrides --fold-dir)")
-    p.add_argument("--head-variant", default="stact", help="head file in --fold-dir: head_<variant>.ckpt")
     p.add_argument(
         "--out",
         type=output_file,

@@ -210,8 +210,8 @@ def fitted(stills, tmp_path_factory):
 
 
 def test_predicted_masks_file_is_readable_and_records_provenance(stills, fitted):
-    from datamodules.still_data import PredictedStillMasks
     from datamodules.files import file_digest
+    from datamodules.still_data import PredictedStillMasks
 
     assert fitted["summary"]["cases"] == 15
     with h5py.File(fitted["masks"], "r") as f:

@@ -15,11 +15,27 @@ Mapping to uint8 (the choice documented here, as the brief asks):
   a VOI LUT Sequence if present, else the clip's own min..max.  Min/max is taken over the *whole clip*, not per
   frame, so intensity changes over time (CEUS wash-in / wash-out) are kept.
 * Deeper RGB / palette output is scaled by its full range (2**BitsStored - 1; 2**LUT bits - 1 for palettes).
+
+Ultrasound regions (:func:`ultrasound_regions`, :func:`tissue_regions`): the Sequence of Ultrasound Regions
+(0018,6011, US Region Calibration module, PS3.3 C.8.5.5) says which rectangles of the frame hold which data,
+so burned-in text, rulers, colour bars and a second view can be told from the image.  Choices:
+
+* Only the top-level sequence is read (where the US Image and US Multi-frame Image objects carry it); it
+  applies to every frame of the file.  Per-frame functional groups of enhanced US objects are not read.
+* A *tissue* region is one with RegionSpatialFormat 1 (2D) and RegionDataType 1 (tissue) or 2 (colour flow:
+  taken too, so that a colour-Doppler clip whose 2D area carries that type is not left out).  A tissue region
+  lying inside another one (a colour box over the B-mode area) is dropped: the larger one holds it.  M-mode,
+  spectral, waveform and graphics regions are never predicted on.
+* Spacing in mm per pixel only when both PhysicalUnitsXDirection and PhysicalUnitsYDirection are 3 (cm) and both
+  deltas are positive; anything else leaves the spacing unknown rather than guessed.
+* RegionLocationMax* are inclusive pixel coordinates in DICOM; :class:`UltrasoundRegion` holds end-exclusive
+  ones, as every box in this project.  A region that does not fit in the frame is a :class:`DataError`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +43,14 @@ import numpy as np
 from datamodules.errors import DataError
 from datamodules.frames import natural_key, rgb_to_gray
 
-__all__ = ["read_dicom_frames", "dicom_shape", "read_dicom_dir"]
+__all__ = [
+    "read_dicom_frames",
+    "dicom_shape",
+    "read_dicom_dir",
+    "UltrasoundRegion",
+    "ultrasound_regions",
+    "tissue_regions",
+]
 
 _COLOUR_TO_RGB = ("YBR_FULL", "YBR_FULL_422")
 _CODEC_RGB = ("YBR_ICT", "YBR_RCT")  # JPEG 2000 component transforms, undone inside the codec
@@ -192,3 +215,122 @@ def read_dicom_dir(folder: str | os.PathLike, pattern: str = "*.dcm") -> dict[st
     if not files:
         raise DataError(folder, f"no files matching {pattern!r}")
     return {p.name: read_dicom_frames(p) for p in files}
+
+
+# ------------------------------------------------------------------------------------------ ultrasound regions
+SPATIAL_2D = 1  # RegionSpatialFormat: 2D (tissue or flow)
+TISSUE_DATA = (1, 2)  # RegionDataType: tissue, colour flow
+UNITS_CM = 3  # PhysicalUnitsX/YDirection
+
+
+@dataclass(frozen=True)
+class UltrasoundRegion:
+    """One item of the Sequence of Ultrasound Regions, in frame pixels, end-exclusive.
+
+    ``item`` is its 1-based position in the sequence (what the prediction CSV reports), ``spacing_mm`` the
+    ``(dy, dx)`` pixel size in mm, or None when the units are not cm (``units``: the X and Y unit codes).
+    """
+
+    item: int
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    spatial_format: int
+    data_type: int
+    units: tuple[int, int]
+    spacing_mm: tuple[float, float] | None
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """``(y0, x0, y1, x1)``, the box convention of :mod:`datamodules.stanford`."""
+        return self.y0, self.x0, self.y1, self.x1
+
+    def contains(self, other: UltrasoundRegion) -> bool:
+        return self.x0 <= other.x0 and self.y0 <= other.y0 and self.x1 >= other.x1 and self.y1 >= other.y1
+
+    def crop(self, frames: np.ndarray) -> np.ndarray:
+        """The region's pixels of ``(T, H, W)`` frames (a view)."""
+        return frames[:, self.y0 : self.y1, self.x0 : self.x1]
+
+
+def _item_int(item, keyword: str, path: Path, n: int, default: int | None = None) -> int:
+    value = item.get(keyword)
+    if value in (None, ""):
+        if default is not None:
+            return default
+        raise DataError(path, f"Sequence of Ultrasound Regions item {n} has no {keyword}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DataError(
+            path, f"Sequence of Ultrasound Regions item {n}: {keyword} {value!r} is not a number"
+        ) from None
+
+
+def _spacing(item, units: tuple[int, int]) -> tuple[float, float] | None:
+    if units != (UNITS_CM, UNITS_CM):
+        return None
+    try:
+        dx, dy = float(item.get("PhysicalDeltaX")), float(item.get("PhysicalDeltaY"))
+    except (TypeError, ValueError):
+        return None
+    if not (dx > 0 and dy > 0 and np.isfinite(dx) and np.isfinite(dy)):
+        return None
+    return dy * 10.0, dx * 10.0  # cm -> mm
+
+
+def ultrasound_regions(path: str | os.PathLike) -> list[UltrasoundRegion] | None:
+    """Every item of the file's Sequence of Ultrasound Regions (header only, pixels not read), None when the
+    file has no such sequence.  A region outside the ``Rows x Columns`` frame, or with Min > Max, is a
+    :class:`DataError` naming the item."""
+    path = Path(path)
+    ds = _read_dataset(path, pixels=False)
+    if "SequenceOfUltrasoundRegions" not in ds or not ds.SequenceOfUltrasoundRegions:
+        return None
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    regions = []
+    for n, item in enumerate(ds.SequenceOfUltrasoundRegions, start=1):
+        x0, y0 = (
+            _item_int(item, "RegionLocationMinX0", path, n),
+            _item_int(item, "RegionLocationMinY0", path, n),
+        )
+        x1, y1 = (
+            _item_int(item, "RegionLocationMaxX1", path, n),
+            _item_int(item, "RegionLocationMaxY1", path, n),
+        )
+        if not (0 <= x0 <= x1 < cols and 0 <= y0 <= y1 < rows):
+            raise DataError(
+                path,
+                f"Sequence of Ultrasound Regions item {n}: region x {x0}..{x1}, y {y0}..{y1} does not fit in "
+                f"the {cols} x {rows} frame",
+            )
+        units = (
+            _item_int(item, "PhysicalUnitsXDirection", path, n, default=0),
+            _item_int(item, "PhysicalUnitsYDirection", path, n, default=0),
+        )
+        regions.append(
+            UltrasoundRegion(
+                item=n,
+                x0=x0,
+                y0=y0,
+                x1=x1 + 1,  # DICOM's Max is inclusive
+                y1=y1 + 1,
+                spatial_format=_item_int(item, "RegionSpatialFormat", path, n, default=0),
+                data_type=_item_int(item, "RegionDataType", path, n, default=0),
+                units=units,
+                spacing_mm=_spacing(item, units),
+            )
+        )
+    return regions
+
+
+def tissue_regions(regions: list[UltrasoundRegion]) -> list[UltrasoundRegion]:
+    """The 2D tissue / colour-flow regions, without those lying inside another one, in sequence order."""
+    found = [r for r in regions if r.spatial_format == SPATIAL_2D and r.data_type in TISSUE_DATA]
+
+    def inside_another(r: UltrasoundRegion) -> bool:
+        # Of two regions with the same box, the first in the sequence stays.
+        return any(o is not r and o.contains(r) and (o.box != r.box or o.item < r.item) for o in found)
+
+    return [r for r in found if not inside_another(r)]

@@ -24,6 +24,7 @@ from datamodules.stanford import StanfordCine
 from stages.cli import main as usnodule
 from stages.fit import main as fit
 from tests.commands import argv
+from tests.us_dicom import burned_in, us_region, write_us_dicom
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,13 +136,26 @@ def test_dicom_and_npy_match_the_embeddings_path(chain, tmp_path):
     table = pd.read_csv(out)
     assert list(table.columns) == [
         "clip",
+        "region",
         "n_frames",
         "n_stacks",
         "frames_with_mask",
         "prob_malignant",
         "pred",
         "prob_avepool",
+        "crop_box",
+        "spacing",
+        "nodule_frame",
+        "width_mm",
+        "height_mm",
+        "max_extent_mm",
     ]
+    # No Sequence of Ultrasound Regions (and no DICOM): the whole frame, and the CSV says so.
+    h, w = frames.shape[1:]
+    assert table["region"].tolist() == ["whole frame"] * 2
+    assert table["crop_box"].tolist() == [f"0 0 {w} {h}"] * 2
+    assert table["spacing"].tolist() == ["unknown"] * 2
+    assert table[["width_mm", "height_mm", "max_extent_mm"]].isna().all().all()
     assert table["n_frames"].tolist() == [len(frames)] * 2
     assert table["n_stacks"].tolist() == [len(frames) // 3] * 2  # trailing remainder dropped
     # DICOM and .npy hold the same pixels: the same probability, bit for bit.
@@ -250,3 +264,210 @@ def test_bad_inputs_exit_2_and_write_nothing(chain, tmp_path, capsys):
         )
     assert e.value.code == 2 and "broken.dcm" in _one_error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.dcm", "good.npy", "whole.dcm"]
+
+
+# ------------------------------------------------------------------------------------ ultrasound regions
+def _scanner_files(chain, tmp_path) -> dict[str, Path]:
+    """The clip as .npy, its mirror image as .npy, and scanner-like DICOMs holding them among burned-in
+    clutter: one region (the clip), two regions side by side (clip | mirror), and a region that overflows."""
+    _, frames = _clip(chain)
+    mirror = np.ascontiguousarray(frames[:, :, ::-1])
+    t, h, w = frames.shape
+    np.save(tmp_path / "clip.npy", frames)
+    np.save(tmp_path / "mirror.npy", mirror)
+    one = burned_in(frames, (h + 30, w + 50), (20, 30), seed=1)
+    two = burned_in(frames, (h + 12, 2 * w + 14), (6, 3), seed=2)
+    two[:, 6 : 6 + h, w + 10 : 2 * w + 10] = mirror
+    return {
+        "clip": tmp_path / "clip.npy",
+        "mirror": tmp_path / "mirror.npy",
+        "one": write_us_dicom(
+            one,
+            tmp_path / "one.dcm",
+            [
+                us_region(0, 0, w + 49, 11, spatial_format=5, data_type=0),
+                us_region(30, 20, 30 + w - 1, 20 + h - 1),
+            ],
+        ),
+        "two": write_us_dicom(
+            two,
+            tmp_path / "two.dcm",
+            [
+                us_region(3, 6, 3 + w - 1, 6 + h - 1, delta_cm=(0.01, 0.01)),
+                us_region(w + 10, 6, 2 * w + 9, 6 + h - 1, delta_cm=(0.02, 0.01)),
+            ],
+        ),
+        "outside": write_us_dicom(
+            two, tmp_path / "outside.dcm", [us_region(w + 10, 6, 2 * w + 14, 6 + h - 1)]
+        ),
+    }
+
+
+def _predict(files, out: Path, fold: Path, *extra: str) -> pd.DataFrame:
+    usnodule(
+        ["predict", *map(str, files), "--fold-dir", str(fold), "--out", str(out), "--device", "cpu", *extra]
+    )
+    return pd.read_csv(out, keep_default_na=False, na_values=[""])
+
+
+def test_regions_are_cropped_and_predicted_one_row_each(chain, tmp_path):
+    f = _scanner_files(chain, tmp_path)
+    _, frames = _clip(chain)
+    t, h, w = frames.shape
+    files = [f["clip"], f["mirror"], f["one"], f["two"]]
+    table = _predict(files, tmp_path / "p.csv", chain["fold"])
+    assert table["clip"].tolist() == [str(p) for p in files[:3]] + [str(f["two"])] * 2
+    assert table["region"].astype(str).tolist() == ["whole frame", "whole frame", "2", "1", "2"]
+    assert table["crop_box"].tolist() == [
+        f"0 0 {w} {h}",
+        f"0 0 {w} {h}",
+        f"30 20 {30 + w} {20 + h}",
+        f"3 6 {3 + w} {6 + h}",
+        f"{w + 10} 6 {2 * w + 10} {6 + h}",
+    ]
+    assert table["spacing"].tolist() == ["unknown"] * 2 + ["0.1 x 0.1 mm/px"] * 2 + ["0.2 x 0.1 mm/px"]
+    # The crop is exactly the region's pixels: each region gives the probability of the clip it holds, bit for
+    # bit, whatever clutter surrounds it.
+    prob = table["prob_malignant"].tolist()
+    assert prob[2] == prob[0] and prob[3] == prob[0] and prob[4] == prob[1]
+    assert prob[0] != prob[1]  # the two views really differ
+    assert (table["n_frames"] == t).all()
+
+
+def test_size_in_mm_from_the_region_spacing(chain, tmp_path):
+    """With --mask-threshold 0 every pixel of the crop is "nodule": its size is the region's size in mm."""
+    f = _scanner_files(chain, tmp_path)
+    _, frames = _clip(chain)
+    t, h, w = frames.shape
+    table = _predict([f["clip"], f["two"]], tmp_path / "p.csv", chain["fold"], "--mask-threshold", "0")
+    assert table["frames_with_mask"].tolist() == [t] * 3
+    assert table["nodule_frame"].tolist() == [1] * 3  # the first of equally large frames
+    assert np.isnan(table["width_mm"][0])  # no spacing: no mm
+    assert table["width_mm"][1:].tolist() == pytest.approx([w * 0.1, w * 0.2])
+    assert table["height_mm"][1:].tolist() == pytest.approx([h * 0.1, h * 0.1])
+    assert table["max_extent_mm"][1:].tolist() == pytest.approx(
+        [np.hypot(w * 0.1, h * 0.1), np.hypot(w * 0.2, h * 0.1)]
+    )
+
+
+def test_region_outside_the_frame_is_one_error_line(chain, tmp_path, capsys, monkeypatch):
+    import stages.predict as predict
+
+    monkeypatch.setattr(predict, "load_predictor", lambda *a, **k: pytest.fail("models were loaded"))
+    f = _scanner_files(chain, tmp_path)
+    out, pictures = tmp_path / "p.csv", tmp_path / "pictures"
+    with pytest.raises(SystemExit) as e:
+        _predict([f["clip"], f["outside"]], out, chain["fold"], "--overlay", str(pictures))
+    line = _one_error_line(capsys)
+    assert e.value.code == 2 and "outside.dcm" in line and "does not fit in the" in line
+    assert not out.exists() and not pictures.exists()
+
+
+def test_failed_clip_leaves_no_overlay_of_the_clips_before_it(chain, tmp_path, capsys):
+    f = _scanner_files(chain, tmp_path)
+    bad = tmp_path / "flat.npy"
+    np.save(bad, np.zeros((16, 16), np.uint8))  # read only after the first clip was predicted and drawn
+    out, pictures = tmp_path / "p.csv", tmp_path / "pictures"
+    with pytest.raises(SystemExit) as e:
+        _predict([f["clip"], bad], out, chain["fold"], "--overlay", str(pictures))
+    assert e.value.code == 2 and "flat.npy" in _one_error_line(capsys)
+    assert not out.exists() and not pictures.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------------------------ overlays
+def test_overlay_pictures_and_unchanged_probabilities(chain, tmp_path):
+    import av
+    from PIL import Image
+
+    f = _scanner_files(chain, tmp_path)
+    _, frames = _clip(chain)
+    t, h, w = frames.shape
+    files = [f["clip"], f["two"]]
+    plain = _predict(files, tmp_path / "plain.csv", chain["fold"])
+    pictures = tmp_path / "pictures"
+    drawn = _predict(files, tmp_path / "drawn.csv", chain["fold"], "--overlay", str(pictures))
+    pd.testing.assert_frame_equal(plain, drawn)  # every column, probabilities bit for bit
+    stems = ["clip", "two_region1", "two_region2"]
+    assert sorted(p.name for p in pictures.iterdir()) == sorted(
+        f"{s}.{x}" for s in stems for x in ("mp4", "png")
+    )
+
+    n_stacks = t // 3
+    for stem, (fh, fw) in zip(stems, [(h, w), (h + 12, 2 * w + 14), (h + 12, 2 * w + 14)], strict=True):
+        with av.open(str(pictures / f"{stem}.mp4")) as v:
+            decoded = [fr.to_ndarray(format="rgb24") for fr in v.decode(video=0)]
+        scale = -(-256 // max(fh, fw))  # small frames enlarged by an integer factor to >= 256 px
+        eh, ew = fh * scale + 2 * 18, fw * scale  # + the self- and cross-attention strip rows
+        assert len(decoded) == t and decoded[0].shape == (eh + eh % 2, ew + ew % 2, 3)
+        png = np.asarray(Image.open(pictures / f"{stem}.png"))
+        tile_h = round(fh * 192 / max(fh, fw)) + 2 * 18
+        rows = -(-n_stacks // 6)
+        assert png.shape[0] == 46 + rows * (tile_h + 4) + 4 and png.shape[2] == 3
+
+    # A second run into the same folder replaces its files and leaves no temporary behind.
+    _predict(files[:1], tmp_path / "again.csv", chain["fold"], "--overlay", str(pictures))
+    assert len(list(pictures.iterdir())) == 6
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_head_attention_over_stacks(chain):
+    """The strip's numbers: one share per stack for each block of the STACT-Time head, summing to 1."""
+    from stages.predict import (
+        clip_data,
+        embed,
+        head_attention,
+        head_prob,
+        load_predictor,
+        resolve_checkpoints,
+    )
+
+    _, frames = _clip(chain)
+    p = load_predictor(resolve_checkpoints(fold_dir=chain["fold"]), "cpu")
+    masks = np.zeros(frames.shape, np.uint8)
+    emb = embed(p, *clip_data("clip", frames, masks))
+    before = head_prob(p, emb)
+    att = head_attention(p, emb)
+    assert sorted(att) == ["cross", "self"]
+    for v in att.values():
+        assert v.shape == (len(frames) // 3,) and v.sum() == pytest.approx(1.0) and (v >= 0).all()
+    assert head_prob(p, emb) == before
+    # The same numbers as the head's own maps, column-averaged in stack order.
+    batch = {
+        "image_emb": emb["image"][None],
+        "seg_emb": emb["seg"][None],
+        "valid": torch.ones(1, len(emb["image"]), dtype=torch.bool),
+    }
+    maps = p.head.attention_maps(batch)
+    np.testing.assert_allclose(att["self"], maps["self"][0].mean(0).numpy(), rtol=1e-6)
+    assert emb["roi"].shape == (len(frames) // 3, 4)
+
+
+def test_overlay_option_and_disk_full_are_one_error_line(chain, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import datamodules.overlay as overlay_module
+    import stages.predict as predict
+
+    _, frames = _clip(chain)
+    clip = tmp_path / "clip.npy"
+    np.save(clip, frames)
+    (tmp_path / "file.txt").write_text("not a folder")
+    with monkeypatch.context() as m:
+        m.setattr(predict, "load_predictor", lambda *a, **k: pytest.fail("models were loaded"))
+        for bad in (tmp_path / "file.txt", tmp_path / "file.txt" / "sub"):
+            with pytest.raises(SystemExit) as e:
+                usnodule(argv("predict", clip, fold_dir=chain["fold"], overlay=bad))
+            line = _one_error_line(capsys)
+            assert e.value.code == 2 and "--overlay" in line and "file.txt" in line
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(overlay_module, "write_png", full)
+    out, pictures = tmp_path / "p.csv", tmp_path / "pictures"
+    with pytest.raises(SystemExit) as e:
+        _predict([clip], out, chain["fold"], "--overlay", str(pictures))
+    line = _one_error_line(capsys)
+    assert e.value.code == 2 and "pictures" in line and "No space left" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.npy", "file.txt"]

@@ -33,6 +33,7 @@ COMMANDS = (
     "still-masks",
     "shape-forest",
     "roi-predict",
+    "explain",
 )
 MODULES = {"import": "import_layout"}  # `import` is a Python keyword: no module stages/import.py
 

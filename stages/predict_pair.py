@@ -143,6 +143,8 @@ def predict_pair(args: argparse.Namespace):
             raise DataError(None, "--bus-mask goes with --bus/--ceus; a manifest has its bus_mask column")
         cases = manifest_cases(args.pairs, args.cases)
     else:
+        if args.cases is not None:
+            raise DataError(None, "--cases picks ids of a --pairs manifest; with --bus/--ceus name the files")
         if args.bus is None or args.ceus is None:
             raise DataError(None, "--bus and --ceus go together (one CEUS clip per BUS clip)")
         cases = pair_cases(args.bus, args.ceus, args.bus_mask)

@@ -238,6 +238,7 @@ def test_errors_are_one_line_and_leave_nothing(trained, tmp_path, capsys):
         "give one CEUS per BUS": ["--ckpt", ckpt, "--bus", bus, bus, "--ceus", ceus],
         "give either --pairs": ["--ckpt", ckpt],
         "not in the manifest": ["--ckpt", ckpt, "--pairs", trained["manifest"], "--cases", "X9"],
+        "--cases picks ids": ["--ckpt", ckpt, "--bus", bus, "--ceus", ceus, "--cases", case],
     }
     for problem, argv in cases.items():
         with pytest.raises(SystemExit) as e:

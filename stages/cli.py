@@ -27,6 +27,7 @@ COMMANDS = (
     "report",
     "report-multiclass",
     "predict",
+    "predict-pair",
     "import",
     "import-stills",
     "export",

@@ -23,14 +23,15 @@ The auxiliary heads read one branch each: FSS the ``fss_branch`` (``"c"``), the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from lightning_modules.nets.asycmst_attention import STRATEGIES, ACMSTBlock, STSABlock
+from lightning_modules.nets.asycmst_attention import STRATEGIES, ACMSTBlock, STSABlock, summarise_weights
 from lightning_modules.nets.asycmst_encoder import FrameEncoder, FrameSorter, MaskDecoder
 from lightning_modules.nets.asycmst_official import OFFICIAL_DROPOUT, OFFICIAL_FFN, OfficialFusion
 
@@ -199,24 +200,61 @@ class AsyCMSTNet(nn.Module):
                 x_c, x_b = self.acmst[str(i)](x_c, x_b)  # both from the same layer-l inputs
         return self.norm((x_c + x_b).mean(dim=(1, 2)))
 
+    @contextlib.contextmanager
+    def capture_attention(self) -> Iterator[list[dict[str, Any]]]:
+        """Record the cross-modal attention while the net runs, without changing any number it computes.
+
+        Inside the ``with`` block every cross-attention sub-layer that runs appends ``{"layer": i,
+        "direction": "c_to_b" | "b_to_c", "weights": (B, T, N, T, N)}`` to the yielded list, in the order they
+        run (``c_to_b``: the upper branch's queries over the lower branch's keys; the weights are (query
+        frame, query position, key frame, key position), head-averaged, each query's row summing to 1).  A
+        forward hook reads the sub-layer's own inputs and recomputes its softmax densely
+        (:func:`~lightning_modules.nets.asycmst_attention.dense_weights`) under ``no_grad``; it returns
+        nothing, so the forward's outputs are the ones computed without it.  Nothing is recorded when no stage
+        has cross-modal attention (``strategy: none``).
+        """
+        records: list[dict[str, Any]] = []
+
+        def hook(layer: int, direction: str | None):
+            def record(module: nn.Module, args: tuple, output: Any) -> None:
+                with torch.no_grad():
+                    weights = module.dense_weights(*args)
+                # the factorised block's module holds both directions, the official one's a single direction
+                pairs = weights.items() if direction is None else [(direction, weights)]
+                records.extend({"layer": layer, "direction": d, "weights": w} for d, w in pairs)
+
+            return record
+
+        if self.block == "official":
+            targets = [
+                (layers[i].cross, hook(i, direction))
+                for i in self.acmst_layers
+                for layers, direction in ((self.fusion.layers_b, "b_to_c"), (self.fusion.layers_c, "c_to_b"))
+            ]
+        else:
+            targets = [(self.acmst[str(i)].cross, hook(i, None)) for i in self.acmst_layers]
+        handles = [module.register_forward_hook(fn) for module, fn in targets]
+        try:
+            yield records
+        finally:
+            for handle in handles:
+                handle.remove()
+
     @torch.no_grad()
     def attention_maps(self, c: torch.Tensor, b: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cross-modal attention weights of the last ACMST stage (see
-        :meth:`CrossModalAttention.attention_weights`); empty when no stage carries ACMST."""
-        if self.block == "official":
-            return self.fusion.attention_maps(*self.forward_frames(c, b))
-        if not len(self.acmst):
+        """Cross-modal attention weights of the last ACMST stage, summarised per direction as ``*_frames``
+        ``(B, T, T)`` and ``*_positions`` ``(B, N, N)`` (see :meth:`CrossModalAttention.attention_weights`),
+        from :meth:`capture_attention`; empty when no stage carries ACMST."""
+        with self.capture_attention() as records:
+            self.forward_features(c, b)
+        if not records:
             return {}
-        last = max(int(i) for i in self.acmst)
-        x_c, x_b = self.forward_frames(c, b)
-        x_c, x_b = x_c + self.pos_c, x_b + self.pos_b
-        for i, (blk_c, blk_b) in enumerate(zip(self.stsa_c, self.stsa_b, strict=True)):
-            x_c, x_b = blk_c(x_c), blk_b(x_b)
-            if i == last:
-                return self.acmst[str(i)].cross.attention_weights(x_c, x_b)
-            if str(i) in self.acmst:
-                x_c, x_b = self.acmst[str(i)](x_c, x_b)
-        raise AssertionError("unreachable")
+        last = max(r["layer"] for r in records)
+        weights = {r["direction"]: r["weights"] for r in records if r["layer"] == last}
+        out = {}
+        for name in ("c_to_b", "b_to_c"):
+            out[f"{name}_frames"], out[f"{name}_positions"] = summarise_weights(weights[name])
+        return out
 
     def decode_masks(self, feats: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         """Mask logits ``(K, 1, H, W)`` from the ``ns_branch`` frame features ``(B, T, N, D)`` of the frames

@@ -55,6 +55,31 @@ def allowed_keys(pattern: str, t: int, n: int, *, frames: int, positions: int) -
     return m
 
 
+def dense_weights(q: torch.Tensor, k: torch.Tensor, pattern: str) -> torch.Tensor:
+    """Head-averaged attention weights of ``q`` over ``k`` (both ``(B, M, T, N, d)``) under ``pattern``, for
+    inspection: ``(B, T, N, T, N)`` = (query frame, query position, key frame, key position).
+
+    The softmax :func:`attend` takes inside SDPA, written out densely: ``softmax(QK^T / sqrt(d))`` in float32
+    over the pattern's keys (:func:`allowed_keys`; the others get weight 0), then the mean over the M heads.
+    Every query's weights sum to 1.
+    """
+    t, n = q.shape[2:4]
+    allowed = torch.stack(
+        [allowed_keys(pattern, i // n, i % n, frames=t, positions=n).flatten() for i in range(t * n)]
+    ).to(q.device)
+    flat = "b m t n d -> b m (t n) d"
+    scores = (rearrange(q, flat) @ rearrange(k, flat).transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    w = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).mean(1)
+    return rearrange(w, "b (t n) (s k) -> b t n s k", t=t, s=t)
+
+
+def summarise_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T, T)`` query frame -> key frame (mean over query positions, sum over key positions) and
+    ``(B, N, N)`` query position -> key position (mean over query frames, sum over key frames) of dense
+    weights ``(B, T, N, T, N)`` (:func:`dense_weights`); each row sums to 1."""
+    return w.sum(-1).mean(2), w.sum(-2).mean(1)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str) -> torch.Tensor:
     """Multi-head attention of ``q`` over ``k, v`` restricted to a structured key set.
 
@@ -191,6 +216,18 @@ class CrossModalAttention(nn.Module):
         return self.out_c(rearrange(att_c, merge)), self.out_b(rearrange(att_b, merge))
 
     @torch.no_grad()
+    def dense_weights(self, x_c: torch.Tensor, x_b: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"c_to_b", "b_to_c"}``: each direction's head-averaged weights ``(B, T, N, T, N)`` on these inputs
+        (:func:`dense_weights`; ``c_to_b`` = c queries over b keys), for inspection (not the training path)."""
+        split = "b t n (k m d) -> k b m t n d"
+        q_c, k_c, _ = rearrange(self.qkv_c(x_c), split, k=3, m=self.heads)
+        q_b, k_b, _ = rearrange(self.qkv_b(x_b), split, k=3, m=self.heads)
+        return {
+            "c_to_b": dense_weights(q_c, k_b, self.pattern_c),
+            "b_to_c": dense_weights(q_b, k_c, self.pattern_b),
+        }
+
+    @torch.no_grad()
     def attention_weights(self, x_c: torch.Tensor, x_b: torch.Tensor) -> dict[str, torch.Tensor]:
         """Head-averaged attention weights of both directions, for inspection (not the training path).
 
@@ -199,23 +236,9 @@ class CrossModalAttention(nn.Module):
         over query positions, sum over key positions) and ``*_positions`` ``(B, N, N)`` (query position -> key
         position, mean over query frames, sum over key frames).  Each row sums to 1.
         """
-        split = "b t n (k m d) -> k b m (t n) d"
-        t, n = x_c.shape[1:3]
-        q_c, k_c, _ = rearrange(self.qkv_c(x_c), split, k=3, m=self.heads)
-        q_b, k_b, _ = rearrange(self.qkv_b(x_b), split, k=3, m=self.heads)
         out = {}
-        for name, q, k, pattern in (
-            ("c_to_b", q_c, k_b, self.pattern_c),
-            ("b_to_c", q_b, k_c, self.pattern_b),
-        ):
-            allowed = torch.stack(
-                [allowed_keys(pattern, i // n, i % n, frames=t, positions=n).flatten() for i in range(t * n)]
-            ).to(q.device)
-            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            w = torch.softmax(scores.float().masked_fill(~allowed, float("-inf")), dim=-1).mean(1)
-            w = rearrange(w, "b (t n) (s k) -> b t n s k", t=t, s=t)
-            out[f"{name}_frames"] = w.sum(-1).mean(2)
-            out[f"{name}_positions"] = w.sum(-2).mean(1)
+        for name, w in self.dense_weights(x_c, x_b).items():
+            out[f"{name}_frames"], out[f"{name}_positions"] = summarise_weights(w)
         return out
 
 

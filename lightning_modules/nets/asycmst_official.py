@@ -39,7 +39,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from lightning_modules.nets.asycmst_attention import STRATEGY_PATTERNS, allowed_keys, attend
+from lightning_modules.nets.asycmst_attention import (
+    STRATEGY_PATTERNS,
+    attend,
+    dense_weights,
+    summarise_weights,
+)
 
 OFFICIAL_FFN = 2048  # the authors' feed-forward width (independent of D)
 OFFICIAL_DROPOUT = 0.1
@@ -84,19 +89,16 @@ class BranchCrossAttention(nn.Module):
         return self.proj(rearrange(attend(q, k, v, self.pattern), "b m t n d -> b t n (m d)"))
 
     @torch.no_grad()
+    def dense_weights(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """Head-averaged weights ``(B, T, N, T, N)`` of this direction on these inputs
+        (:func:`~lightning_modules.nets.asycmst_attention.dense_weights`), for inspection."""
+        return dense_weights(self._split(self.q(x)), self._split(self.k(other)), self.pattern)
+
+    @torch.no_grad()
     def attention_weights(self, x: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Head-averaged weights summarised as ``(B, T, T)`` query frame -> key frame and ``(B, N, N)`` query
         position -> key position (the summaries of ``CrossModalAttention.attention_weights``)."""
-        t, n = x.shape[1:3]
-        q = rearrange(self.q(x), "b t n (m d) -> b m (t n) d", m=self.heads)
-        k = rearrange(self.k(other), "b t n (m d) -> b m (t n) d", m=self.heads)
-        allowed = torch.stack(
-            [allowed_keys(self.pattern, i // n, i % n, frames=t, positions=n).flatten() for i in range(t * n)]
-        ).to(q.device)
-        scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
-        w = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).mean(1)
-        w = rearrange(w, "b (t n) (s k) -> b t n s k", t=t, s=t)
-        return w.sum(-1).mean(2), w.sum(-2).mean(1)
+        return summarise_weights(self.dense_weights(x, other))
 
 
 class OfficialLayer(nn.Module):
@@ -180,25 +182,3 @@ class OfficialFusion(nn.Module):
     def forward(self, f_c: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
         x_c, x_b = self.tokens(f_c, f_b)
         return ((x_c + x_b) / 2).mean(dim=(1, 2))
-
-    @torch.no_grad()
-    def attention_maps(self, f_c: torch.Tensor, f_b: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cross-attention weights of the last stage with a cross sub-layer, under the keys of
-        :meth:`AsyCMSTNet.attention_maps <lightning_modules.nets.asycmst.AsyCMSTNet.attention_maps>`."""
-        if not self.acmst_layers:
-            return {}
-        last = self.acmst_layers[-1]
-        x_c, x_b = self.tokens(f_c, f_b, stages=last)
-        # inside the last stage: each branch's cross sub-layer sees its own self-attended tokens
-        layer_b, layer_c = self.layers_b[last], self.layers_c[last]
-        y_b = layer_b.norm1(x_b + layer_b.self_attn(x_b))
-        b_frames, b_positions = layer_b.cross.attention_weights(y_b, x_c)
-        x_b = layer_b(x_b, x_c)
-        y_c = layer_c.norm1(x_c + layer_c.self_attn(x_c))
-        c_frames, c_positions = layer_c.cross.attention_weights(y_c, x_b)
-        return {
-            "c_to_b_frames": c_frames,
-            "c_to_b_positions": c_positions,
-            "b_to_c_frames": b_frames,
-            "b_to_c_positions": b_positions,
-        }

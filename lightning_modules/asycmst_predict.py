@@ -44,6 +44,7 @@ from datamodules.paired_video import PairedVideoDataset, roi_box, sample_indices
 from datamodules.parts import IMAGENET_MEAN, IMAGENET_STD
 from lightning_modules.asycmst import AsyCMST
 from lightning_modules.base import BaseStage
+from lightning_modules.export import pick_device
 
 # What the ``roi`` column says about the crop a pair got (see the module doc).
 ROI_STATES = {
@@ -81,18 +82,6 @@ class PairPrediction:
     # direction ("c_to_b" / "b_to_c") -> (T, grid, grid) attention received by the key stream's tokens
     attention: dict[str, np.ndarray] = field(default_factory=dict)
     layer: int | None = None  # the cross-modal stage the attention comes from
-
-
-def pick_device(device: str) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...; CUDA asked for but absent is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(None, f"--device {device}: CUDA is not available on this machine")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise DataError(None, f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from None
 
 
 def load_asycmst(path: str | Path, device: str = "cpu") -> tuple[AsyCMST, PairSettings]:

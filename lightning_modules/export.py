@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from datamodules.errors import DataError
 from datamodules.stacks import RowBlocks
 
 if TYPE_CHECKING:  # the stages import timm: not needed to build the command-line parser
@@ -81,3 +82,15 @@ def segment_frames(
     for r0, mask in segment_blocks(model, blocks, shape, threshold, device):
         out[r0 : r0 + len(mask)] = mask
     return out
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...; CUDA asked for but absent is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(None, f"--device {device}: CUDA is not available on this machine")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise DataError(None, f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from None

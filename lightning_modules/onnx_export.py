@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.files import file_digest
+from datamodules.parts import IMAGENET_MEAN, IMAGENET_STD
 
 OPSET = 18  # the dynamo exporter's own opset; onnxruntime >= 1.14 runs it
 FORMAT = "usnodule-onnx/1"
@@ -299,7 +300,8 @@ def export_asycmst(path: Path, out: Path, opset: int = OPSET) -> dict[str, Any]:
             "outputs": {"prob": ["batch"], "logits": ["batch", 2]},
             "streams": list(stage.streams),
             "preprocess": f"{t} frames sampled from each clip as in training, gray -> 3 channels, resized to "
-            f"{size}x{size}, / 255 (data settings of the fit below; 'roi' crops around the BUS nodule box)",
+            f"{size}x{size}, / 255, then (x - mean) / std with ImageNet mean {IMAGENET_MEAN} and std {IMAGENET_STD} "
+            f"(data settings of the fit below; 'roi' crops around the BUS nodule box)",
             "data": {k: v for k, v in data.items() if isinstance(v, str | int | float | bool | list | None)},
         }
     }

@@ -168,18 +168,11 @@ class Predictor:
     device: torch.device
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(None, f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
-
-
 def load_predictor(
     paths: dict[str, Path], device: str = "auto", mask_threshold: float | None = None
 ) -> Predictor:
     """Load the four stages in eval mode, as ``usnodule masks`` / ``embeddings`` load them."""
+    from lightning_modules.export import pick_device
     from lightning_modules.head_stage import HeadStage
     from lightning_modules.maskcnn_stage import MaskCNNStage
     from lightning_modules.seg_stage import SegStage

@@ -302,11 +302,14 @@ class StackDataset(Dataset):
         return self.pred.masks(nid, pos, box=box)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        j, s, _ = self.index[i]
         if self._cache is None:
             x = self.read(i)
         elif (x := self._cache.get(i)) is None:
             x = self._cache[i] = self.read(i)
+        return self.item(i, x)
+
+    def item(self, i: int, x: np.ndarray) -> dict[str, torch.Tensor]:
+        """Item ``i`` from its raw stack ``x`` (:meth:`read`): augmentation, resizing, normalisation, keys."""
         if self.kind == "mask":
             x = x * np.uint8(255)  # {0, 255}: resizing in uint8 keeps soft edges at 1/255 steps
         if self.transform is not None:
@@ -314,11 +317,32 @@ class StackDataset(Dataset):
         img = resize(x, self.size) / 255.0
         if self.kind == "image" and self.mean is not None:
             img = (img - self.mean) / self.std
+        return {"image": img, **self.keys(i)}
+
+    def keys(self, i: int) -> dict[str, torch.Tensor]:
+        """The bookkeeping keys of item ``i`` (label, nodule, stack): no pixels read."""
+        j, s, _ = self.index[i]
         return {
-            "image": img,
             "label": torch.tensor(self.labels[j], dtype=torch.long),
             "nodule": torch.tensor(j, dtype=torch.long),
             "stack": torch.tensor(s, dtype=torch.long),
+        }
+
+    def item_names(self) -> list[str]:
+        """``<annot_id>:<stack>`` of every item, in dataset order (what a row of a feature cache stands for)."""
+        return [f"{self.nodule_ids[j]}:{s}" for j, s, _ in self.index]
+
+    def settings(self) -> dict:
+        """What turns a raw stack into the network's input (the feature cache's key, issue 14 item 1)."""
+        return {
+            "kind": self.kind,
+            "size": list(self.size),
+            "buffer": self.buffer,
+            "use_predicted_boxes": self.use_predicted_boxes,
+            "mask_roi": self.mask_roi,
+            "mean": None if self.mean is None else self.mean.flatten().tolist(),
+            "std": None if self.std is None else self.std.flatten().tolist(),
+            "augment": self.transform is not None,
         }
 
 

@@ -146,9 +146,13 @@ class StackClassifier(nn.Module):
         """Backbone pooled features (B, num_features) via timm ``forward_features`` + ``forward_head``."""
         return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
+    def forward_hidden(self, pooled: Tensor) -> Tensor:
+        """The 256-d hidden layer from the backbone's pooled features (the cached-feature path starts here)."""
+        return self.act(self.fc1(pooled))
+
     def forward_features(self, x: Tensor) -> Tensor:
         """The 256-d "last hidden layer" stack embedding (paper sec. 2.3): the pre-logit features."""
-        return self.act(self.fc1(self.forward_backbone(x)))
+        return self.forward_hidden(self.forward_backbone(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Logits from :meth:`forward_features` (``pre_logits``: the features after the head's dropout)."""

@@ -21,7 +21,9 @@ Output columns: ``clip, n_frames, n_stacks, frames_with_mask, prob_malignant, pr
 ``pred = prob_malignant >= --threshold`` and ``prob_avepool`` is the mean of the ViT's per-stack probabilities
 (the CineCNN-AvePool baseline of Table 2, free from the same forward pass); ``frames_with_mask`` counts frames
 where MSU-Net found a nodule (0 means every ROI fell back to the full frame: check the clip). The CSV is written
-atomically and only when every clip succeeded; a bad clip or checkpoint stops with one line naming the file.
+atomically and only when every clip succeeded; a bad clip or checkpoint stops with one line naming the file, and
+so do checkpoints of another fold than the ``fold<k>`` folder they are in, or of two folds
+(:func:`datamodules.provenance.check_fold_checkpoints`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from datamodules.clips import read_clip, split_h5_spec
 from datamodules.embeddings import pad_collate
 from datamodules.errors import DataError
 from datamodules.files import resolve_checkpoints
+from datamodules.provenance import check_fold_checkpoints
 from datamodules.stacks import PredictedMasks
 from datamodules.stanford import StanfordCine
 from stages.options import add_checkpoint_options, fraction, output_file, positive_int
@@ -209,6 +212,7 @@ def predict(
     paths = resolve_checkpoints(
         fold_dir=fold_dir, seg=seg, vit=vit, maskcnn=maskcnn, head=head, head_variant=head_variant
     )
+    check_fold_checkpoints(paths, fold_dir)  # one fold's four stages, fitted on each other's outputs
     p = load_predictor(paths, device, mask_threshold)
     rows = []
     bar = Progress(

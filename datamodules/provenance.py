@@ -105,8 +105,8 @@ def read_attrs(path: str | os.PathLike) -> dict:
 
     try:
         with h5py.File(path, "r") as f:
-            return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
-    except OSError:
+            return {k: (v.item() if getattr(v, "size", 0) == 1 else v) for k, v in f.attrs.items()}
+    except (OSError, ValueError, KeyError):
         return {}
 
 
@@ -159,8 +159,7 @@ def check_fold_set(
     (:func:`file_record`).
 
     Every recorded fold must be ``fold`` (``asked`` says who asked for it, with ``{fold}`` for its name:
-    ``"--fold asks for {fold}"``) or, without one, the
-    first recorded fold.  ``data`` maps a record key (``h5``, ``splits``) to the file the consumer uses (or to
+    ``"--fold asks for {fold}"``) or, without one, the first recorded fold.  ``data`` maps a record key (``h5``, ``splits``) to the file the consumer uses (or to
     ``None``: the first record's file that exists): every record's file under that key (or its
     ``<key>_sha256``) must hold the same data.  Returns the fold they share (:data:`UNKNOWN` when none records
     one)."""
@@ -175,7 +174,7 @@ def check_fold_set(
             raise DataError(path, f"{LABELS.get(name, name)} of {fold_name(got)}, but {source}")
     for key, given in (data or {}).items():
         ref = Path(given) if given is not None else None
-        source = f"the {key} given is {given}"
+        source = f"the {key} given, {given}"
         for name, (path, rec) in records.items():
             recorded, sha = rec.get(key), rec.get(f"{key}_sha256")
             if not recorded and not sha:
@@ -184,12 +183,13 @@ def check_fold_set(
                 if recorded and Path(str(recorded)).is_file():
                     ref, source = (
                         Path(str(recorded)),
-                        f"{LABELS.get(name, name)} {path} was made with {recorded}",
+                        f"{recorded}, which {LABELS.get(name, name)} {path} was made with",
                     )
                 continue
             if same_data(recorded, ref, sha) is False:
+                what = recorded or f"of SHA-256 {str(sha)[:12]}"
                 raise DataError(
-                    path, f"{LABELS.get(name, name)} made with {key} {recorded}, other data: {source}"
+                    path, f"{LABELS.get(name, name)} made with {key} {what}, other data than {source}"
                 )
     return want
 

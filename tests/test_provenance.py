@@ -145,19 +145,23 @@ def test_embeddings_refuse_pieces_of_another_fold_or_data(parts, tmp_path, capsy
 
 
 def test_embeddings_of_another_cine_file_need_no_fold(parts, tmp_path, capsys):
-    """Without --fold / --splits, fold-0 networks may embed another data set (external test clips)."""
-    from datamodules.provenance import check_fold_set, checkpoint_record, file_record
+    """Without --fold / --splits, fold-0 networks may embed another data set (external test clips); with
+    --fold they claim fold 0 of that file, which they were not fitted on."""
+    from stages.masks import predict_masks
 
-    other = write_stanford(tmp_path / "external", seed=3)
-    records = {
-        "vit": (parts["vit0"], checkpoint_record(parts["vit0"])),
-        "masks": (parts["masks0"], file_record(parts["masks0"])),
-    }
-    assert check_fold_set(records, data={"splits": None}) == 0
-    from datamodules.errors import DataError
-
-    with pytest.raises(DataError, match="other data"):  # claiming a fold of that other file is refused
-        check_fold_set(records, fold=0, data={"h5": other})
+    other = write_stanford(tmp_path / "external", seed=3, extra=1)
+    masks = predict_masks(
+        cine=other, seg=parts["seg0"], out=tmp_path / "masks.h5", batch_size=4, progress=False
+    )
+    out = tmp_path / "emb.h5"
+    usnodule(_embeddings(parts, out, cine=other, masks=masks))
+    with h5py.File(out, "r") as f:
+        assert f.attrs["fold"] == 0 and len(f) == 6
+    capsys.readouterr()
+    out.unlink()
+    _fails(capsys, lambda: usnodule(_embeddings(parts, out, cine=other, masks=masks, fold=0)),
+           "vit0.ckpt", "made with h5", "other data than the h5 given", str(other))  # fmt: skip
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------- fits

@@ -3,7 +3,9 @@
 Layout (written by ``usnodule embeddings``): one group per nodule (group name = annot_id, with ``/`` escaped as
 ``%2F``), datasets ``image`` and ``seg`` (S x 256 float32, stack order) and optionally ``image_prob`` /
 ``seg_prob`` (S,) stage-1/3 stack probabilities; group attrs ``annot_id``, ``label``, ``fold``, ``part``,
-``source``; file attrs name the checkpoints that produced it.
+``source``; file attrs name the checkpoints that produced it and the fold and splits file they were fitted
+for, which :class:`EmbeddingDataModule` checks against its own (:mod:`datamodules.provenance`): a head of fold 2
+is never fitted on fold 0's embeddings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from datamodules.errors import DataError
 from datamodules.folds import load_fold
 from datamodules.lazy_h5 import LazyH5, open_checked
 from datamodules.parts import BaseDataModule
+from datamodules.provenance import check_file
 
 
 def group_name(annot_id: str) -> str:
@@ -134,6 +137,9 @@ class EmbeddingDataModule(BaseDataModule):
             return
         hp = self.hparams
         index = read_index(hp.path)
+        check_file(
+            "embeddings", hp.path, fold=hp.fold, splits=hp.splits, asked="data.init_args.fold asks for {fold}"
+        )
         split = load_fold(hp.splits, hp.fold)
         for part in ("train", "val", "test"):
             self.datasets[part] = EmbeddingDataset(hp.path, split[part], index=index)

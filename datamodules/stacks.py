@@ -40,6 +40,7 @@ from datamodules.errors import DataError, OptionError
 from datamodules.folds import load_fold
 from datamodules.lazy_h5 import InMemoryH5, LazyH5, open_checked, read_rows, text
 from datamodules.parts import IMAGENET_MEAN, IMAGENET_STD, BaseDataModule
+from datamodules.provenance import check_file
 from datamodules.stanford import Box, StanfordCine, bbox_from_mask
 
 STACK = 3  # frames per instance (RGB channels)
@@ -578,9 +579,18 @@ class StackDataModule(BaseDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.cine is None:
-            self.cine = StanfordCine(self.hparams.h5, self.hparams.metadata)
+            hp = self.hparams
+            self.cine = StanfordCine(hp.h5, hp.metadata)
             self.pred = None
-            self.split = load_fold(self.hparams.splits, self.hparams.fold)
+            self.split = load_fold(hp.splits, hp.fold)
+            if hp.masks_h5 is not None:  # predicted masks of another fold would be in-sample ones
+                check_file(
+                    "masks",
+                    hp.masks_h5,
+                    fold=hp.fold,
+                    splits=hp.splits,
+                    asked="data.init_args.fold asks for {fold}",
+                )
         if stage in ("fit", None) and "train" not in self.datasets:
             self.datasets["train"] = self._dataset(self.split["train"], train=True)
             self.datasets["val"] = self._dataset(self.split["val"])

@@ -38,6 +38,7 @@ from datamodules.embeddings import EmbeddingDataset, pad_collate, read_index
 from datamodules.errors import DataError
 from datamodules.files import same_file
 from datamodules.folds import load_fold, load_splits
+from datamodules.provenance import check_file
 from datamodules.stanford import TIRADS_FEATURES, StanfordCine
 from stages.options import check_pattern, count, fold_pattern, positive_int, seed
 
@@ -212,6 +213,12 @@ def run_baselines(
         split = load_fold(splits, k)
         out = fold_dir(runs, k)
         emb = Path(embeddings.format(runs=runs, fold=k))
+        if (
+            "avepool" in methods or heads or "cinetrans" in methods
+        ):  # fold k's scores from fold k's embeddings
+            check_file(
+                "embeddings", emb, fold=k, splits=splits, asked="`usnodule baselines` reads it for {fold}"
+            )
         # Each method scores the fold's test nodules (predictions_*.csv) and its validation nodules
         # (val_predictions_*.csv): the report picks each fold's operating threshold on the latter, never on test.
         parts = {"predictions_": split["test"], "val_predictions_": split["val"]}

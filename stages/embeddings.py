@@ -15,6 +15,10 @@ matter). Values agree to float rounding (~1e-7 measured with 2 CPU ranks): the r
 and BLAS kernels may sum in another order for another batch. The shards live beside the output (a multi-node run
 needs a shared filesystem there). The output is written through :func:`atomic_path`: an interrupted export
 leaves no ``embeddings.h5``.
+
+Before any work, the ViT, the mask CNN and ``masks.h5`` must say they are of one fold (``--fold`` when given; the
+file records the fold they share when it is not) and one data set, and the mask CNN must have been fitted on masks
+of the MSU-Net behind ``masks.h5`` (:func:`check_inputs`, :mod:`datamodules.provenance`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from datamodules.embeddings import group_name
 from datamodules.errors import DataError, is_write_error, write_error
 from datamodules.files import file_digest
 from datamodules.folds import load_fold
+from datamodules.provenance import UNKNOWN, check_fold_set, file_record, read_attrs
 from datamodules.stacks import PredictedMasks, build_dataset
 from datamodules.stanford import StanfordCine
 from lightning_modules.export import EmbeddingExport
@@ -202,6 +207,45 @@ def merge_shards(
     return out
 
 
+# ---------------------------------------------------------------------------------------------- provenance
+def check_inputs(
+    cine, masks, vit, vit_data, maskcnn, mask_data, splits, fold
+) -> tuple[int | None, Path | None]:
+    """The ViT, the mask CNN and ``masks.h5`` must be of one fold (``--fold`` when given) and one data set
+    (:mod:`datamodules.provenance`); returns the fold (``--fold``, else the one they record) and the splits
+    file they were made with (``--splits``, else the checkpoints' own, when it exists).
+
+    With ``--fold`` or ``--splits`` the export is of fold k of ``--cine``, so the checkpoints must have been
+    fitted on ``--cine`` too; without, fold-k networks may embed another data set (an external test set), and
+    only the checkpoints are compared with each other."""
+    records = {
+        "vit": (Path(vit), vit_data),
+        "maskcnn": (Path(maskcnn), mask_data),
+        "masks": (Path(masks), file_record(masks)),
+    }
+    asked = UNKNOWN if fold is None else fold
+    shared = check_fold_set(records, fold=asked, asked="--fold asks for {fold}", data={"splits": splits})
+    if fold is not None or splits is not None:
+        check_fold_set(records, data={"h5": cine})
+    else:
+        check_fold_set({k: records[k] for k in ("vit", "maskcnn")}, data={"h5": None})
+    # The mask CNN was fitted on masks of one MSU-Net: those given must be of the same one.
+    seg_now = records["masks"][1].get("seg_sha256")
+    fitted_on = mask_data.get("masks_h5")
+    if seg_now and fitted_on and Path(fitted_on).is_file():
+        seg_then = read_attrs(fitted_on).get("seg_sha256")
+        if seg_then and seg_then != seg_now:
+            raise DataError(
+                maskcnn,
+                f"was fitted on {fitted_on}, masks of another MSU-Net checkpoint (SHA-256 {seg_then[:12]}) than "
+                f"--masks {masks} (SHA-256 {seg_now[:12]})",
+            )
+    if fold is None and shared is not UNKNOWN:
+        fold = shared
+    trained = splits or vit_data.get("splits") or mask_data.get("splits")
+    return fold, (Path(trained) if trained and Path(trained).is_file() else None)
+
+
 # ---------------------------------------------------------------------------------------------- stage
 def export(
     *,
@@ -232,6 +276,7 @@ def export(
     out = Path(out)
     vit_model, vit_data = ViTStage.from_checkpoint(vit)
     mask_model, mask_data = MaskCNNStage.from_checkpoint(maskcnn)
+    fold, trained_splits = check_inputs(cine, masks, vit, vit_data, maskcnn, mask_data, splits, fold)
     img_size = img_size or vit_model.input_size(vit_data)
     mask_size = mask_size or mask_data.get("img_size") or img_size
     if boxes not in ("auto", "annotated", "predicted"):
@@ -267,6 +312,8 @@ def export(
         "maskcnn_checkpoint": str(Path(maskcnn).resolve()),
         "maskcnn_sha256": file_digest(maskcnn),
         "splits": "" if splits is None else str(Path(splits).resolve()),
+        "splits_sha256": file_digest(trained_splits) if trained_splits else "",
+        "masks_seg_sha256": str(read_attrs(masks).get("seg_sha256", "")),
         "fold": -1 if fold is None else int(fold),
         "img_size": int(img_size),
         "mask_size": int(mask_size),
@@ -315,7 +362,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vit", type=Path, required=True, help="ViT stage checkpoint (stage 1)")
     p.add_argument("--maskcnn", type=Path, required=True, help="mask CNN stage checkpoint (stage 3)")
     p.add_argument("--splits", type=Path, default=None, help="splits.json (records each nodule's part)")
-    p.add_argument("--fold", type=count, default=None, help="fold the checkpoints were trained for")
+    p.add_argument(
+        "--fold",
+        type=count,
+        default=None,
+        help="fold the checkpoints were trained for (default: the one they record)",
+    )
     p.add_argument("--out", type=output_file, required=True, help="output embeddings.h5")
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--num-workers", type=count, default=0)

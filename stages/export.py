@@ -15,7 +15,8 @@ Thresholding the masks, ROI boxes and stack building are data-dependent indexing
 After writing, every graph is run under onnxruntime next to its checkpoint under PyTorch on random inputs of
 two other batch / sequence sizes, and the largest differences are printed (--no-check skips this; the export
 fails when a probability differs by more than --tolerance).  OUT appears only when complete; an existing OUT
-is replaced only when it is an earlier export (holds chain.json).
+is replaced only when it is an earlier export (holds chain.json).  Checkpoints of another fold than the
+``fold<k>`` folder they are in, or of two folds, are refused (:func:`datamodules.provenance.check_fold_checkpoints`).
 Needs the `onnx` extra: pip install 'usnodule[onnx]' (onnx, onnxscript, onnxruntime).
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from datamodules.errors import DataError
 from datamodules.files import FOLD_CHECKPOINTS, resolve_checkpoints
+from datamodules.provenance import check_fold_checkpoints
 from stages.options import add_checkpoint_options
 
 
@@ -38,7 +40,9 @@ def stact_checkpoints(args: argparse.Namespace) -> dict[str, Path] | None:
         fold is None or not (fold / FOLD_CHECKPOINTS["seg"]).exists()
     ):
         return None
-    return resolve_checkpoints(fold_dir=fold, head_variant=args.head_variant, **given)
+    paths = resolve_checkpoints(fold_dir=fold, head_variant=args.head_variant, **given)
+    check_fold_checkpoints(paths, fold)  # one fold's four stages, fitted on each other's outputs
+    return paths
 
 
 def export(args: argparse.Namespace) -> dict[str, float]:

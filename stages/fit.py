@@ -24,13 +24,21 @@ What this CLI adds to the stock one, all overridable from the command line:
   rank 0 logs (Lightning's rank-zero logger).
 - Reproducible resumption: the RNG states ride along in every checkpoint (:class:`RNGState`).
 - Progress: a Rich progress bar on a terminal, none when stdout is not a TTY (CI logs stay readable).
+- One line when it fails: a bad input is ``error: <file or config key>: <problem>`` alone on stderr, exit
+  status 2.  What Lightning prints while it starts ("Seed set to", "GPU available", "💡 Tip", warnings) is held
+  until the first batch (:class:`StartUp`): printed then, or dropped, with the resume stamp and the folders
+  this run made, when a bad input stops the fit before it (an unreadable or mismatched file found by the data
+  module's ``setup``).  Trainer settings the machine cannot run (a GPU that is not there, more CPU processes
+  than cores) are refused before the Trainer is built.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,7 +46,7 @@ import sys
 from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
@@ -173,7 +181,160 @@ def _unwrap(e: BaseException, config: dict) -> DataError:
     return DataError(f"{where}.init_args" if where else None, problem)
 
 
+# ---------------------------------------------------------------------------------------------- start-up output
+class _Held(io.TextIOBase):
+    """``sys.stderr`` while :class:`StartUp` holds it: text is kept in order with the held log records, and goes
+    straight to the real stream once released (for whatever kept a reference to it meanwhile)."""
+
+    def __init__(self, startup: StartUp, real) -> None:
+        self.startup, self.real = startup, real
+
+    def write(self, text: str) -> int:
+        if self.startup.holding:
+            self.startup.items.append(text)
+        else:
+            self.real.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.startup.holding:
+            self.real.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:  # C-level writers (subprocesses) use the real stream
+        return self.real.fileno()
+
+    @property
+    def encoding(self):
+        return getattr(self.real, "encoding", "utf-8")
+
+
+class _HoldRecords(logging.Handler):
+    def __init__(self, startup: StartUp) -> None:
+        super().__init__()
+        self.startup = startup
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.startup.items.append(record)
+
+
+class StartUp:
+    """What a fit prints and writes before its first batch, held until that batch: Lightning's info lines (its
+    ``lightning.pytorch`` / ``lightning.fabric`` loggers), anything on ``sys.stderr`` (warnings, W&B, the
+    ``resuming from`` / ``notice:`` lines), and the folders and resume stamp it creates.  :meth:`release` (the
+    first batch, or the end of a run) prints what was held; :meth:`discard` (a one-line error before the first
+    batch) drops it and removes what it created, so the error line is all that is left.  One per process; a
+    spawned DDP process never holds anything."""
+
+    LOGGERS = ("lightning.pytorch", "lightning.fabric")
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pid = None
+        self.items: list = []
+        self.made: list[Path] = []
+
+    def start(self) -> None:
+        if self.holding:
+            return
+        self.holding, self.pid, self.items, self.made = True, os.getpid(), [], []
+        self._stderr = sys.stderr
+        sys.stderr = _Held(self, self._stderr)
+        self._loggers = []
+        for name in self.LOGGERS:
+            log = logging.getLogger(name)
+            self._loggers.append((log, log.handlers[:], log.propagate))
+            log.handlers, log.propagate = [_HoldRecords(self)], False
+
+    def made_dir(self, path: Path) -> None:
+        """``mkdir -p path``, remembering the folders that did not exist (removed by :meth:`discard`)."""
+        new = [p for p in (path, *path.parents) if not p.exists()]
+        path.mkdir(parents=True, exist_ok=True)
+        if self.holding:
+            self.made.extend(reversed(new))  # in the order they were made
+
+    def made_file(self, path: Path) -> None:
+        if self.holding:
+            self.made.append(path)
+
+    def _stop(self) -> bool:
+        if not self.holding or os.getpid() != self.pid:
+            return False
+        self.holding = False
+        if sys.stderr.__class__ is _Held:
+            sys.stderr = self._stderr
+        for log, handlers, propagate in self._loggers:
+            log.handlers, log.propagate = handlers, propagate
+        return True
+
+    def release(self) -> None:
+        """Print what was held, in order (log records through the handlers Lightning's loggers had)."""
+        if not self._stop():
+            return
+        for item in self.items:
+            if isinstance(item, str):
+                sys.stderr.write(item)
+            else:
+                logging.getLogger(item.name).handle(item)
+        sys.stderr.flush()
+        self.items, self.made = [], []
+
+    def discard(self) -> None:
+        """Drop what was held and remove the files and (empty) folders this start-up made."""
+        if not self._stop():
+            return
+        for path in reversed(self.made):
+            try:
+                path.rmdir() if path.is_dir() else path.unlink()
+            except OSError:  # a folder something else wrote into stays
+                pass
+        self.items, self.made = [], []
+
+
+STARTUP = StartUp()
+
+
+class ReleaseStartUp(Callback):
+    """Prints what :data:`STARTUP` held once the first batch (of any loop) has run."""
+
+    def _release(self, *args, **kwargs) -> None:
+        STARTUP.release()
+
+    on_train_batch_end = on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _release
+
+
+def check_trainer_settings(trainer_cfg: dict) -> None:
+    """Trainer settings this machine cannot run, as one line before the Trainer is built: more CPU processes
+    (``devices``) than CPU cores when there is no GPU (Lightning would start them all, each with its share of two
+    cores, and fail or crawl minutes later).  A GPU asked for where there is none is refused by Lightning itself
+    (``MisconfigurationException``, one line in :func:`main`)."""
+    accelerator = trainer_cfg.get("accelerator") or "auto"
+    devices = trainer_cfg.get("devices", "auto")
+    if not isinstance(accelerator, str) or accelerator not in ("auto", "cpu"):
+        return
+    if accelerator == "auto":
+        from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator, XLAAccelerator
+
+        if any(a.is_available() for a in (CUDAAccelerator, MPSAccelerator, XLAAccelerator)):
+            return
+    n = devices if isinstance(devices, int) else int(devices) if str(devices).strip().isdigit() else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if n is not None and n > cores:
+        where = "no GPU is available" if accelerator == "auto" else "accelerator is cpu"
+        raise DataError(
+            "trainer.devices",
+            f"{n} processes on CPU ({where}), but this machine has {cores} CPU cores: "
+            f"set trainer.devices to at most {cores}, or run where the GPUs are",
+        )
+
+
 class UsnoduleCLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        STARTUP.start()  # the command line is good: hold Lightning's start-up lines (StartUp)
+
     def instantiate_classes(self) -> None:
         """As LightningCLI's, with an error while building the model, data or trainer as one line, and a model
         built for another input size than the data's refused."""
@@ -213,11 +374,13 @@ class UsnoduleCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_cfg = cfg["trainer"]
+        check_trainer_settings(trainer_cfg)
         if trainer_cfg.get("logger") in (None, True) and not trainer_cfg.get("fast_dev_run"):
             kwargs["logger"] = self._wandb_logger(trainer_cfg)
         callbacks = list(trainer_cfg.get("callbacks") or [])
         if not any(isinstance(c, RNGState) for c in callbacks):
             callbacks.append(RNGState())
+        callbacks.append(ReleaseStartUp())
         # lr per step on the dashboards; LearningRateMonitor raises without a logger, so only when there is one.
         has_logger = kwargs.get("logger", trainer_cfg.get("logger")) is not False
         if has_logger and not any(isinstance(c, LearningRateMonitor) for c in callbacks):
@@ -238,7 +401,7 @@ class UsnoduleCLI(LightningCLI):
         stage = stage_name(self.model)
         name = stage if fold is None else f"{stage}-fold{fold}"
         root = Path(trainer_cfg.get("default_root_dir") or ".")
-        root.mkdir(parents=True, exist_ok=True)
+        STARTUP.made_dir(root)
         # The user's WANDB_MODE wins (online / offline / disabled -- the tests set disabled); unset: online with
         # credentials, else offline.  Never offline=True when WANDB_MODE is set: WandbLogger then overwrites it
         # with "dryrun" for the rest of the process.
@@ -297,8 +460,9 @@ class UsnoduleCLI(LightningCLI):
         if trainer.is_global_zero:
             if ckpt_dir.exists():  # another experiment's checkpoints: set aside, never resumed into
                 shutil.rmtree(ckpt_dir)
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            STARTUP.made_dir(ckpt_dir)
             stamp.write_text(json.dumps(current, sort_keys=True))
+            STARTUP.made_file(stamp)
         trainer.strategy.barrier("usnodule-resume")
 
     def after_fit(self) -> None:
@@ -439,15 +603,26 @@ def main(args: ArgsType = None) -> None:
             parser_class=OneLineParser,
             args=args,
         )
-    except DataError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except MisconfigurationException as e:  # a Trainer setting this machine cannot run (devices, precision)
-        print(f"error: trainer: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except OSError as e:
-        if e.filename is None and e.errno is None:
+    except BaseException as e:
+        line = error_line(e)
+        if line is None:  # not a bad input: everything held is printed before the traceback
+            STARTUP.release()
             raise
-        reason = e.strerror or str(e)
-        print(f"error: {e.filename}: {reason}" if e.filename else f"error: {reason}", file=sys.stderr)
+        STARTUP.discard()
+        print(line, file=sys.stderr)
         raise SystemExit(2) from None
+    STARTUP.release()
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one ``error:`` line for an exception that a bad input causes, or None."""
+    if isinstance(e, DataError):
+        return f"error: {' '.join(str(e).split())}"
+    if isinstance(
+        e, MisconfigurationException
+    ):  # a Trainer setting this machine cannot run (devices, precision)
+        return f"error: trainer: {' '.join(str(e).split())}"
+    if isinstance(e, OSError) and (e.filename is not None or e.errno is not None):
+        reason = e.strerror or str(e)
+        return f"error: {e.filename}: {reason}" if e.filename else f"error: {reason}"
+    return None

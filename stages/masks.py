@@ -2,7 +2,9 @@
 
 Output layout: dataset ``mask`` (N, H, W) uint8 in {0, 1}, in the cine file's row order (so row r of
 ``masks.h5`` is the prediction for row r of ``dataset.hdf5``), plus copies of its ``annot_id`` and
-``frame_num`` columns (readers check them row by row); attrs name the checkpoint and settings.
+``frame_num`` columns (readers check them row by row); attrs name the checkpoint and settings, and say which
+fold, splits file and checkpoint (SHA-256) made the masks (:func:`datamodules.provenance.masks_attrs`), which
+``usnodule embeddings`` and the mask CNN's fit check.
 
 Streaming: contiguous blocks of rows are read (one HDF5 slice each, in DataLoader workers), resized to the
 segmentation input size, segmented, the logits resized back to full frame size (bilinear) and thresholded,
@@ -24,6 +26,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from datamodules.atomic import atomic_path
+from datamodules.provenance import masks_attrs
 from datamodules.stacks import RowBlocks
 from datamodules.stanford import StanfordCine
 from stages.options import count, fraction, output_file, positive_int
@@ -49,6 +52,7 @@ def predict_masks(
 
     data = StanfordCine(cine, metadata, require_mask=False)  # validates the file; masks not needed to predict
     model, seg_data = SegStage.from_checkpoint(seg)
+    provenance = masks_attrs(seg, seg_data)
     size = size or seg_data.get("size") or 256  # the FrameDataModule's size
     threshold = model.hparams.get("threshold", 0.5) if threshold is None else threshold
     dev = torch.device(
@@ -81,6 +85,7 @@ def predict_masks(
                 "size": int(size),
                 "threshold": float(threshold),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                **provenance,
             }
         )
         task = bar.add_task("masks", total=n)

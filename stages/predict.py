@@ -43,7 +43,8 @@ attention cells); drawing code: :mod:`datamodules.overlay`. The attention weight
 ``HeadStage.attention_maps`` on the same inputs after the probability, so the probabilities are the same with
 or without ``--overlay``. A name used twice gets ``-2``, ``-3``... The CSV is written atomically and the
 overlays are moved into ``DIR`` only when every clip succeeded; a bad clip or checkpoint stops with one line
-naming the file.
+naming the file, and so do checkpoints of another fold than the ``fold<k>`` folder they are in, or of two
+folds (:func:`datamodules.provenance.check_fold_checkpoints`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ from datamodules.embeddings import pad_collate
 from datamodules.errors import DataError, is_write_error, write_error
 from datamodules.files import resolve_checkpoints
 from datamodules.nodule_size import nodule_size
+from datamodules.provenance import check_fold_checkpoints
 from datamodules.stacks import PredictedMasks, stack_positions
 from datamodules.stanford import StanfordCine
 from stages.options import add_checkpoint_options, fraction, output_file, positive_int
@@ -431,6 +433,7 @@ def predict(
     paths = resolve_checkpoints(
         fold_dir=fold_dir, seg=seg, vit=vit, maskcnn=maskcnn, head=head, head_variant=head_variant
     )
+    check_fold_checkpoints(paths, fold_dir)  # one fold's four stages, fitted on each other's outputs
     p = load_predictor(paths, device, mask_threshold)
     rows = []
     bar = Progress(

@@ -76,8 +76,9 @@ STEP   = $(if $(Q),$(PY) -m stages.step --log $(RUNS)/logs/$(1)$(if $(2),_fold$(
 data: $(SYNTH)/stanford/dataset.hdf5 ## generate the synthetic Stanford-layout, paired BUS/CEUS and still-image sets (+ preview.png)
 
 # A real DATA directory is used as it is; the synthetic one is generated on demand, and again when
-# SYNTH_ARGS change (recorded in $(SYNTH)/.args, rewritten only when different).
-$(SYNTH)/stanford/dataset.hdf5 $(SYNTH)/paired/manifest.csv $(SYNTH)/stills/manifest.csv &: $(SYNTH)/.args | $(STAMP)
+# SYNTH_ARGS change (recorded in $(SYNTH)/.args, rewritten only when different) or the generator's code does.
+$(SYNTH)/stanford/dataset.hdf5 $(SYNTH)/paired/manifest.csv $(SYNTH)/stills/manifest.csv &: $(SYNTH)/.args \
+  $(wildcard datamodules/synth/*.py) | $(STAMP)
 	$(Q)$(call STEP,data) $(USNODULE) synth --out $(SYNTH) $(SYNTH_ARGS) --preview
 
 $(SYNTH)/.args: FORCE

@@ -18,7 +18,7 @@
   opens truth.csv (the Stanford reader opens ``metadata.csv`` by name, the paired reader the manifest it is
   given); only ``usnodule report --truth`` reads it, for its reference rows (Bayes ceiling, TI-RADS oracle).
   On the demo's Stanford set (Makefile ``SYNTH_ARGS``, seed 0) the clean risk ranks the labels at AUROC
-  0.94 (mean over 5 folds), ``tirads_risk`` alone 0.77.
+  0.97 (mean over 5 folds), ``tirads_risk`` alone 0.72 (paired set: 0.96 and 0.70).
 """
 
 from __future__ import annotations
@@ -44,9 +44,12 @@ PAIRED_TRUTH_COLUMNS = ("case_id", "risk", "tirads_risk", "hidden_risk", "hetero
 # points and of age; hidden part: weights of the image-only signals and, for paired cases, of CEUS.
 POINT_WEIGHTS = {"composition": 0.6, "echogenicity": 0.7, "shape": 0.5, "margin": 0.65, "echogenicfoci": 0.4}
 AGE_WEIGHT, AGE_CENTER = -0.03, 56
-# Per unit of heterogeneity and of shape change (was 4.5): the hidden part now outweighs the metadata part
-# (AUROC 0.89 vs 0.78 on the demo plan) while the TI-RADS oracle stays >= 0.70, a real competitor.
-HIDDEN_WEIGHT = 7.0
+# Per unit of heterogeneity and of shape change (was 4.5, then 7): the hidden part outweighs the metadata part
+# (heterogeneity alone ranks the demo's labels at AUROC 0.84, the TI-RADS part at 0.72, seed 0) while the TI-RADS
+# oracle stays >= 0.70, a real competitor.  At 7 the demo's image encoder reached 0.69-0.72 against a TI-RADS
+# forest of 0.67: the learning demo's target (>= 0.80 and >= forest + 0.08) needs the image-only signals to carry
+# more of the label than 240 training nodules let a small CNN recover (BENCHMARKS.md "Demo recipe, round 2").
+HIDDEN_WEIGHT = 11.0
 CEUS_PATTERN_WEIGHT = {"homogeneous": 0.0, "ring": -1.5, "heterogeneous": 1.5, "hypo": 1.5}
 TTP_WEIGHT, TTP_CENTER = -14.0, 0.32
 WASHOUT_WEIGHT, WASHOUT_CENTER = 1.4, 2.2

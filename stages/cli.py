@@ -33,6 +33,8 @@ COMMANDS = (
     "still-masks",
     "shape-forest",
     "roi-predict",
+    "report-sweep",
+    "shift-paired",
 )
 MODULES = {"import": "import_layout"}  # `import` is a Python keyword: no module stages/import.py
 

@@ -371,3 +371,153 @@ clean-runs: ## remove runs/ and reports/ of EXP
 
 clean: ## remove generated data, runs, reports (keeps .venv)
 	rm -rf data/synth runs reports lightning_logs wandb
+
+# ---------------------------------------------------------------------------------------------- AsyCMST studies
+# The paper's experiments as targets, each ending in `usnodule report-sweep` (results.md table + a plot, in
+# $(REPORT)/asycmst_<study>/): Table 4 (asycmst-ablation-fss-ns), Table 5 (asycmst-ablation-strategies), the
+# label-noise and contour sweeps of Sec. 4.7 (asycmst-noise, asycmst-contour) and the cross-data-set transfer of
+# Sec. 4.3 (asycmst-transfer).  Every fit is the AsyCMST rule above (one process per fold: fit, then test) with
+# the model switches of its variant (ASY_SWITCH_<method>, mirrored by stages/report_sweep.VARIANTS) and the
+# datamodule's study options.  The clean fits of every variant live beside AsyCMST's in $(ASYCMST_RUNS)/fold<k>/
+# and are shared: a sweep's level 0 and the transfer's in-domain row are copies of them, not refits.
+# Demo-size defaults, to stay at CPU minutes: SWEEP_FOLDS (default folds 0 1 of the FOLDS-fold splits), the
+# sweeps' models SWEEP_METHODS (AsyCMST and the baseline without ACMST, FSS, NS) and CONTOUR_METHODS (AsyCMST
+# only: a model without NS never sees the masks).  Paper size: SWEEP_FOLDS="0 1 2 3 4", more methods.
+# Like `make demo` these run -j$(JOBS) from a warm Python with W&B off (DEMO_WANDB).
+SWEEP_FOLDS ?= 0 1
+SWEEP_METHODS ?= asycmst asycmst_base
+CONTOUR_METHODS ?= asycmst
+NOISE_LEVELS ?= 0 0.1 0.2 0.3
+CONTOUR_LEVELS ?= dilate_2 dilate_4 erode_2 erode_4 jitter_2 jitter_4
+NOISE_SEED ?= $(SEED)
+ASY_SWITCH_asycmst :=
+ASY_SWITCH_asycmst_base := --model.init_args.strategy=none --model.init_args.fss=false --model.init_args.ns=false
+ASY_SWITCH_asycmst_acmst := --model.init_args.fss=false --model.init_args.ns=false
+ASY_SWITCH_asycmst_fss := --model.init_args.strategy=none --model.init_args.ns=false
+ASY_SWITCH_asycmst_ns := --model.init_args.strategy=none --model.init_args.fss=false
+ASY_SWITCH_asycmst_none := --model.init_args.strategy=none
+ASY_SWITCH_asycmst_global := --model.init_args.strategy=global
+ASY_SWITCH_asycmst_symmetric := --model.init_args.strategy=symmetric
+ASY_SWITCH_asycmst_spatial := --model.init_args.strategy=spatial
+ASY_SWITCH_asycmst_temporal := --model.init_args.strategy=temporal
+FSS_NS_METHODS := asycmst_base asycmst_acmst asycmst_fss asycmst_ns asycmst_none asycmst
+STRATEGY_METHODS := asycmst_none asycmst_global asycmst_symmetric asycmst asycmst_spatial asycmst_temporal
+NOISE_RUNS := $(RUNS)/asycmst_noise
+CONTOUR_RUNS := $(RUNS)/asycmst_contour
+TRANSFER_RUNS := $(RUNS)/asycmst_transfer
+# $(1): runs folder, $(2): methods -> their prediction files of the SWEEP_FOLDS
+SWEEP_PRED = $(foreach m,$(2),$(foreach k,$(SWEEP_FOLDS),$(1)/fold$(k)/predictions_$(m).csv))
+SWEEP_REPORT = $(USNODULE) report-sweep --folds $(SWEEP_FOLDS) $(SWEEP_REPORT_ARGS)
+
+.PHONY: asycmst-ablation-fss-ns asycmst-ablation-strategies asycmst-noise asycmst-contour asycmst-transfer
+# $(1): the report file
+define STUDY
+	@start=$$(date +%s); WANDB_MODE=$${WANDB_MODE:-$(DEMO_WANDB)} OMP_NUM_THREADS=1 $(WARM_RUN) $(MAKE) \
+	  --no-print-directory -j$(JOBS) --output-sync=target $(1) && echo && cat $(1) && \
+	echo "$(notdir $(patsubst %/,%,$(dir $(1)))): $$(( $$(date +%s) - start )) s (folds $(SWEEP_FOLDS); logs in $(RUNS)/logs/)"
+endef
+asycmst-ablation-fss-ns: | $(STAMP) ## Table 4: AsyCMST with ACMST / FSS / NS switched off, SWEEP_FOLDS, one table
+	$(call STUDY,$(REPORT)/asycmst_fss_ns/results.md)
+asycmst-ablation-strategies: | $(STAMP) ## Table 5: the six cross-attention strategies, SWEEP_FOLDS, one table
+	$(call STUDY,$(REPORT)/asycmst_strategies/results.md)
+asycmst-noise: | $(STAMP) ## label-noise sweep: AUROC vs fraction of flipped training labels (NOISE_LEVELS, SWEEP_METHODS)
+	$(call STUDY,$(REPORT)/asycmst_noise/results.md)
+asycmst-contour: | $(STAMP) ## contour sweep: AUROC vs NS-mask dilate/erode/jitter in px (CONTOUR_LEVELS, CONTOUR_METHODS)
+	$(call STUDY,$(REPORT)/asycmst_contour/results.md)
+asycmst-transfer: | $(STAMP) ## cross-data-set transfer: train on PAIRED / TRANSFER_B, test on both, every direction
+	$(call STUDY,$(REPORT)/asycmst_transfer/results.md)
+
+# $(1): output folder (fold% inside it), $(2): method, $(3): step name, $(4): extra arguments of the fit
+define ASY_FIT_RULE
+$(1)/fold%/predictions_$(2).csv: $$(ASYCMST_CONF) $$(PAIRED)/splits.json | $$(STAMP)
+	$$(Q)$$(call STEP,$(strip $(3)),$$*) $$(FIT) -c $$(ASYCMST_CONF) $$(ASYCMST_ARGS) $$(ASY_SWITCH_$(2)) $(4) \
+	  --model.init_args.method=$(2) --model.init_args.predictions_dir=$$(@D) \
+	  --trainer.default_root_dir=$$(@D)/$(2) --ckpt_out=$$(@D)/$(2).ckpt
+endef
+# $(1): output folder, $(2): method: the clean fit's test predictions, copied (a sweep's level 0, in-domain rows)
+define ASY_COPY_RULE
+$(1)/fold%/predictions_$(2).csv: $$(ASYCMST_RUNS)/fold%/predictions_$(2).csv
+	@mkdir -p $$(@D) && cp $$< $$@
+endef
+# the clean variants without a rule of their own above (asycmst, asycmst_none have one)
+$(foreach m,asycmst_base asycmst_acmst asycmst_fss asycmst_ns asycmst_global asycmst_symmetric asycmst_spatial \
+  asycmst_temporal,$(eval $(call ASY_FIT_RULE,$(ASYCMST_RUNS),$(m),$(m),)))
+$(foreach L,$(NOISE_LEVELS),$(foreach m,$(SWEEP_METHODS),$(eval $(if $(filter 0,$(L)),\
+  $(call ASY_COPY_RULE,$(NOISE_RUNS)/$(L),$(m)),\
+  $(call ASY_FIT_RULE,$(NOISE_RUNS)/$(L),$(m),$(m)_noise$(L),--data.init_args.label_noise=$(L) \
+    --data.init_args.noise_seed=$(NOISE_SEED))))))
+$(foreach m,$(CONTOUR_METHODS),$(eval $(call ASY_COPY_RULE,$(CONTOUR_RUNS)/0,$(m))))
+$(foreach L,$(CONTOUR_LEVELS),$(foreach m,$(CONTOUR_METHODS),$(eval $(call ASY_FIT_RULE,$(CONTOUR_RUNS)/$(L),$(m),\
+  $(m)_$(L),--data.init_args.mask_noise=$(word 1,$(subst _, ,$(L))) \
+  --data.init_args.mask_noise_px=$(word 2,$(subst _, ,$(L))) --data.init_args.noise_seed=$(NOISE_SEED)))))
+
+$(REPORT)/asycmst_fss_ns/results.md: $(call SWEEP_PRED,$(ASYCMST_RUNS),$(FSS_NS_METHODS))
+	$(Q)$(call STEP,asycmst_fss_ns_report) $(SWEEP_REPORT) --kind fss-ns --runs $(ASYCMST_RUNS) --out $(@D) \
+	  --methods $(FSS_NS_METHODS) --title "AsyCMST Table 4: ACMST, FSS, NS ($(EXP))"
+$(REPORT)/asycmst_strategies/results.md: $(call SWEEP_PRED,$(ASYCMST_RUNS),$(STRATEGY_METHODS))
+	$(Q)$(call STEP,asycmst_strategies_report) $(SWEEP_REPORT) --kind strategies --runs $(ASYCMST_RUNS) \
+	  --out $(@D) --methods $(STRATEGY_METHODS) --title "AsyCMST Table 5: cross-attention strategies ($(EXP))"
+$(REPORT)/asycmst_noise/results.md: $(foreach L,$(NOISE_LEVELS),$(call SWEEP_PRED,$(NOISE_RUNS)/$(L),$(SWEEP_METHODS)))
+	$(Q)$(call STEP,asycmst_noise_report) $(SWEEP_REPORT) --kind sweep --runs $(NOISE_RUNS) --out $(@D) \
+	  --methods $(SWEEP_METHODS) --levels $(NOISE_LEVELS) --xlabel "fraction of training labels flipped" \
+	  --title "AsyCMST: label noise ($(EXP))"
+$(REPORT)/asycmst_contour/results.md: $(call SWEEP_PRED,$(CONTOUR_RUNS)/0,$(CONTOUR_METHODS)) \
+  $(foreach L,$(CONTOUR_LEVELS),$(call SWEEP_PRED,$(CONTOUR_RUNS)/$(L),$(CONTOUR_METHODS)))
+	$(Q)$(call STEP,asycmst_contour_report) $(SWEEP_REPORT) --kind sweep --runs $(CONTOUR_RUNS) --out $(@D) \
+	  --methods $(CONTOUR_METHODS) --levels 0 $(CONTOUR_LEVELS) --xlabel "training NS masks perturbed by (px)" \
+	  --title "AsyCMST: contour perturbation ($(EXP))"
+
+# Transfer (Sec. 4.3): A = $(PAIRED), B = TRANSFER_B; fold k's model of each set is tested on the other set's fold-k
+# test part by `lightning test` (no refit), beside each set's in-domain test.  The default B is drawn by the
+# generator with PAIRED's settings and seed + 1 (other nodules and patients) and recorded by another scanner
+# (TRANSFER_SHIFT: brighter gain, another display map, a wider PSF, half the frame rate); a real second set:
+# TRANSFER_B=/data/breast_bus_ceus (a folder with manifest.csv; its splits.json is made beside it).
+TRANSFER_B ?= $(SYNTH)/paired_shift
+TRANSFER_SHIFT ?= --gain 1.3 --gamma 0.8 --psf 0.8 --frame-step 2
+TRANSFER_METHODS ?= asycmst
+TRANSFER_A_NAME ?= paired
+TRANSFER_B_NAME ?= shifted
+LIGHTNING_TEST := $(VENV)/bin/lightning test
+# $(1): set trained on (manifest folder), $(2): set tested on, then fold $* (the test reloads the fold's model)
+TRANSFER_ARGS = --exp $(EXP) --data.init_args.manifest=$(1)/manifest.csv --data.init_args.splits=$(1)/splits.json \
+  --data.init_args.fold=$* --data.init_args.test_manifest=$(2)/manifest.csv \
+  --data.init_args.test_splits=$(2)/splits.json --model.init_args.pretrained=false $(TRAINER_ARGS)
+TA := $(TRANSFER_RUNS)/$(TRANSFER_A_NAME)
+TB := $(TRANSFER_RUNS)/$(TRANSFER_B_NAME)
+
+$(SYNTH)/paired_shift/manifest.csv: $(PAIRED)/manifest.csv $(SYNTH)/.shift_args | $(STAMP)
+	$(Q)$(call STEP,shift_paired) $(USNODULE) shift-paired --like $(PAIRED) --out $(@D) $(TRANSFER_SHIFT)
+$(SYNTH)/.shift_args: FORCE
+	@mkdir -p $(@D); echo '$(TRANSFER_SHIFT)' | cmp -s - $@ || echo '$(TRANSFER_SHIFT)' > $@
+$(TRANSFER_B)/splits.json: $(TRANSFER_B)/manifest.csv | $(STAMP)
+	$(Q)$(call STEP,splits_transfer) $(USNODULE) split $< -k $(FOLDS) --seed $(SEED) --out $@
+
+define TRANSFER_RULE
+$$(TA)_to_$$(TRANSFER_A_NAME)/fold%/predictions_$(1).csv: $$(ASYCMST_RUNS)/fold%/predictions_$(1).csv
+	@mkdir -p $$(@D) && cp $$< $$@
+$$(TB)_to_$$(TRANSFER_B_NAME)/fold%/predictions_$(1).csv: $$(ASYCMST_CONF) $$(TRANSFER_B)/splits.json | $$(STAMP)
+	$$(Q)$$(call STEP,$(1)_fit_$$(TRANSFER_B_NAME),$$*) $$(FIT) -c $$(ASYCMST_CONF) --exp $$(EXP) \
+	  --data.init_args.manifest=$$(TRANSFER_B)/manifest.csv --data.init_args.splits=$$(TRANSFER_B)/splits.json \
+	  --data.init_args.fold=$$* --model.init_args.test_after_fit=true $$(TRAINER_ARGS) $$(ASY_SWITCH_$(1)) \
+	  --model.init_args.method=$(1) --model.init_args.predictions_dir=$$(@D) \
+	  --trainer.default_root_dir=$$(@D)/$(1) --ckpt_out=$$(@D)/$(1).ckpt
+$$(TA)_to_$$(TRANSFER_B_NAME)/fold%/predictions_$(1).csv: $$(ASYCMST_RUNS)/fold%/predictions_$(1).csv \
+  $$(TRANSFER_B)/splits.json | $$(STAMP)
+	$$(Q)$$(call STEP,$(1)_test_$$(TRANSFER_B_NAME),$$*) $$(LIGHTNING_TEST) -c $$(ASYCMST_CONF) \
+	  $$(call TRANSFER_ARGS,$$(PAIRED),$$(TRANSFER_B)) $$(ASY_SWITCH_$(1)) --model.init_args.method=$(1) \
+	  --model.init_args.predictions_dir=$$(@D) --trainer.default_root_dir=$$(@D)/$(1) \
+	  --ckpt_path=$$(ASYCMST_RUNS)/fold$$*/$(1).ckpt
+$$(TB)_to_$$(TRANSFER_A_NAME)/fold%/predictions_$(1).csv: $$(TB)_to_$$(TRANSFER_B_NAME)/fold%/predictions_$(1).csv \
+  $$(PAIRED)/splits.json | $$(STAMP)
+	$$(Q)$$(call STEP,$(1)_test_$$(TRANSFER_A_NAME),$$*) $$(LIGHTNING_TEST) -c $$(ASYCMST_CONF) \
+	  $$(call TRANSFER_ARGS,$$(TRANSFER_B),$$(PAIRED)) $$(ASY_SWITCH_$(1)) --model.init_args.method=$(1) \
+	  --model.init_args.predictions_dir=$$(@D) --trainer.default_root_dir=$$(@D)/$(1) \
+	  --ckpt_path=$$(TB)_to_$$(TRANSFER_B_NAME)/fold$$*/$(1).ckpt
+endef
+$(foreach m,$(TRANSFER_METHODS),$(eval $(call TRANSFER_RULE,$(m))))
+
+TRANSFER_DIRS = $(TA)_to_$(TRANSFER_A_NAME) $(TA)_to_$(TRANSFER_B_NAME) $(TB)_to_$(TRANSFER_B_NAME) \
+  $(TB)_to_$(TRANSFER_A_NAME)
+$(REPORT)/asycmst_transfer/results.md: $(foreach d,$(TRANSFER_DIRS),$(call SWEEP_PRED,$(d),$(TRANSFER_METHODS)))
+	$(Q)$(call STEP,asycmst_transfer_report) $(SWEEP_REPORT) --kind transfer --runs $(TRANSFER_RUNS) --out $(@D) \
+	  --methods $(TRANSFER_METHODS) --title "AsyCMST: cross-data-set transfer ($(EXP))"

@@ -16,10 +16,24 @@ with one line saying what the global batch is.
 
 Splits: ``splits.json`` fold ``k`` (grouped by patient, see :mod:`datamodules.folds`), or, without a splits
 file, the paper's random 5:2:3 train/val/test split over patients (``split_ratio``, ``seed``).
+
+The paper's robustness studies (options of the datamodule, so they sit in the run's saved hyper-parameters):
+
+- ``label_noise`` (Sec. 4.7, Fig. 11a): that fraction of the *training* labels flipped, per class, seeded by
+  ``noise_seed`` (:func:`datamodules.perturb.flip_indices`); validation and test keep their labels, so model
+  selection and the reported metrics are on clean labels.  ``setup`` says in one line how many were flipped.
+- ``mask_noise`` / ``mask_noise_px`` (Sec. 4.7, Fig. 11b): the *training* BUS masks dilated, eroded or jittered
+  by that many pixels of the drawn mask (:mod:`datamodules.perturb`), the same way in every epoch.  The ROI crop
+  (``roi``) is still taken around the drawn mask, so only the segmentation target changes, not the classifier's
+  input (the paper feeds whole frames and has no crop to disturb).
+- ``test_manifest`` / ``test_splits`` (Sec. 4.3, Table 3: train on one data set, test on another): the test
+  (and predict) part comes from another paired manifest, fold ``k``'s test cases of ``test_splits`` (every case of
+  ``test_manifest`` without it), while training and validation stay on ``manifest``'s fold ``k``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -31,10 +45,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
 from datamodules.clips import read_clip, read_mask_clip
-from datamodules.errors import DataError
+from datamodules.errors import DataError, OptionError
 from datamodules.folds import load_fold
 from datamodules.paired import PairedCase, check_case, read_manifest
 from datamodules.parts import IMAGENET_MEAN, IMAGENET_STD, BaseDataModule
+from datamodules.perturb import MASK_NOISE, flip_indices, perturb_masks
 from datamodules.stacks import seeded
 
 PARTS = ("train", "val", "test")
@@ -117,6 +132,8 @@ class PairedVideoDataset(Dataset):
         roi: crop every frame of both modalities (and the mask) to the annotated nodule before resizing: a
             square of ``roi`` times the longer side of the masks' bounding box (:func:`roi_box`); ``None``
             keeps the whole frame.  Clips without a drawn mask keep the whole frame.
+        mask_noise: ``(mode, px, seed)``: perturb the drawn masks (:func:`datamodules.perturb.perturb_masks`)
+            on the whole frame, after the ROI box is taken from the clean ones; ``None``: masks as drawn.
     """
 
     def __init__(
@@ -129,6 +146,7 @@ class PairedVideoDataset(Dataset):
         augment: bool,
         cache: bool = False,
         roi: float | None = None,
+        mask_noise: tuple[str, float, int] | None = None,
     ):
         if len(cases) != len(n_frames):
             raise ValueError("cases and n_frames differ in length")
@@ -136,6 +154,7 @@ class PairedVideoDataset(Dataset):
             raise ValueError(f"roi must be >= 1 (context around the nodule box), got {roi}")
         self.cases, self.n_frames = list(cases), list(n_frames)
         self.frames, self.size, self.augment, self.roi = frames, size, augment, roi
+        self.mask_noise = mask_noise
         self.transform = build_transform(size, augment)
         self._cache: dict[int, dict[str, torch.Tensor]] | None = {} if cache and not augment else None
 
@@ -161,6 +180,9 @@ class PairedVideoDataset(Dataset):
         else:
             mask, valid = np.zeros_like(bus), np.zeros(self.frames, dtype=bool)
         box = roi_box(mask, valid, self.roi) if self.roi is not None else None
+        if self.mask_noise is not None:  # on the whole frame, after the box: the crop stays the clean one
+            mode, px, seed = self.mask_noise
+            mask = perturb_masks(mask, valid, mode, px, seed=seed, case_id=case.case_id, frames=idx)
         if box is not None:
             y0, y1, x0, x1 = box
             bus, ceus, mask = (a[:, y0:y1, x0:x1] for a in (bus, ceus, mask))
@@ -215,6 +237,19 @@ def ratio_split(
     return {part: [c for c in cases if part_of[c.patient_id] == part] for part in PARTS}
 
 
+def _fold_parts(
+    cases: list[PairedCase], splits: str | os.PathLike, fold: int | None, manifest: str | os.PathLike
+) -> dict[str, list[PairedCase]]:
+    """Fold ``fold`` of ``splits`` as train/val/test case lists of ``manifest``'s ``cases`` (every id must be
+    in the manifest: one :class:`DataError` line naming the splits file otherwise)."""
+    ids = load_fold(splits, fold)
+    by_id = {c.case_id: c for c in cases}
+    missing = sorted({i for part in ids.values() for i in part} - set(by_id))
+    if missing:
+        raise DataError(splits, f"{len(missing)} case id(s) not in manifest {manifest}, e.g. {missing[:3]}")
+    return {part: [by_id[i] for i in ids[part]] for part in PARTS}
+
+
 class PairedVideoDataModule(BaseDataModule):
     """BUS + CEUS clips from a manifest CSV (``case_id,patient_id,label,bus,ceus[,bus_mask]``).
 
@@ -236,6 +271,13 @@ class PairedVideoDataModule(BaseDataModule):
             training when ``augment`` is off): at CPU demo size the epochs then cost only the model.
         roi: crop both modalities to the annotated nodule (the BUS mask's box times ``roi``, e.g. 1.5) before
             resizing, in every part, as STACT-Time's ROI crops do; ``None`` (the paper's input): whole frames.
+        label_noise: fraction of the training labels flipped, per class (module docstring); 0: none.
+        mask_noise: ``dilate``, ``erode`` or ``jitter`` the training masks by ``mask_noise_px`` pixels; ``None``:
+            as drawn.
+        mask_noise_px: the amount, in pixels of the drawn masks.
+        noise_seed: seed of the flipped labels and of the jitter.
+        test_manifest: test on this paired manifest instead (cross-data-set transfer); ``None``: ``manifest``.
+        test_splits: ``splits.json`` of ``test_manifest``: test on its fold ``fold``; ``None``: every case of it.
 
     Loaders: :class:`~datamodules.parts.BaseDataModule`'s, training dropping its last incomplete batch.
     ``setup`` validates every case it uses (:func:`datamodules.paired.check_case`), so bad files raise
@@ -257,12 +299,34 @@ class PairedVideoDataModule(BaseDataModule):
         cache: bool = False,
         roi: float | None = None,
         global_batch_size: int | None = None,
+        label_noise: float = 0.0,
+        mask_noise: str | None = None,
+        mask_noise_px: float = 0.0,
+        noise_seed: int = 0,
+        test_manifest: str | os.PathLike | None = None,
+        test_splits: str | os.PathLike | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.check_options()
+        self.check_noise_options()
         self.datasets: dict[str, PairedVideoDataset] = {}
         self._device_batch: int | None = None
+        self.flipped: list[str] = []  # case ids whose training label was flipped (label_noise)
+
+    def check_noise_options(self) -> None:
+        """One-line :class:`OptionError` for impossible noise or transfer settings, at construction."""
+        hp = self.hparams
+        if not 0.0 <= float(hp.label_noise) <= 1.0:
+            raise OptionError("label_noise", f"must be a fraction in [0, 1], got {hp.label_noise}")
+        if hp.mask_noise is not None and hp.mask_noise not in MASK_NOISE:
+            raise OptionError(
+                "mask_noise", f"must be one of {', '.join(MASK_NOISE)} or null, got {hp.mask_noise!r}"
+            )
+        if float(hp.mask_noise_px) < 0:
+            raise OptionError("mask_noise_px", f"must be >= 0 pixels, got {hp.mask_noise_px}")
+        if hp.test_splits is not None and hp.test_manifest is None:
+            raise OptionError("test_splits", "needs test_manifest (the manifest those splits belong to)")
 
     @property
     def device_batch_size(self) -> int:
@@ -291,15 +355,33 @@ class PairedVideoDataModule(BaseDataModule):
     def _parts(self, cases: list[PairedCase]) -> dict[str, list[PairedCase]]:
         hp = self.hparams
         if hp.splits is None:
-            return ratio_split(cases, hp.split_ratio, hp.seed)
-        ids = load_fold(hp.splits, hp.fold)
-        by_id = {c.case_id: c for c in cases}
-        missing = sorted({i for part in ids.values() for i in part} - set(by_id))
-        if missing:
-            raise DataError(
-                hp.splits, f"{len(missing)} case id(s) not in manifest {hp.manifest}, e.g. {missing[:3]}"
-            )
-        return {part: [by_id[i] for i in ids[part]] for part in PARTS}
+            parts = ratio_split(cases, hp.split_ratio, hp.seed)
+        else:
+            parts = _fold_parts(cases, hp.splits, hp.fold, hp.manifest)
+        if hp.test_manifest is not None:
+            other = read_manifest(hp.test_manifest)
+            if hp.test_splits is None:
+                parts["test"] = other
+            else:
+                parts["test"] = _fold_parts(other, hp.test_splits, hp.fold, hp.test_manifest)["test"]
+        if hp.label_noise:
+            parts["train"] = self._flip(parts["train"])
+        return parts
+
+    def _flip(self, train: list[PairedCase]) -> list[PairedCase]:
+        """The training cases with ``label_noise`` of each class's labels flipped (one line says how many)."""
+        hp = self.hparams
+        flip = set(
+            flip_indices([c.label for c in train], [c.case_id for c in train], hp.label_noise, hp.noise_seed)
+        )
+        self.flipped = sorted(train[i].case_id for i in flip)
+        counts = [(sum(train[i].label == c for i in flip), sum(x.label == c for x in train)) for c in (0, 1)]
+        rank_zero_info(
+            f"Label noise {hp.label_noise:g}: flipped {counts[0][0]} of {counts[0][1]} benign and {counts[1][0]} "
+            f"of {counts[1][1]} malignant training labels (noise_seed {hp.noise_seed}); validation and test keep "
+            "theirs"
+        )
+        return [dataclasses.replace(c, label=1 - c.label) if i in flip else c for i, c in enumerate(train)]
 
     def setup(self, stage: str | None = None) -> None:
         self._derive_batch(stage)
@@ -312,22 +394,25 @@ class PairedVideoDataModule(BaseDataModule):
         parts = self._parts(cases)
         # validate every used case here, in the main process, from clip headers where the format allows:
         # a bad file stops the run with one DataError line before any DataLoader worker starts
-        n_frames = {c.case_id: check_case(c) for part in parts.values() for c in part}
+        mask_noise = None
+        if hp.mask_noise is not None and hp.mask_noise_px > 0:
+            mask_noise = (hp.mask_noise, float(hp.mask_noise_px), int(hp.noise_seed))
         for part, part_cases in parts.items():
             self.datasets[part] = PairedVideoDataset(
                 part_cases,
-                [n_frames[c.case_id] for c in part_cases],
+                [check_case(c) for c in part_cases],
                 frames=hp.frames,
                 size=hp.size,
                 augment=hp.augment and part == "train",
                 cache=hp.cache,
                 roi=hp.roi,
+                mask_noise=mask_noise if part == "train" else None,
             )
         # prediction: the held-out test cases, or every case when there is no test part (fold=None)
-        predict_cases = parts["test"] or cases
+        test = self.datasets["test"]
         self.datasets["predict"] = PairedVideoDataset(
-            predict_cases,
-            [n_frames.get(c.case_id) or check_case(c) for c in predict_cases],
+            test.cases or cases,
+            test.n_frames if test.cases else [check_case(c) for c in cases],
             frames=hp.frames,
             size=hp.size,
             augment=False,

@@ -35,6 +35,8 @@ COMMANDS = (
     "shape-forest",
     "roi-predict",
     "explain",
+    "report-sweep",
+    "shift-paired",
 )
 MODULES = {"import": "import_layout"}  # `import` is a Python keyword: no module stages/import.py
 

@@ -30,6 +30,9 @@ What this CLI adds to the stock one, all overridable from the command line:
   this run made, when a bad input stops the fit before it (an unreadable or mismatched file found by the data
   module's ``setup``).  Trainer settings the machine cannot run (a GPU that is not there, more CPU processes
   than cores) are refused before the Trainer is built.
+- ``--ckpt_path`` (``test``, ``validate``, ``predict``): the model is rebuilt from the checkpoint's
+  hyper-parameters, as LightningCLI does, but the command line's own ``--model.init_args.*`` win over them
+  (``predictions_dir``, ``method``, ``pretrained=false``); Lightning applied the checkpoint's over them.
 """
 
 from __future__ import annotations
@@ -331,9 +334,6 @@ def check_trainer_settings(trainer_cfg: dict) -> None:
 
 
 class UsnoduleCLI(LightningCLI):
-    def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
-        STARTUP.start()  # the command line is good: hold Lightning's start-up lines (StartUp)
 
     def instantiate_classes(self) -> None:
         """As LightningCLI's, with an error while building the model, data or trainer as one line, and a model
@@ -370,6 +370,27 @@ class UsnoduleCLI(LightningCLI):
 
     def _sub(self) -> dict:
         return self.config[self.subcommand] if self.subcommand else self.config
+
+    def parse_arguments(self, parser, args) -> None:
+        argv = sys.argv[1:] if args is None else args
+        self._argv = (
+            [str(a) for a in argv] if isinstance(argv, list | tuple) else []
+        )  # dict / Namespace: none
+        super().parse_arguments(parser, args)
+        STARTUP.start()  # the command line is good: hold Lightning's start-up lines (StartUp)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI fills the model settings from a ``--ckpt_path`` checkpoint's hyper-parameters (so ``test``
+        rebuilds the trained network), over the command line too: ``lightning test --ckpt_path X
+        --model.init_args.predictions_dir=D`` wrote into the checkpoint's folder, ``pretrained=false`` kept its
+        ``true``.  Here the command line's own ``--model.init_args.*`` arguments are applied again afterwards, so
+        they win over the checkpoint (the YAML's values do not)."""
+        super()._parse_ckpt_path()
+        overrides = model_overrides(getattr(self, "_argv", []))
+        sub = self.config.get("subcommand")
+        if overrides and sub and self.config[sub].get("ckpt_path"):
+            model = {"class_path": self.config[sub]["model"]["class_path"], "init_args": overrides}
+            self.config = self.parser.parse_object({sub: {"model": model}}, self.config)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -554,6 +575,29 @@ def result_line(trainer: Trainer) -> str | None:
         return None
     value = float(score)
     return f"RESULT {monitor}={value:.6g}"
+
+
+def model_overrides(argv: list[str]) -> dict:
+    """``{key: value}`` (nested at dots) of the ``--model.init_args.<key>=<value>`` / ``--model.init_args.<key> <value>``
+    arguments in ``argv``, values read as YAML (as jsonargparse reads them)."""
+    import yaml
+
+    out = {}
+    prefix = "--model.init_args."
+    for i, a in enumerate(argv):
+        if not a.startswith(prefix):
+            continue
+        key, eq, value = a[len(prefix) :].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                continue
+            value = argv[i + 1]
+        *parents, leaf = key.split(".")  # backbone_args.channels -> {"backbone_args": {"channels": ...}}
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = yaml.safe_load(value) if value != "" else None
+    return out
 
 
 def check_config_files(argv: list) -> None:

@@ -85,6 +85,7 @@ def test_wandb_offline_run_directory(tmp_path, monkeypatch):
     import wandb
 
     wandb.finish()  # in-process fits leave the run open; the next WandbLogger would reuse it
+    wandb.teardown()  # and its settings singleton keeps offline mode for later tests (they would write runs)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert (runs[0] / "files" / "config.yaml").is_file() or list(runs[0].glob("*.wandb"))

@@ -116,8 +116,10 @@ def main() -> None:
         "pooled": round(roc_auc_score(pooled_y, pooled_p), 3),
         "mean_of_folds": round(float(np.mean(per_fold)), 3),
         "folds": [round(v, 3) for v in per_fold],
-        "truth": {c: round(roc_auc_score(labels, truth[c]), 3)
-                  for c in ("heterogeneity", "shape_change", "tirads_risk", "risk")},  # fmt: skip
+        "truth": {
+            c: round(roc_auc_score(labels, truth[c]), 3)
+            for c in ("heterogeneity", "shape_change", "tirads_risk", "risk")
+        },  # fmt: skip
     }
     print(json.dumps(result))
 

@@ -334,7 +334,6 @@ def check_trainer_settings(trainer_cfg: dict) -> None:
 
 
 class UsnoduleCLI(LightningCLI):
-
     def instantiate_classes(self) -> None:
         """As LightningCLI's, with an error while building the model, data or trainer as one line, and a model
         built for another input size than the data's refused."""

@@ -35,6 +35,8 @@ COMMANDS = (
     "shape-forest",
     "roi-predict",
     "explain",
+    "feature-forest",
+    "predict-still",
 )
 MODULES = {"import": "import_layout"}  # `import` is a Python keyword: no module stages/import.py
 

@@ -249,7 +249,7 @@ CSASN_ABL_PRED = $(foreach m,csasn $(addprefix csasn_,$(CSASN_ABLATIONS)),\
   $(foreach k,$(FOLD_IDS),$(CSASN_ABL_RUNS)/fold$(k)/predictions_$(m).csv))
 
 .PHONY: csasn csasn-ablation
-csasn: $(REPORT)/csasn/results_multiclass.md ## CSASN (subtypes + malignancy) on still images, every fold, then both reports
+csasn: $(REPORT)/csasn/results_multiclass.md ## CSASN (subtypes + malignancy) on still images and its feature-forest baseline, every fold, both reports
 	@echo && cat $(REPORT)/csasn/results.md $<
 csasn-ablation: $(REPORT)/csasn_ablation/results_multiclass.md ## CSASN and its four ablations, every fold, one table
 	@echo && cat $<
@@ -278,9 +278,17 @@ define CSASN_REPORTS
 	$(Q)$(call STEP,$(notdir $(2))_report) $(USNODULE) report --runs $(1) --out $(2) --exp $(EXP) --title "$(3)" \
 	  $(call TRUTH,$(STILLS_DIR)) $(REPORT_ARGS)
 	$(Q)$(call STEP,$(notdir $(2))_report_multiclass) $(USNODULE) report-multiclass --runs $(1) --out $(2) \
-	  --exp $(EXP) --title "$(3)"
+	  --exp $(EXP) --title "$(3)" $(call TRUTH,$(STILLS_DIR))
 endef
-$(REPORT)/csasn/results_multiclass.md: $(foreach k,$(FOLD_IDS),$(CSASN_RUNS)/fold$(k)/predictions_csasn.csv)
+# CSASN's non-deep baseline beside it in both reports: a multi-class random forest on shape + intensity/texture
+# features of the drawn mask's nodule (`usnodule feature-forest`), fitted on each fold's training part only.
+$(CSASN_RUNS)/feature_forest.done: $(STILLS_MANIFEST) $(CSASN_SPLITS) | $(STAMP)
+	$(Q)$(call STEP,feature_forest) $(USNODULE) feature-forest --manifest $(STILLS_MANIFEST) --splits $(CSASN_SPLITS) \
+	  --runs $(CSASN_RUNS) --folds $(FOLD_IDS) --seed $(SEED)
+	$(Q)touch $@
+
+$(REPORT)/csasn/results_multiclass.md: $(foreach k,$(FOLD_IDS),$(CSASN_RUNS)/fold$(k)/predictions_csasn.csv) \
+  $(CSASN_RUNS)/feature_forest.done
 	$(call CSASN_REPORTS,$(CSASN_RUNS),$(@D),CSASN)
 
 $(REPORT)/csasn_ablation/results_multiclass.md: $(CSASN_ABL_PRED)
@@ -292,11 +300,14 @@ $(REPORT)/csasn_ablation/results_multiclass.md: $(CSASN_ABL_PRED)
 #   fold k: transunet.ckpt (lightning fit) -> still_masks.h5 (usnodule still-masks, every image)
 #           -> roi_resnet18.ckpt (lightning fit on the predicted-mask ROIs) -> predictions_twostage.csv
 #   all folds: predictions_shape_forest.csv (usnodule shape-forest) -> $(REPORT)/twostage/results.md
-# STILLS: a still-image manifest folder; the default is exported from the synthetic cine set (one frame per
-# nodule, the one with the largest mask).  TWOSTAGE_METHODS="twostage twostage_annotated" adds the annotated-ROI
-# variant (crops around the drawn masks: not deployable) to the same report.
+# STILLS: a still-image manifest folder (manifest.csv; splits.json is made beside it by `usnodule split`); the
+# default is the synthetic still set with subtypes of `make data` (the one CSASN uses; malignant = any carcinoma,
+# its label column), so both still-image systems are measured on the same images.  STILLS=$(SYNTH)/stills_cine
+# exports one frame per nodule of the synthetic cine set instead (the one with the largest mask; `make stills`).
+# TWOSTAGE_METHODS="twostage twostage_annotated" adds the annotated-ROI variant (crops around the drawn masks: not
+# deployable) to the same report.
 # Paper size: make twostage CONF=conf EXP=paper STILLS=data/stills
-STILLS ?= $(SYNTH)/stills_cine
+STILLS ?= $(SYNTH)/stills
 TS_RUNS := $(RUNS)/twostage
 TWOSTAGE_METHODS ?= twostage
 TS_DATA = --exp $(EXP) --data.init_args.manifest=$(STILLS)/manifest.csv \
@@ -307,7 +318,7 @@ TS_PRED = $(foreach m,$(1),$(call TS_PER_FOLD,predictions_$(m).csv))
 .PHONY: twostage twostage-masks stills
 # Named here so that make never deletes them as intermediates of the pattern chain (they are the fold's models).
 .SECONDARY: $(foreach f,transunet.ckpt still_masks.h5 roi_resnet18.ckpt roi_resnet18_annotated.ckpt,$(call TS_PER_FOLD,$(f)))
-stills: $(STILLS)/splits.json ## still-image demo set exported from the synthetic cine set, + its folds
+stills: $(STILLS)/splits.json ## folds of the two-stage still set (STILLS=data/synth/stills_cine exports the cine set)
 twostage-masks: $(call TS_PER_FOLD,still_masks.h5) ## two-stage stage 1: TransUNet + predicted masks, every fold
 twostage: $(REPORT)/twostage/results.md ## two-stage TransUNet -> ResNet-18 vs shape forest, every fold, report
 	@echo && cat $<

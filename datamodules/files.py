@@ -1,5 +1,5 @@
 """File identity shared by every artefact check (a content digest, whether two paths name one file), and a fold
-folder's STACT-Time checkpoints."""
+folder's checkpoints (STACT-Time's four; any system's by name: :func:`resolve_fold_files`)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,14 @@ def resolve_checkpoints(
     head_<variant>.ckpt). Every file must exist (DataError naming the first missing one)."""
     given = {"seg": seg, "vit": vit, "maskcnn": maskcnn, "head": head}
     names = {**FOLD_CHECKPOINTS, "head": f"head_{head_variant}.ckpt"}
+    return resolve_fold_files(fold_dir, given, names)
+
+
+def resolve_fold_files(
+    fold_dir: str | os.PathLike | None, given: dict[str, str | os.PathLike | None], names: dict[str, str]
+) -> dict[str, Path]:
+    """The checkpoints of one system: ``given[key]`` (the ``--<key>`` option) when set, else
+    ``fold_dir / names[key]``.  Every file must exist (DataError naming the first missing one)."""
     paths: dict[str, Path] = {}
     for key, value in given.items():
         if value is None:

@@ -37,6 +37,8 @@ COMMANDS = (
     "explain",
     "report-sweep",
     "shift-paired",
+    "feature-forest",
+    "predict-still",
 )
 MODULES = {"import": "import_layout"}  # `import` is a Python keyword: no module stages/import.py
 

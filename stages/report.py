@@ -100,6 +100,8 @@ NAMES = {
     "twostage": "Two-stage (TransUNet -> ResNet-18)",
     "twostage_annotated": "Two-stage, annotated ROI",
     "shape_forest": "Shape forest (RF)",
+    "csasn": "CSASN",
+    "feature_forest": "Feature forest (RF, shape + texture)",
 }
 # Reference rows from a synthetic set's truth.csv (``--truth``): method key -> (display name, score column).
 REFERENCES = {"bayes_ceiling": ("Bayes ceiling", "risk"), "tirads_oracle": ("TI-RADS oracle", "tirads_risk")}

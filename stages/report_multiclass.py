@@ -13,6 +13,11 @@ in every file.  Writes to ``--out``:
   undefined AUROC for it and is left out of that mean (``n_folds_auroc_<class>`` says how many remain);
 * ``confusion_<method>.png`` and a table in the markdown -- the confusion matrix pooled over the folds' test
   images (rows = true class, columns = predicted), counts with row-normalised shading;
+* with ``--truth FILE`` (a synthetic still set's ``truth.csv``, written by ``usnodule synth --stills N``): the
+  reference rows *Bayes ceiling* (the generator's exact class posterior ``p_<class>``, given every descriptor it
+  drew) and *TI-RADS oracle* (``tirads_p_<class>``, from the TI-RADS descriptors alone), scored like a method on
+  the same test images of each fold, in their own section of the markdown and as rows ``bayes_ceiling`` /
+  ``tirads_oracle`` of the CSV;
 * with ``--wandb``: one W&B summary run (project ``usnodule``, group = the experiment, job_type
   ``report_multiclass``; offline unless ``WANDB_MODE``/credentials say otherwise) with the table and the
   confusion images.
@@ -43,6 +48,8 @@ from datamodules.errors import DataError
 
 FOLD_DIR = re.compile(r"fold(\d+)$")
 PREFIX = "predictions_"
+# Reference rows from a synthetic still set's truth.csv (``--truth``): method key -> (display name, column prefix).
+REFERENCES = {"bayes_ceiling": ("Bayes ceiling", "p_"), "tirads_oracle": ("TI-RADS oracle", "tirads_p_")}
 
 
 def read_multiclass(
@@ -93,6 +100,49 @@ def read_multiclass(
     if absent:
         raise DataError(runs, f"no multi-class predictions of method(s) {', '.join(absent)}")
     return pd.concat(frames, ignore_index=True), list(classes or [])
+
+
+def reference_predictions(
+    preds: pd.DataFrame, classes: list[str], truth_path: str | os.PathLike
+) -> pd.DataFrame:
+    """The reference rows (:data:`REFERENCES`) on the (fold, image) pairs of the methods' predictions, in the
+    shape of ``preds``; one :class:`DataError` line for a truth file of another data set."""
+    truth_path = Path(truth_path)
+    if not truth_path.is_file():
+        raise DataError(
+            truth_path, "truth file does not exist (usnodule synth --stills N writes <out>/stills/truth.csv)"
+        )
+    try:
+        truth = pd.read_csv(truth_path, dtype={"annot_id": str, "case_id": str, "subtype": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(truth_path, f"not a readable CSV ({type(e).__name__})") from None
+    key = next((c for c in ("annot_id", "case_id") if c in truth.columns), None)
+    need = ["subtype", *(f"{pre}{c}" for _, pre in REFERENCES.values() for c in classes)]
+    missing = [c for c in need if c not in truth.columns] + ([] if key else ["annot_id or case_id"])
+    if missing:
+        raise DataError(truth_path, f"missing column(s) {', '.join(missing[:4])} (a still set's truth.csv?)")
+    truth = truth.drop_duplicates(key).set_index(key)
+    images = (
+        preds[["fold", "annot_id", "subtype"]].drop_duplicates(["fold", "annot_id"]).reset_index(drop=True)
+    )
+    absent = sorted(set(images["annot_id"]) - set(truth.index))
+    if absent:
+        raise DataError(
+            truth_path,
+            f"{len(absent)} test image id(s) not in it (e.g. {', '.join(absent[:3])}): another data set?",
+        )
+    t = truth.loc[images["annot_id"]]
+    differ = images.loc[t["subtype"].to_numpy() != images["subtype"].to_numpy(), "annot_id"]
+    if len(differ):
+        raise DataError(
+            truth_path, f"subtype differs from the predictions' for {differ.nunique()} image(s) (e.g. "
+            f"{', '.join(sorted(set(differ))[:3])}): another data set?",
+        )  # fmt: skip
+    frames = [
+        images.assign(method=m, **{f"p_{c}": t[f"{pre}{c}"].to_numpy(float) for c in classes})
+        for m, (_, pre) in REFERENCES.items()
+    ]
+    return pd.concat(frames, ignore_index=True)
 
 
 def fold_metrics(df: pd.DataFrame, classes: list[str]) -> dict[str, float]:
@@ -154,7 +204,12 @@ def _pm(mean: float, std: float) -> str:
 
 
 def markdown(
-    table: pd.DataFrame, confusions: dict[str, np.ndarray], classes: list[str], title: str | None
+    table: pd.DataFrame,
+    confusions: dict[str, np.ndarray],
+    classes: list[str],
+    title: str | None,
+    references: pd.DataFrame | None = None,
+    truth: str | os.PathLike | None = None,
 ) -> str:
     head = ["Method", "Macro-F1", "Balanced ACC", "Macro AUROC"]
     head += (
@@ -167,6 +222,23 @@ def markdown(
     for _, r in table.iterrows():
         cells = [r["method"]] + [_pm(r[f"{n}_mean"], r[f"{n}_std"]) for n in metric_names(classes)]
         lines.append("| " + " | ".join(cells) + " |")
+    if references is not None:
+        lines += [
+            "",
+            "## Reference (generator truth)",
+            "",
+            f"Not methods: the synthetic generator's class posteriors from `{truth}` on the same test images of "
+            "each fold, scored as above (predicted class = argmax). *Bayes ceiling* = the posterior given every "
+            "descriptor the generator drew (what the data allows); *TI-RADS oracle* = the posterior from the "
+            "TI-RADS descriptors alone.",
+            "",
+            "| " + " | ".join(["Reference", *head[1:]]) + " |",
+            "|" + "---|" * len(head),
+        ]
+        for _, r in references.iterrows():
+            name = f"*{REFERENCES[r['method']][0]}*"
+            cells = [name] + [_pm(r[f"{n}_mean"], r[f"{n}_std"]) for n in metric_names(classes)]
+            lines.append("| " + " | ".join(cells) + " |")
     for m, cm in confusions.items():
         lines += ["", f"## Pooled confusion matrix: {m} (rows = true, columns = predicted)", ""]
         lines += ["| true \\ pred | " + " | ".join(classes) + " |", "|" + "---|" * (len(classes) + 1)]
@@ -246,15 +318,21 @@ def report_multiclass(
     wandb: bool = False,
     exp: str | None = None,
     show: bool = True,
+    truth: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
-    """Write the report files (module docstring); return the table."""
+    """Write the report files (module docstring); return the table (the methods' rows, then any reference's)."""
     runs, out = Path(runs), Path(out)
     preds, classes = read_multiclass(runs, methods)
+    refs = None
+    if truth is not None:  # checked before any work
+        refs, _ = multiclass_table(reference_predictions(preds, classes, truth), classes)
+        refs = refs.set_index("method").loc[list(REFERENCES)].reset_index()
     table, confusions = multiclass_table(preds, classes)
+    full = table if refs is None else pd.concat([table, refs], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "results_multiclass.csv") as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
-    text = markdown(table, confusions, classes, title)
+        full.to_csv(tmp, index=False, float_format="%.6g")
+    text = markdown(table, confusions, classes, title, refs, truth)
     with atomic_path(out / "results_multiclass.md") as tmp:
         tmp.write_text(text)
     for m, cm in confusions.items():
@@ -263,7 +341,7 @@ def report_multiclass(
         log_wandb(out, exp or runs.resolve().name, table, confusions)
     if show:
         print(text)
-    return table
+    return full
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -281,10 +359,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--title", default=None, help="report title, e.g. CSASN")
     p.add_argument("--wandb", action="store_true", help="also log a W&B summary run")
     p.add_argument("--exp", default=None, help="W&B group (default: the --runs folder name)")
+    p.add_argument(
+        "--truth",
+        type=Path,
+        default=None,
+        help="a synthetic still set's truth.csv: add the 'Bayes ceiling' and 'TI-RADS oracle' reference rows",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     methods = [m for m in args.methods.split(",") if m] if args.methods else None
-    report_multiclass(args.runs, args.out, methods=methods, title=args.title, wandb=args.wandb, exp=args.exp)
+    report_multiclass(
+        args.runs,
+        args.out,
+        methods=methods,
+        title=args.title,
+        wandb=args.wandb,
+        exp=args.exp,
+        truth=args.truth,
+    )
     print(f"wrote {args.out}/results_multiclass.md, results_multiclass.csv, confusion_<method>.png")

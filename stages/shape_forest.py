@@ -1,7 +1,7 @@
 """``usnodule shape-forest``: the two-stage paper's baseline -- a random forest on hand-crafted morphological
 features of the nodule mask (Abdelrazik et al. 2025: F1 0.829 vs the framework's 0.852), per fold.
 
-Features (:func:`shape_features`; scikit-image ``regionprops`` of the mask's largest connected component,
+Features (:func:`datamodules.still_features.shape_features`; scikit-image ``regionprops`` of the mask's largest connected component,
 8-connectivity; pixels as the unit):
 
 =====================  =====================================================================================
@@ -42,61 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURES = (
-    "area",
-    "area_frac",
-    "perimeter",
-    "circularity",
-    "compactness",
-    "aspect_ratio",
-    "taller_than_wide",
-    "solidity",
-    "convexity",
-    "eccentricity",
-    "extent",
-    "equivalent_diameter",
-    "n_components",
-    "empty",
-)
+# The features live in datamodules/still_features.py (shared with CSASN's feature forest); named here too.
+from datamodules.still_features import FEATURES, feature_matrix, shape_features  # noqa: F401
+
 METHOD = "shape_forest"
-
-
-def shape_features(mask: np.ndarray) -> dict[str, float]:
-    """The features of the module doc for one (H, W) mask (non-zero = nodule)."""
-    from skimage.measure import label, perimeter_crofton, regionprops
-
-    mask = np.asarray(mask) > 0
-    labels = label(mask, connectivity=2)
-    n = int(labels.max())
-    out = dict.fromkeys(FEATURES, float("nan"))
-    out.update(n_components=float(n), empty=float(n == 0))
-    if n == 0:
-        return out
-    region = max(regionprops(labels), key=lambda r: r.area)
-    a, p = float(region.area), float(region.perimeter_crofton)
-    y0, x0, y1, x1 = region.bbox
-    minor = float(region.axis_minor_length)
-    hull_p = float(perimeter_crofton(region.image_convex))
-    out.update(
-        area=a,
-        area_frac=a / mask.size,
-        perimeter=p,
-        circularity=4 * np.pi * a / p**2 if p > 0 else float("nan"),
-        compactness=p**2 / a,
-        aspect_ratio=float(region.axis_major_length) / minor if minor > 0 else float("nan"),
-        taller_than_wide=(y1 - y0) / (x1 - x0),
-        solidity=float(region.solidity),
-        convexity=hull_p / p if p > 0 else float("nan"),
-        eccentricity=float(region.eccentricity),
-        extent=float(region.extent),
-        equivalent_diameter=float(region.equivalent_diameter_area),
-    )
-    return out
-
-
-def feature_matrix(masks: Sequence[np.ndarray]) -> np.ndarray:
-    """(n, len(FEATURES)) float array, NaN where undefined."""
-    return np.array([[shape_features(m)[k] for k in FEATURES] for m in masks], dtype=float)
 
 
 def shape_forest(

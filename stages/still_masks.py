@@ -39,7 +39,6 @@ def predict_still_masks(
 ) -> tuple[Path, dict[str, float]]:
     """Write ``out`` (module doc); returns its path and ``{"cases", "test_dice"}``."""
     import h5py
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
     from datamodules.atomic import atomic_path
@@ -48,6 +47,7 @@ def predict_still_masks(
     from datamodules.still_data import StillDataset
     from datamodules.still_masks import provenance
     from datamodules.stills import read_manifest, read_still_mask, still_size
+    from lightning_modules.still_predict import full_size_mask
     from lightning_modules.transunet_stage import TransUNetStage
 
     cases = read_manifest(manifest)
@@ -86,8 +86,7 @@ def predict_still_masks(
                 case = cases[i]
                 drawn = read_still_mask(case.mask) if case.mask is not None else None
                 h, w = drawn.shape if drawn is not None else still_size(case.image)
-                full = F.interpolate(p[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-                mask = (full.numpy() > threshold).astype(np.uint8)
+                mask = full_size_mask(p, (h, w), threshold)  # the copy predict-still uses
                 f.create_dataset(case.case_id, data=mask, compression="gzip", compression_opts=1)
                 if drawn is not None and case.case_id in test_ids:
                     tp += int(np.count_nonzero(mask & drawn))

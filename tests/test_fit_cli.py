@@ -72,6 +72,9 @@ def test_stage_name():
 def test_wandb_offline_run_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    import wandb
+
+    wandb.teardown()  # the settings singleton keeps the first run's mode (conftest: disabled) until torn down
     main(
         [
             "fit",
@@ -82,8 +85,6 @@ def test_wandb_offline_run_directory(tmp_path, monkeypatch):
             "--data.fold=3",
         ]
     )
-    import wandb
-
     wandb.finish()  # in-process fits leave the run open; the next WandbLogger would reuse it
     wandb.teardown()  # and its settings singleton keeps offline mode for later tests (they would write runs)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))

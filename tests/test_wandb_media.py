@@ -81,14 +81,17 @@ def offline_run(root: Path, wait: float = 10.0) -> dict:
 def offline(tmp_path, monkeypatch):
     import wandb
 
-    # An earlier in-process fit may have left its run open: WandbLogger would log into it instead.
+    # An earlier in-process fit may have left its run open: WandbLogger would log into it instead; and wandb's
+    # settings singleton keeps the mode of the first run in this process (conftest: disabled) until torn down.
     wandb.finish()
+    wandb.teardown()
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     yield tmp_path
     wandb.finish()
+    wandb.teardown()  # later in-process fits must not keep writing offline runs
 
 
 @pytest.fixture(scope="module")

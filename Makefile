@@ -132,10 +132,39 @@ ROI ?= predicted
 $(if $(filter predicted annotated,$(ROI)),,$(error ROI must be predicted or annotated, not '$(ROI)'))
 $(shell mkdir -p $(RUNS) && { echo '$(ROI)' | cmp -s - $(RUNS)/.roi || echo '$(ROI)' > $(RUNS)/.roi; })
 
-$(RUNS)/fold%/embeddings.h5: $(RUNS)/fold%/vit.ckpt $(RUNS)/fold%/maskcnn.ckpt $(RUNS)/fold%/masks.h5 $(RUNS)/.roi \
-  | $(STAMP)
-	$(Q)$(call STEP,embeddings,$*) $(USNODULE) embeddings --cine $(H5) --masks $(@D)/masks.h5 --vit $(@D)/vit.ckpt \
-	  --maskcnn $(@D)/maskcnn.ckpt --splits $(SPLITS) --fold $* --boxes $(ROI) --out $@
+# Cross-fitting (opt-in: CROSSFIT=1; not the default, BENCHMARKS.md "Cross-fitting": it did not help at demo size):
+# each fold's training part is halved (A/B: label-stratified, patient-grouped, by SEED; fold<k>/crossfit/halves.json
+# and splits_A/B.json), a ViT and a mask CNN are fitted per half with the same configs, and the embeddings put each
+# training nodule through the other half's encoders (validation/test nodules through both; the heads average).
+# Recorded in $(RUNS)/.crossfit (written once CROSSFIT was set), so switching re-exports the embeddings.
+CROSSFIT ?= 0
+CF := $(filter-out 0 no false,$(CROSSFIT))
+$(shell test -z '$(CF)' -a ! -f $(RUNS)/.crossfit || { echo '$(if $(CF),cross-fitted,in-sample)' | \
+  cmp -s - $(RUNS)/.crossfit || echo '$(if $(CF),cross-fitted,in-sample)' > $(RUNS)/.crossfit; })
+CF_HALF = $(RUNS)/fold%/crossfit/vit_$(1).ckpt $(RUNS)/fold%/crossfit/maskcnn_$(1).ckpt
+EMB_IN  = $(if $(CF),$(call CF_HALF,A) $(call CF_HALF,B),$(RUNS)/fold%/vit.ckpt $(RUNS)/fold%/maskcnn.ckpt)
+EMB_ENC = $(if $(CF),--crossfit $(@D)/crossfit,--vit $(@D)/vit.ckpt --maskcnn $(@D)/maskcnn.ckpt)
+
+$(RUNS)/fold%/embeddings.h5: $(EMB_IN) $(RUNS)/fold%/masks.h5 $(RUNS)/.roi $(wildcard $(RUNS)/.crossfit) | $(STAMP)
+	$(Q)$(call STEP,embeddings,$*) $(USNODULE) embeddings --cine $(H5) --masks $(@D)/masks.h5 $(EMB_ENC) \
+	  --splits $(SPLITS) --fold $* --boxes $(ROI) --out $@
+
+$(RUNS)/fold%/crossfit/halves.json: $(SPLITS) | $(STAMP)
+	$(Q)$(call STEP,crossfit_halves,$*) $(USNODULE) crossfit-halves --cine $(H5) --splits $(SPLITS) --fold $* \
+	  --seed $(SEED) --out $(@D)
+CF_FIT_ARGS = --exp $(EXP) --data.init_args.splits=$(@D)/splits_$(1).json --data.init_args.fold=$* $(TRAINER_ARGS)
+define CF_RULES
+$$(RUNS)/fold%/crossfit/vit_$(1).ckpt: $$(CONF)/vit.yaml $$(RUNS)/fold%/crossfit/halves.json | $$(STAMP)
+	$$(Q)$$(call STEP,vit_$(1),$$*) $$(FIT) -c $$< $$(call CF_FIT_ARGS,$(1)) --data.init_args.h5=$$(H5) \
+	  --trainer.default_root_dir=$$(@D)/vit_$(1) --ckpt_out=$$@
+$$(RUNS)/fold%/crossfit/maskcnn_$(1).ckpt: $$(CONF)/maskcnn.yaml $$(RUNS)/fold%/crossfit/halves.json \
+  $$(RUNS)/fold%/masks.h5 | $$(STAMP)
+	$$(Q)$$(call STEP,maskcnn_$(1),$$*) $$(FIT) -c $$< $$(call CF_FIT_ARGS,$(1)) --data.init_args.h5=$$(H5) \
+	  --data.init_args.masks_h5=$$(RUNS)/fold$$*/masks.h5 \
+	  --trainer.default_root_dir=$$(@D)/maskcnn_$(1) --ckpt_out=$$@
+endef
+$(foreach h,A B,$(eval $(call CF_RULES,$(h))))
+.SECONDARY: $(foreach f,halves.json vit_A.ckpt vit_B.ckpt maskcnn_A.ckpt maskcnn_B.ckpt,$(call PER_FOLD,crossfit/$(f)))
 
 define HEAD_RULE
 $$(RUNS)/fold%/head_$(1).ckpt: $$(CONF)/head.yaml $$(RUNS)/fold%/embeddings.h5 | $$(STAMP)
@@ -186,9 +215,10 @@ demo: | $(STAMP) ## both chains (STACT-Time, AsyCMST) on synthetic data at CPU s
 
 # ---------------------------------------------------------------------------------------------- AsyCMST
 # End to end on the paired BUS/CEUS set, per fold of $(PAIRED)/splits.json (grouped by patient), one process per
-# fold: `lightning fit` with test_after_fit fits, tests the best checkpoint on the held-out fold and writes
-# $(RUNS)/asycmst/fold<k>/{asycmst.ckpt, predictions_asycmst.csv, roc_test.png}; `make asycmst-report` pools
-# the folds into $(REPORT)/asycmst/results.md, with the generator's reference rows when $(PAIRED)/truth.csv
+# fold: `lightning fit` with test_after_fit fits, validates and tests the best checkpoint and writes
+# $(RUNS)/asycmst/fold<k>/{asycmst.ckpt, predictions_asycmst.csv, val_predictions_asycmst.csv, roc_test.png};
+# `make asycmst-report` pools the folds into $(REPORT)/asycmst/results.md (operating thresholds from each fold's
+# validation predictions), with the generator's reference rows when $(PAIRED)/truth.csv
 # exists (synthetic data).  ASYCMST_METHODS="asycmst asycmst_none" adds the strategy: none comparison
 # (cross-modal attention off, same folds and recipe) to the same report.
 # Paper size: make asycmst-report CONF=conf EXP=paper PAIRED=/data/bus_ceus
@@ -198,21 +228,24 @@ ASYCMST_METHODS ?= asycmst
 ASYCMST_ARGS = --exp $(EXP) --data.init_args.manifest=$(PAIRED)/manifest.csv \
   --data.init_args.splits=$(PAIRED)/splits.json --data.init_args.fold=$* --model.init_args.test_after_fit=true \
   $(TRAINER_ARGS)
-ASYCMST_PRED = $(foreach m,$(1),$(foreach k,$(FOLD_IDS),$(ASYCMST_RUNS)/fold$(k)/predictions_$(m).csv))
+ASYCMST_PRED = $(foreach m,$(1),$(foreach k,$(FOLD_IDS),$(foreach p,predictions val_predictions,\
+  $(ASYCMST_RUNS)/fold$(k)/$(p)_$(m).csv)))
 
 .PHONY: asycmst-none asycmst-report
-asycmst: $(call ASYCMST_PRED,asycmst) ## AsyCMST on the paired BUS/CEUS set, every fold: checkpoint + test predictions
+asycmst: $(call ASYCMST_PRED,asycmst) ## AsyCMST on the paired BUS/CEUS set, every fold: checkpoint + validation and test predictions
 asycmst-none: $(call ASYCMST_PRED,asycmst_none) ## the same with strategy: none (no cross-modal attention), every fold
 asycmst-report: $(REPORT)/asycmst/results.md ## AsyCMST cross-fold report (ASYCMST_METHODS="asycmst asycmst_none")
 	@echo && cat $<
 
-$(ASYCMST_RUNS)/fold%/predictions_asycmst.csv $(ASYCMST_RUNS)/fold%/asycmst.ckpt: $(ASYCMST_CONF) \
+$(ASYCMST_RUNS)/fold%/predictions_asycmst.csv $(ASYCMST_RUNS)/fold%/val_predictions_asycmst.csv \
+  $(ASYCMST_RUNS)/fold%/asycmst.ckpt: $(ASYCMST_CONF) \
   $(PAIRED)/splits.json | $(STAMP)
 	$(Q)$(call STEP,asycmst,$*) $(FIT) -c $(ASYCMST_CONF) $(ASYCMST_ARGS) --trainer.default_root_dir=$(@D) \
 	  --ckpt_out=$(@D)/asycmst.ckpt
 
 # strategy: none writes its predictions beside AsyCMST's (same fold folder), its logs and checkpoints under none/
-$(ASYCMST_RUNS)/fold%/predictions_asycmst_none.csv $(ASYCMST_RUNS)/fold%/asycmst_none.ckpt: $(ASYCMST_CONF) \
+$(ASYCMST_RUNS)/fold%/predictions_asycmst_none.csv $(ASYCMST_RUNS)/fold%/val_predictions_asycmst_none.csv \
+  $(ASYCMST_RUNS)/fold%/asycmst_none.ckpt: $(ASYCMST_CONF) \
   $(PAIRED)/splits.json | $(STAMP)
 	$(Q)$(call STEP,asycmst_none,$*) $(FIT) -c $(ASYCMST_CONF) $(ASYCMST_ARGS) --model.init_args.strategy=none \
 	  --model.init_args.method=asycmst_none --model.init_args.predictions_dir=$(@D) \

@@ -6,6 +6,15 @@ Layout (written by ``usnodule embeddings``): one group per nodule (group name = 
 ``source``; file attrs name the checkpoints that produced it and the fold and splits file they were fitted
 for, which :class:`EmbeddingDataModule` checks against its own (:mod:`datamodules.provenance`): a head of fold 2
 is never fitted on fold 0's embeddings.
+
+**Views** (cross-fitted files, ``usnodule embeddings --crossfit``): a nodule may carry the embeddings of more than
+one encoder pair.  Its ``encoders`` attribute lists them (``"B"``: a training nodule of half A, embedded by half
+B's encoders only; ``"A,B"``: a validation or test nodule, embedded by both); view 0 is stored under the plain
+names, view j > 0 under ``<name>_<j>`` (:func:`view_key`).  Readers average over views: the head scores each
+view and a nodule's probability is the mean over its views (:class:`EmbeddingDataset` yields one item per
+view, all with the nodule's index, which the case metrics and ``usnodule baselines`` average); stack
+probabilities are averaged per stack.  Embeddings of two encoders are never averaged with each other: they live
+in different spaces.  A file without ``encoders`` has one view per nodule (in-sample stacking).
 """
 
 from __future__ import annotations
@@ -30,8 +39,38 @@ def group_name(annot_id: str) -> str:
     return annot_id.replace("%", "%25").replace("/", "%2F")
 
 
+def view_key(key: str, view: int) -> str:
+    """Dataset name of ``key`` (``image``, ``seg``, ``image_prob``, ``seg_prob``) for a nodule's view ``view``."""
+    return key if view == 0 else f"{key}_{view}"
+
+
+def encoders_of(group: h5py.Group) -> list[str]:
+    """The encoder (half) name of each view of a nodule group; ``[""]`` for a file of one encoder pair."""
+    text = str(group.attrs.get("encoders", ""))
+    return text.split(",") if text else [""]
+
+
+def refuse_crossfitted_head(head: str | os.PathLike, head_data: dict) -> None:
+    """One-line :class:`DataError` when the head checkpoint ``head`` (``head_data``: its data settings) was
+    trained on cross-fitted embeddings: it learned the two half-fold encoder pairs' embeddings, not those of
+    the fold's ``vit.ckpt`` / ``maskcnn.ckpt``, which ``usnodule predict`` and ``export`` run it on."""
+    path = head_data.get("path")
+    if not path or not Path(path).is_file():
+        return
+    with h5py.File(path, "r") as f:
+        stacking = str(f.attrs.get("stacking", "in-sample"))
+    if stacking == "cross-fitted":
+        raise DataError(
+            head,
+            f"was trained on cross-fitted embeddings ({path}: two half-fold encoder pairs), not on the "
+            "fold's vit.ckpt / maskcnn.ckpt; predict and export run one encoder pair: use a fold trained "
+            "without CROSSFIT",
+        )
+
+
 def read_index(path: str | os.PathLike) -> dict[str, dict]:
-    """``{annot_id: {"group", "label", "S"}}`` of an embeddings file, validated (one line on any problem)."""
+    """``{annot_id: {"group", "label", "S", "D", "views"}}`` of an embeddings file, validated (one line on any
+    problem)."""
     path = Path(path)
     index = {}
     with open_checked(path, missing="embeddings file does not exist (run `usnodule embeddings` first)") as f:
@@ -45,16 +84,28 @@ def read_index(path: str | os.PathLike) -> dict[str, dict]:
                 raise DataError(path, f"nodule '{name}' has no stacks")
             if "label" not in g.attrs:
                 raise DataError(path, f"nodule '{name}' has no 'label' attribute")
+            views = len(encoders_of(g))
+            for j in range(1, views):
+                shapes = [g[view_key(k, j)].shape if view_key(k, j) in g else None for k in ("image", "seg")]
+                if shapes != [si, si]:
+                    raise DataError(path, f"nodule '{name}': view {j} has 'image'/'seg' {shapes}, not {si}")
             aid = str(g.attrs.get("annot_id", name))
-            index[aid] = {"group": name, "label": int(g.attrs["label"]), "S": si[0], "D": si[1]}
+            index[aid] = {
+                "group": name,
+                "label": int(g.attrs["label"]),
+                "S": si[0],
+                "D": si[1],
+                "views": views,
+            }
     if not index:
         raise DataError(path, "holds no nodule groups")
     return index
 
 
 class EmbeddingDataset(Dataset):
-    """Embedding sequences of the given nodules (sorted ids). Item: ``{"image_emb": (S,D), "seg_emb": (S,D),
-    "label": long, "nodule": long}``; ``nodule`` indexes :attr:`nodule_ids`.
+    """Embedding sequences of the given nodules (sorted ids), one item per view (module docstring). Item:
+    ``{"image_emb": (S,D), "seg_emb": (S,D), "label": long, "nodule": long, "view": long}``; ``nodule`` indexes
+    :attr:`nodule_ids` (and :attr:`labels`), so items of one nodule share it.
 
     Items are kept once read: a nodule's embeddings are a few kB (12 MB for all of Stanford's 192 sweeps), and
     two HDF5 reads per item per epoch were 28% of a demo head fit (BENCHMARKS.md "Warm start").  Readers get
@@ -77,24 +128,28 @@ class EmbeddingDataset(Dataset):
             )
         self.nodule_ids = ids
         self.labels = [self.info[i]["label"] for i in ids]
+        # (nodule index, view) of each item: one item per view of every nodule
+        self.rows = [(i, j) for i, nid in enumerate(ids) for j in range(self.info[nid].get("views", 1))]
         self._h5 = LazyH5(self.path)
         self._items: dict[int, dict[str, torch.Tensor]] = {}
 
     def __len__(self) -> int:
-        return len(self.nodule_ids)
+        return len(self.rows)
 
-    def read(self, i: int, key: str) -> np.ndarray:
-        return self._h5.file[self.info[self.nodule_ids[i]]["group"]][key][()]
+    def read(self, i: int, key: str, view: int = 0) -> np.ndarray:
+        return self._h5.file[self.info[self.nodule_ids[i]]["group"]][view_key(key, view)][()]
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        if i not in self._items:
-            self._items[i] = {
-                "image_emb": torch.from_numpy(self.read(i, "image")).float(),
-                "seg_emb": torch.from_numpy(self.read(i, "seg")).float(),
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        if k not in self._items:
+            i, j = self.rows[k]
+            self._items[k] = {
+                "image_emb": torch.from_numpy(self.read(i, "image", j)).float(),
+                "seg_emb": torch.from_numpy(self.read(i, "seg", j)).float(),
                 "label": torch.tensor(self.labels[i], dtype=torch.long),
                 "nodule": torch.tensor(i, dtype=torch.long),
+                "view": torch.tensor(j, dtype=torch.long),
             }
-        return self._items[i]
+        return self._items[k]
 
 
 def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -108,8 +163,9 @@ def pad_collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
         out["seg_emb"][b, :s] = it["seg_emb"]
         valid[b, :s] = True
     out["valid"] = valid
-    for k in ("label", "nodule"):
-        out[k] = torch.stack([it[k] for it in items])
+    for k in ("label", "nodule", "view"):
+        if k in items[0]:
+            out[k] = torch.stack([it[k] for it in items])
     return out
 
 

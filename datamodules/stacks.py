@@ -387,9 +387,10 @@ def build_dataset(
     img_size: int,
     mask_size: int,
     predicted_boxes: bool | None = None,
+    nodule_ids: Sequence[str] | None = None,
 ) -> PairedStackDataset:
-    """Image and mask stacks of every nodule, with the data settings the two stages were trained with
-    (``vit_data`` / ``mask_data``: the StackDataModule settings from ``BaseStage.from_checkpoint``).
+    """Image and mask stacks of every nodule (or of ``nodule_ids``), with the data settings the two stages were
+    trained with (``vit_data`` / ``mask_data``: the StackDataModule settings from ``BaseStage.from_checkpoint``).
 
     ``predicted_boxes``: crop the images around the predicted masks (True), the annotated ones (False) or as
     the ViT stage was trained (None).
@@ -399,7 +400,7 @@ def build_dataset(
         predicted_boxes = bool(vit_data.get("use_predicted_boxes", False))
     image = StackDataset(
         cine,
-        None,
+        nodule_ids,
         "image",
         masks,
         img_size=img_size,
@@ -410,7 +411,7 @@ def build_dataset(
     )
     mask = StackDataset(
         cine,
-        None,
+        nodule_ids,
         "mask",
         masks,
         img_size=mask_size,

@@ -31,9 +31,11 @@ the trainer's) directory.
 
 Per-case predictions: every ``test`` run writes ``predictions_<method>.csv`` (``annot_id,label,prob``, one row
 per test case, ``annot_id`` = the manifest's ``case_id``; the format ``usnodule report`` reads) into
-``predictions_dir`` (default: the trainer's ``default_root_dir``), atomically.  With ``test_after_fit`` a
-``fit`` ends by testing its best checkpoint on the held-out part in the same process (the Makefile's one
-process per fold: fit, test metrics, predictions CSV).
+``predictions_dir`` (default: the trainer's ``default_root_dir``), atomically; every ``validate`` run likewise
+``val_predictions_<method>.csv`` of the validation cases (the report picks each fold's operating threshold on
+them, never on the test cases; the validation epochs inside a fit write nothing).  With ``test_after_fit`` a
+``fit`` ends by validating, then testing, its best checkpoint in the same process (the Makefile's one process
+per fold: fit, validation and test predictions, test metrics).
 
 Why the test FSS loss was ~25 against ~0.7 in training (issue 8): with RMSprop at lr 1e-3 and momentum 0.9
 for 3 epochs, the frame encoders' weights changed so much per step that BatchNorm's running statistics (an
@@ -270,6 +272,10 @@ class AsyCMST(BaseStage):
             self.write_predictions(prob, label, index)
             if label.min() != label.max():  # the key metric for `python -m stages.step` (one line per step)
                 print(f"RESULT test/auroc={binary_auroc(prob, label).item():.4f}", flush=True)
+        # A validation run (not the epochs of a fit, whose weights are not the final ones) writes the validation
+        # cases' predictions: the report chooses each fold's operating threshold on them, never on test.
+        if stage == "val" and self.trainer.state.fn == TrainerFn.VALIDATING and self.trainer.is_global_zero:
+            self.write_predictions(prob, label, index, stage="val")
 
     def on_validation_epoch_end(self) -> None:
         # the ROC plot only for a `validate` run: during fit it would be redrawn every epoch
@@ -278,24 +284,35 @@ class AsyCMST(BaseStage):
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test", roc=True)
 
-    def predictions_path(self) -> Path:
-        return Path(self.predictions_dir or self.trainer.default_root_dir) / f"predictions_{self.method}.csv"
+    def predictions_path(self, stage: str = "test") -> Path:
+        """``predictions_<method>.csv`` (test) or ``val_predictions_<method>.csv`` (validation)."""
+        prefix = "val_" if stage == "val" else ""
+        return (
+            Path(self.predictions_dir or self.trainer.default_root_dir)
+            / f"{prefix}predictions_{self.method}.csv"
+        )
 
-    def write_predictions(self, prob: Tensor, label: Tensor, index: Tensor) -> Path:
-        """``annot_id,label,prob`` of the test cases (``annot_id`` = the manifest's ``case_id``, looked up by
+    def write_predictions(self, prob: Tensor, label: Tensor, index: Tensor, stage: str = "test") -> Path:
+        """``annot_id,label,prob`` of the ``stage`` cases (``annot_id`` = the manifest's ``case_id``, looked up by
         dataset index), in dataset order."""
-        cases = getattr(self.trainer.test_dataloaders.dataset, "cases", None)
+        loader = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
+        cases = getattr(getattr(loader, "dataset", None), "cases", None)
         order = torch.argsort(index.cpu())
         ids = [cases[int(i)].case_id if cases is not None else str(int(i)) for i in index.cpu()[order]]
-        return write_predictions(self.predictions_path(), ids, label.cpu()[order], prob.float().cpu()[order])
+        return write_predictions(
+            self.predictions_path(stage), ids, label.cpu()[order], prob.float().cpu()[order]
+        )
 
     def on_fit_end(self) -> None:
-        """``test_after_fit``: test in the same process (saves a second start-up of Python and Lightning)."""
+        """``test_after_fit``: validate, then test, the kept weights in the same process (saves a second start-up
+        of Python and Lightning): the validation run writes ``val_predictions_<method>.csv`` (the report's
+        operating threshold), the test run ``predictions_<method>.csv``, both from the same checkpoint."""
         trainer = self.trainer
         if not self.test_after_fit or trainer.interrupted or trainer.datamodule is None:
             return
         cb = trainer.checkpoint_callback
         ckpt = (cb.best_model_path or cb.last_model_path) if cb is not None else ""
+        trainer.validate(self, datamodule=trainer.datamodule, ckpt_path=ckpt or None)
         trainer.test(self, datamodule=trainer.datamodule, ckpt_path=ckpt or None)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -4,7 +4,7 @@
 gives the focal loss (STACT-Time sec. 2.5), stack-level metrics (Table 3 "Frame" columns) and nodule-level
 metrics (Tables 2-4; the case level of :class:`~lightning_modules.base.CaseMetrics`): a nodule's probability
 is the mean of its stack probabilities (CineCNN-AvePool style); for the attention head every sample is already
-one nodule, so the mean is over one value.
+one nodule, so the mean is over one value (over its views, with cross-fitted embeddings: datamodules/embeddings.py).
 
 Optimizers and schedulers come from the LightningCLI ``optimizer:`` / ``lr_scheduler:`` keys of the YAML, so no
 stage defines ``configure_optimizers``. Frozen parameters (``requires_grad=False``) never get a gradient, and
@@ -78,8 +78,10 @@ class ClassifierStage(BaseStage):
     def _eval_step(self, batch: dict[str, Tensor], stage: str, batch_idx: int) -> Tensor:
         loss, per_sample, prob, label = self._shared(batch)
         stack = batch.get("stack")
-        if stack is None and not self.stack_level:  # one sample per nodule: the nodule id is the sample key
-            stack = torch.zeros_like(batch["nodule"])
+        if stack is None and not self.stack_level:
+            # one sample per nodule view (one view unless cross-fitted): (nodule, view) is the sample key, so a
+            # nodule's probability is the mean over its views and a view repeated by DDP padding counts once
+            stack = batch.get("view", torch.zeros_like(batch["nodule"]))
         metric = self.val_nodule if stage == "val" else self.test_nodule
         metric.update(batch["nodule"], prob, label, stack, per_sample)
         if stage == "val" and batch_idx == 0 and (run := wandb_media.wandb_run(self)) is not None:

@@ -167,6 +167,7 @@ def _io(shape: tuple, names: dict[int, str]) -> list:
 def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[str, Any]:
     """Export the four STACT-Time stages of a fold (``paths``: seg, vit, maskcnn, head checkpoints) into
     ``out``; returns their ``chain.json`` entries."""
+    from datamodules.embeddings import refuse_crossfitted_head
     from datamodules.stacks import NORMALIZE
     from lightning_modules.head_stage import HeadStage
     from lightning_modules.maskcnn_stage import MaskCNNStage
@@ -176,7 +177,8 @@ def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[
     seg, seg_data = SegStage.from_checkpoint(paths["seg"])
     vit, vit_data = ViTStage.from_checkpoint(paths["vit"])
     maskcnn, mask_data = MaskCNNStage.from_checkpoint(paths["maskcnn"])
-    head, _ = HeadStage.from_checkpoint(paths["head"])
+    head, head_data = HeadStage.from_checkpoint(paths["head"])
+    refuse_crossfitted_head(paths["head"], head_data)
     seg_size = int(seg_data.get("size") or 256)
     img_size = vit.input_size(vit_data)
     mask_size = int(mask_data.get("img_size") or img_size)

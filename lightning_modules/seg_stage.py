@@ -51,6 +51,11 @@ class PixelOverlap(Metric):
     Rows are keyed by (nodule, frame) when the batch has them; repeated keys (DistributedSampler padding) count
     once after the ranks' states are concatenated. Without keys every row counts. 0 when there is no positive
     pixel at all (torchmetrics' zero_division default).
+
+    Kept by hand, not torchmetrics' ``BinaryF1Score`` / ``BinaryJaccardIndex`` (or ``segmentation.DiceScore``
+    with global aggregation): the same functions of the pooled counts (tests/test_overlap_metrics.py compares
+    them on random masks, empty ones included), but their states are the summed counts, so a frame that
+    DistributedSampler repeats to pad a rank would count twice and the DDP numbers would differ from one process.
     """
 
     full_state_update = False

@@ -4,14 +4,16 @@
   echogenic foci) + the TI-RADS level -> histopathology (scikit-learn ``RandomForestClassifier``). Fitted per
   fold on the fold's *training* nodules only; blanks are imputed with the training median.
 * ``avepool`` -- CineCNN-AvePool: a nodule's probability is the mean of its stage-1 (ViT) stack probabilities,
-  read from the fold's ``embeddings.h5`` (``image_prob``). The same file gives the stack-level rows of Table 3
+  read from the fold's ``embeddings.h5`` (``image_prob``; with cross-fitted embeddings, each stack's mean over the
+  two halves' ViTs). The same file gives the stack-level rows of Table 3
   (``stack_predictions_vit.csv`` from the ViT, ``stack_predictions_seg.csv`` from the mask CNN).
 * ``cinetrans`` -- CineCNN-Trans (Yamashita et al. 2022): a 2-layer transformer encoder over the stack features
   (``HeadStage(variant="cine_trans")`` on the image embeddings).  Fitted per fold by ``lightning fit -c
   conf/cinetrans.yaml`` (``make cinetrans``) on the fold's training nodules, last epoch kept; this command
   only predicts with the checkpoint ``--cinetrans PATTERN`` (default ``{runs}/fold{fold}/head_cine_trans.ckpt``).
 * ``--head NAME=PATTERN`` -- predictions of trained ``HeadStage`` checkpoints (e.g. STACT-Time and the Table 4
-  variants), PATTERN holding ``{fold}``.
+  variants), PATTERN holding ``{fold}``; a nodule with two views (cross-fitted embeddings) gets the mean of the
+  head's two probabilities.
 
 Each writes ``<runs>/fold<k>/predictions_<method>.csv`` (``annot_id,label,prob``) for the fold's test nodules;
 ``usnodule report`` reads them.  Nothing here trains a network: a head checkpoint that is missing, or that was
@@ -34,7 +36,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.impute import SimpleImputer
 
 from datamodules.atomic import write_predictions
-from datamodules.embeddings import EmbeddingDataset, pad_collate, read_index
+from datamodules.embeddings import EmbeddingDataset, pad_collate, read_index, view_key
 from datamodules.errors import DataError
 from datamodules.files import same_file
 from datamodules.folds import load_fold, load_splits
@@ -91,7 +93,9 @@ def tirads_forest(
 
 # ---------------------------------------------------------------------------------------------- from embeddings
 def stack_probabilities(path: str | os.PathLike, ids: Sequence[str], key: str) -> pd.DataFrame:
-    """Per-stack probabilities ``key`` (``image_prob`` / ``seg_prob``) of ``ids``: annot_id, stack, label, prob."""
+    """Per-stack probabilities ``key`` (``image_prob`` / ``seg_prob``) of ``ids``: annot_id, stack, label, prob.
+
+    A nodule embedded by two encoders (cross-fitted files) gets the mean of their probabilities per stack."""
     index = read_index(path)
     missing = [i for i in ids if i not in index]
     if missing:
@@ -100,9 +104,10 @@ def stack_probabilities(path: str | os.PathLike, ids: Sequence[str], key: str) -
     with h5py.File(path, "r") as f:
         for i in ids:
             g = f[index[i]["group"]]
-            if key not in g:
+            views = [view_key(key, j) for j in range(index[i].get("views", 1))]
+            if any(v not in g for v in views):
                 raise DataError(path, f"nodule {i!r} has no '{key}' (re-export with `usnodule embeddings`)")
-            p = g[key][()]
+            p = np.mean([g[v][()] for v in views], axis=0)
             parts.append(
                 pd.DataFrame(
                     {
@@ -127,16 +132,22 @@ def average_pool(stacks: pd.DataFrame) -> pd.DataFrame:
 
 @torch.inference_mode()
 def predict_head(model, dataset: EmbeddingDataset, batch_size: int = 32) -> pd.DataFrame:
-    """Nodule probabilities of a HeadStage on an :class:`EmbeddingDataset` (annot_id, label, prob)."""
+    """Nodule probabilities of a HeadStage on an :class:`EmbeddingDataset` (annot_id, label, prob): the mean
+    over a nodule's views (one view unless the embeddings are cross-fitted)."""
     from torch.utils.data import DataLoader
 
     model.eval()
-    probs = []
+    probs, nodules = [], []
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=pad_collate):
         batch = {k: v.to(model.device) for k, v in batch.items()}
         probs.append(model.malignant_prob(model.logits(batch)).cpu())
+        nodules.append(batch["nodule"].cpu())
     p = torch.cat(probs).numpy() if probs else np.zeros(0)
-    return pd.DataFrame({"annot_id": dataset.nodule_ids, "label": dataset.labels, "prob": p})
+    n = torch.cat(nodules).numpy() if nodules else np.zeros(0, int)
+    mean = np.bincount(n, weights=p, minlength=len(dataset.nodule_ids)) / np.maximum(
+        np.bincount(n, minlength=len(dataset.nodule_ids)), 1
+    )
+    return pd.DataFrame({"annot_id": dataset.nodule_ids, "label": dataset.labels, "prob": mean})
 
 
 def load_head(

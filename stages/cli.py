@@ -23,6 +23,7 @@ COMMANDS = (
     "split",
     "masks",
     "embeddings",
+    "crossfit-halves",
     "baselines",
     "report",
     "report-multiclass",

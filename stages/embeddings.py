@@ -19,6 +19,13 @@ leaves no ``embeddings.h5``.
 Before any work, the ViT, the mask CNN and ``masks.h5`` must say they are of one fold (``--fold`` when given; the
 file records the fold they share when it is not) and one data set, and the mask CNN must have been fitted on masks
 of the MSU-Net behind ``masks.h5`` (:func:`check_inputs`, :mod:`datamodules.provenance`).
+
+``--crossfit DIR`` (opt-in, ``make train-head CROSSFIT=1``): cross-fitted embeddings for the head (issue 10): the
+fold's training part was halved (``usnodule crossfit-halves``) and one ViT + mask CNN fitted per half; each
+training nodule is embedded by the other half's encoders, so no training embedding comes from an encoder that
+saw its nodule, and every validation / test nodule by both halves' encoders, stored as two views over which the
+head's predictions are averaged (:func:`export_crossfit`; the file's ``stacking`` attribute says
+``cross-fitted``, an ordinary export's ``in-sample``).  The predicted masks stay the fold's MSU-Net's.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
 from datamodules.atomic import atomic_path
-from datamodules.embeddings import group_name
+from datamodules.crossfit import HALVES, OTHER, encoder_training_ids, load_halves
+from datamodules.embeddings import group_name, view_key
 from datamodules.errors import DataError, is_write_error, write_error
 from datamodules.files import file_digest
 from datamodules.folds import load_fold
@@ -268,15 +276,34 @@ def export(
     boxes: str = "auto",
     progress: bool = True,
     callbacks: Sequence[L.Callback] = (),
+    nodule_ids: Sequence[str] | None = None,
+    encoder_train: set[str] | None = None,
 ) -> Path:
-    """Export embeddings of every nodule to ``out``; see the module docstring. Returns ``out``."""
+    """Export embeddings of every nodule (or of ``nodule_ids``) to ``out``; see the module docstring. Returns
+    ``out``.  ``encoder_train`` (cross-fitting): the ids both encoders must have been fitted on, exactly (read
+    from their checkpoints' splits file and fold), none of which may be among the nodules embedded."""
     from lightning_modules.maskcnn_stage import MaskCNNStage
     from lightning_modules.vit_stage import ViTStage
 
     out = Path(out)
     vit_model, vit_data = ViTStage.from_checkpoint(vit)
     mask_model, mask_data = MaskCNNStage.from_checkpoint(maskcnn)
-    fold, trained_splits = check_inputs(cine, masks, vit, vit_data, maskcnn, mask_data, splits, fold)
+    if encoder_train is None:
+        fold, trained_splits = check_inputs(cine, masks, vit, vit_data, maskcnn, mask_data, splits, fold)
+    else:  # half encoders are fitted on derived splits (the halves): checked against them instead
+        trained_splits = None
+        for path, data_settings in ((vit, vit_data), (maskcnn, mask_data)):
+            seen = encoder_training_ids(data_settings, path)
+            if seen != set(encoder_train):
+                raise DataError(
+                    path,
+                    "was not fitted on the cross-fit half it stands for (its splits' training part differs)",
+                )
+            inside = sorted(seen & set(nodule_ids or ()))
+            if inside:
+                raise DataError(
+                    path, f"would embed {len(inside)} nodule(s) it was fitted on, e.g. {inside[:3]}"
+                )
     img_size = img_size or vit_model.input_size(vit_data)
     mask_size = mask_size or mask_data.get("img_size") or img_size
     if boxes not in ("auto", "annotated", "predicted"):
@@ -287,7 +314,7 @@ def export(
     # Annotated masks are needed only for annotated boxes: with predicted boxes, clips alone are enough.
     data = StanfordCine(cine, metadata, require_mask=not predicted_boxes)
     pred = PredictedMasks(masks, data)
-    dataset = build_dataset(data, pred, vit_data, mask_data, img_size, mask_size, predicted_boxes)
+    dataset = build_dataset(data, pred, vit_data, mask_data, img_size, mask_size, predicted_boxes, nodule_ids)
 
     part_of: dict[str, str] = {}
     if splits is not None:
@@ -318,6 +345,7 @@ def export(
         "img_size": int(img_size),
         "mask_size": int(mask_size),
         "boxes": "predicted masks" if predicted_boxes else "annotated masks",
+        "stacking": "in-sample",
         "stack_order": "groups by annot_id; rows = non-overlapping 3-frame windows in frame_num order",
     }
     writer = EmbeddingWriter(out, dataset.nodule_ids, dataset.n_stacks, group_attrs, file_attrs)
@@ -349,6 +377,106 @@ def export(
     return out
 
 
+def export_crossfit(
+    *,
+    cine: str | os.PathLike,
+    masks: str | os.PathLike,
+    crossfit: str | os.PathLike,
+    out: str | os.PathLike,
+    splits: str | os.PathLike | None,
+    fold: int | None,
+    metadata: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Cross-fitted embeddings of every nodule to ``out`` (``usnodule embeddings --crossfit DIR``).
+
+    ``DIR`` holds ``halves.json`` (``usnodule crossfit-halves``) and each half's encoders, ``vit_A.ckpt``,
+    ``maskcnn_A.ckpt``, ``vit_B.ckpt``, ``maskcnn_B.ckpt``, fitted on ``splits_A.json`` / ``splits_B.json``.
+    A training nodule of half A is embedded by B's encoders only and one of half B by A's; every other nodule
+    (validation, test, outside the fold) by both, stored as two views that the head's readers average over
+    (datamodules/embeddings.py).  Each nodule group's ``encoders`` attribute names the half of each view; the
+    file's ``stacking`` attribute is ``cross-fitted`` and ``vit_checkpoint_<half>`` / ``vit_sha256_<half>``
+    (and the mask CNN's) name the encoders.  Each encoder's checkpoint must record exactly its half as its
+    training part.  Other arguments as :func:`export`.
+    """
+    out, crossfit = Path(out), Path(crossfit)
+    if splits is None or fold is None:
+        raise DataError(
+            None, "--crossfit needs --splits and --fold (the fold whose training part was halved)"
+        )
+    halves = load_halves(crossfit, fold)
+    train = set(load_fold(splits, fold)["train"])
+    if set(halves["A"]) | set(halves["B"]) != train:
+        raise DataError(
+            crossfit / "halves.json", f"halves do not make up fold {fold}'s training part of {splits}"
+        )
+    everything = [n.annot_id for n in StanfordCine(cine, metadata, require_mask=False).nodules]
+    ckpts = {h: {k: crossfit / f"{k}_{h}.ckpt" for k in ("vit", "maskcnn")} for h in HALVES}
+    views: dict[str, Path] = {}
+    try:
+        for h in HALVES:  # encoders of half h embed every nodule outside half h
+            views[h] = out.with_name(f".{out.name}.view_{h}.h5")
+            export(
+                cine=cine,
+                masks=masks,
+                vit=ckpts[h]["vit"],
+                maskcnn=ckpts[h]["maskcnn"],
+                out=views[h],
+                splits=splits,
+                fold=fold,
+                metadata=metadata,
+                nodule_ids=[i for i in everything if i not in set(halves[h])],
+                encoder_train=set(halves[h]),
+                **kwargs,
+            )
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+            encoders = {i: [OTHER[h]] for h in HALVES for i in halves[h]}
+            extra = {
+                "crossfit": str(crossfit.resolve()),
+                "crossfit_halves_sha256": file_digest(crossfit / "halves.json"),
+            }
+            for h in HALVES:
+                for k in ("vit", "maskcnn"):
+                    extra[f"{k}_checkpoint_{h}"] = str(ckpts[h][k].resolve())
+                    extra[f"{k}_sha256_{h}"] = file_digest(ckpts[h][k])
+            merge_views(views, {i: encoders.get(i, list(HALVES)) for i in everything}, out, extra)
+    finally:
+        for path in views.values():
+            path.unlink(missing_ok=True)
+    return out
+
+
+def merge_views(
+    views: dict[str, Path], encoders: dict[str, list[str]], out: Path, extra: dict[str, Any]
+) -> Path:
+    """``out`` with one group per nodule holding, in order, the view of each encoder ``encoders[id]`` names
+    (view 0 under the plain dataset names, view j under ``<name>_<j>``), copied from the per-encoder files
+    ``views``; the file attributes of the first file less its single-encoder ones, plus ``extra``."""
+    files = {h: h5py.File(p, "r") for h, p in views.items()}
+    try:
+        first = next(iter(files.values()))
+        with atomic_path(out) as tmp, h5py.File(tmp, "w") as h:
+            single = ("vit_checkpoint", "vit_sha256", "maskcnn_checkpoint", "maskcnn_sha256")
+            for k, v in first.attrs.items():
+                if k not in single:
+                    h.attrs[k] = v
+            h.attrs.update({**extra, "stacking": "cross-fitted"})
+            for nid in sorted(encoders):
+                name = group_name(nid)
+                g = h.create_group(name)
+                for j, enc in enumerate(encoders[nid]):
+                    src = files[enc][name]
+                    if j == 0:
+                        g.attrs.update(dict(src.attrs))
+                    for key in ("image", "seg", "image_prob", "seg_prob"):
+                        g.create_dataset(view_key(key, j), data=src[key][()])
+                g.attrs["encoders"] = ",".join(encoders[nid])
+    finally:
+        for f in files.values():
+            f.close()
+    return out
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "embeddings",
@@ -359,8 +487,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cine", type=Path, required=True, help="Stanford dataset.hdf5 (metadata.csv beside it)")
     p.add_argument("--metadata", type=Path, default=None, help="metadata CSV (default: beside the HDF5)")
     p.add_argument("--masks", type=Path, required=True, help="predicted masks (from `usnodule masks`)")
-    p.add_argument("--vit", type=Path, required=True, help="ViT stage checkpoint (stage 1)")
-    p.add_argument("--maskcnn", type=Path, required=True, help="mask CNN stage checkpoint (stage 3)")
+    p.add_argument("--vit", type=Path, default=None, help="ViT stage checkpoint (stage 1)")
+    p.add_argument("--maskcnn", type=Path, default=None, help="mask CNN stage checkpoint (stage 3)")
+    p.add_argument(
+        "--crossfit",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="cross-fitted embeddings instead of --vit/--maskcnn: DIR holds halves.json (`usnodule "
+        "crossfit-halves`) and vit_A/B.ckpt, maskcnn_A/B.ckpt; each training nodule is embedded by the other "
+        "half's encoders, every other nodule by both (needs --splits and --fold)",
+    )
     p.add_argument("--splits", type=Path, default=None, help="splits.json (records each nodule's part)")
     p.add_argument(
         "--fold",
@@ -399,11 +536,18 @@ def _devices(text: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> None:
-    out = export(
+    single = (args.vit, args.maskcnn)
+    if (args.crossfit is not None and single != (None, None)) or (args.crossfit is None and None in single):
+        raise DataError(None, "usnodule embeddings: give --vit and --maskcnn, or --crossfit DIR (not both)")
+    encoders = (
+        {"crossfit": args.crossfit}
+        if args.crossfit is not None
+        else {"vit": args.vit, "maskcnn": args.maskcnn}
+    )
+    out = (export_crossfit if args.crossfit is not None else export)(
         cine=args.cine,
         masks=args.masks,
-        vit=args.vit,
-        maskcnn=args.maskcnn,
+        **encoders,
         out=args.out,
         splits=args.splits,
         fold=args.fold,

@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader
 from datamodules.atomic import atomic_path, clean_stale
 from datamodules.clips import clip_format, read_clip, split_h5_spec
 from datamodules.dicom import tissue_regions, ultrasound_regions
-from datamodules.embeddings import pad_collate
+from datamodules.embeddings import pad_collate, refuse_crossfitted_head
 from datamodules.errors import DataError, is_write_error, write_error
 from datamodules.files import resolve_checkpoints
 from datamodules.nodule_size import nodule_size
@@ -183,7 +183,8 @@ def load_predictor(
     seg, seg_data = SegStage.from_checkpoint(paths["seg"])
     vit, vit_data = ViTStage.from_checkpoint(paths["vit"])
     maskcnn, mask_data = MaskCNNStage.from_checkpoint(paths["maskcnn"])
-    head, _ = HeadStage.from_checkpoint(paths["head"])
+    head, head_data = HeadStage.from_checkpoint(paths["head"])
+    refuse_crossfitted_head(paths["head"], head_data)
     img_size = vit.input_size(vit_data)
     dev = pick_device(device)
     return Predictor(

@@ -18,6 +18,9 @@ and, when present, ``stack_predictions_<backbone>.csv`` (``annot_id,stack,label,
   pooled-test operating point above is labelled optimistic (its threshold is chosen on the test predictions);
 * calibration (Brier score, ECE over 10 bins, ``calibration.png`` reliability diagram) and a paired DeLong
   test of the paper's method against each other one, on the pooled predictions (:func:`calibration_table`);
+* a "Protocol:" line in ``results.md``, read from the folds' ``embeddings.h5``: which masks the test-time ROI
+  crops came from (:func:`roi_protocol`) and whether the heads trained on in-sample or cross-fitted
+  embeddings (:func:`stacking_protocol`);
 * ``roc.png`` -- one ROC curve per method, predictions pooled over folds;
 * ``predictions.csv`` -- every per-nodule prediction (method, fold, annot_id, label, prob);
 * ``report.html`` -- one self-contained page (images embedded): the tables above, ``roc.png``,
@@ -215,6 +218,32 @@ def roi_protocol(runs: Path) -> str | None:
             "annotation, so `usnodule predict` cannot do this)"
         )
     return f"ROI crops from different masks in different folds ({', '.join(sorted(found))}): not comparable"
+
+
+def stacking_protocol(runs: Path) -> str | None:
+    """How the heads' training embeddings were made, read from every fold's ``embeddings.h5`` (its ``stacking``
+    attribute; files written before it existed are in-sample): a line for the report, ``None`` without
+    embeddings (AsyCMST)."""
+    import h5py
+
+    found = set()
+    for path in sorted(runs.glob("fold*/embeddings.h5")):
+        with h5py.File(path, "r") as f:
+            found.add(str(f.attrs.get("stacking", "in-sample")))
+    if not found:
+        return None
+    if found == {"in-sample"}:
+        return (
+            "heads trained on *in-sample* embeddings (their encoders were fitted on the same training nodules; "
+            "the default)"
+        )
+    if found == {"cross-fitted"}:
+        return (
+            "heads trained on *cross-fitted* embeddings (`CROSSFIT=1`: each training nodule embedded by the "
+            "encoders of the other half of its fold's training part; validation and test predictions averaged "
+            "over both halves' encoders)"
+        )
+    return f"heads trained on embeddings made differently in different folds ({', '.join(sorted(found))})"
 
 
 def delong_test(label: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray) -> tuple[float, float, float]:
@@ -774,7 +803,7 @@ def report(
                 runs,
                 title,
                 Path(truth) if truth is not None else None,
-                roi_protocol(runs),
+                "; ".join(p for p in (roi_protocol(runs), stacking_protocol(runs)) if p) or None,
                 first=first,
             )
         )

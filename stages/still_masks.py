@@ -19,8 +19,8 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from torchmetrics.classification import BinaryF1Score
 
 from datamodules.files import same_file
 
@@ -70,7 +70,10 @@ def predict_still_masks(
         normalize=data.get("normalize", "imagenet"),
     )
     out = Path(out)
-    tp = fp = fn = 0
+    # Dice of binary masks, all test pixels pooled, is the pixel F1 score: torchmetrics' BinaryF1Score summing
+    # (TP, FP, FN) over the images.  It says 0 when no pixel is positive in either mask (its zero_division);
+    # NaN below means no test image had a drawn mask, so there was nothing to compare.
+    dice = BinaryF1Score()
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(
             {
@@ -89,11 +92,11 @@ def predict_still_masks(
                 mask = full_size_mask(p, (h, w), threshold)  # the copy predict-still uses
                 f.create_dataset(case.case_id, data=mask, compression="gzip", compression_opts=1)
                 if drawn is not None and case.case_id in test_ids:
-                    tp += int(np.count_nonzero(mask & drawn))
-                    fp += int(np.count_nonzero(mask & (1 - drawn)))
-                    fn += int(np.count_nonzero((1 - mask) & drawn))
-    dice = 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else float("nan")
-    return out, {"cases": len(cases), "test_dice": dice}
+                    dice.update(
+                        torch.from_numpy(mask).flatten().long(), torch.from_numpy(drawn).flatten().long()
+                    )
+    test_dice = float(dice.compute()) if dice.update_called else float("nan")
+    return out, {"cases": len(cases), "test_dice": test_dice}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -134,6 +134,36 @@ def test_cli_fit_then_test_in_one_process(paired, tmp_path):
     assert sorted(r["annot_id"] for r in rows) == sorted(_test_ids(paired))
     assert (tmp_path / "fold0" / "none" / "roc_test.png").is_file()
     assert not list(preds.glob(".*partial*"))  # written atomically, no temporary left
+    # ... and the validation cases' predictions of the same weights, for the report's operating threshold
+    from datamodules.folds import load_fold
+
+    val = _read_predictions(preds / "val_predictions_asycmst_none.csv")
+    assert sorted(r["annot_id"] for r in val) == sorted(load_fold(paired[1], 0)["val"])
+    _threshold_comes_from_validation(tmp_path, val)
+
+
+def _threshold_comes_from_validation(runs: Path, val: list[dict[str, str]]) -> None:
+    """`usnodule report` on AsyCMST's fold folder: the deployable threshold is the validation predictions'
+    95%-sensitivity threshold, and rewriting the test predictions does not move it."""
+    import pandas as pd
+
+    from datamodules.atomic import write_predictions
+    from stages.report import at_sensitivity, report
+
+    vy, vp = [int(r["label"]) for r in val], [float(r["prob"]) for r in val]
+    want = at_sensitivity(vy, vp)["threshold"]
+    report(runs, runs / "report", n_boot=20, show=False)
+    row = pd.read_csv(runs / "report" / "results.csv").set_index("method").loc["asycmst_none"]
+    assert row["valop_threshold_min"] == row["valop_threshold_max"] == pytest.approx(want, abs=1e-6)
+    test = _read_predictions(runs / "fold0" / "predictions_asycmst_none.csv")
+    ids, labels = [r["annot_id"] for r in test], [int(r["label"]) for r in test]
+    write_predictions(
+        runs / "fold0" / "predictions_asycmst_none.csv", ids, labels, [0.5 + 0.4 * y for y in labels]
+    )
+    report(runs, runs / "report", n_boot=20, show=False)
+    row = pd.read_csv(runs / "report" / "results.csv").set_index("method").loc["asycmst_none"]
+    assert row["valop_threshold_min"] == pytest.approx(want, abs=1e-6)  # unchanged: never from test
+    assert row["sens95_threshold"] == pytest.approx(0.9)  # the optimistic one follows the test predictions
 
 
 def test_lr_per_step_spans_the_fit(paired, tmp_path):

@@ -130,3 +130,55 @@ def test_changing_the_roi_protocol_reexports_embeddings_and_refits_what_follows(
         ["make", "-n", "-C", str(ROOT), "train-head", "ROI=both"], capture_output=True, text=True
     )
     assert bad.returncode != 0 and "ROI must be predicted or annotated" in bad.stderr
+
+
+def test_crossfit_fits_two_encoder_pairs_per_fold_on_the_halves_and_switching_back_reexports(tmp_path):
+    v = _tree(tmp_path)
+    cmds = _commands(_dry("train-head", {**v, "CROSSFIT": 1}))
+    text = "\n".join(cmds)
+    half = tmp_path / "runs" / "fold0" / "crossfit"
+    assert "usnodule crossfit-halves" in text and f"--out {half}" in text and "--fold 0" in text
+    for h in ("A", "B"):
+        for stage in ("vit", "maskcnn"):
+            fit = next(c for c in cmds if f"--ckpt_out={half}/{stage}_{h}.ckpt" in c)
+            assert f"{stage}.yaml" in fit and f"--data.init_args.splits={half}/splits_{h}.json" in fit
+            assert "--data.init_args.fold=0" in fit and str(tmp_path / "data" / "splits.json") not in fit
+    emb = next(c for c in cmds if "usnodule embeddings" in c)
+    assert f"--crossfit {half}" in emb and "--vit " not in emb
+    assert any("head.yaml" in c for c in cmds) and not any("seg.yaml" in c for c in cmds)
+    assert (tmp_path / "runs" / ".crossfit").read_text() == "cross-fitted\n"
+    # Back to the default: the in-sample embeddings are exported again (the encoders are not refitted).
+    cmds = _commands(_dry("train-head", v))
+    assert any("usnodule embeddings" in c and "--vit " in c for c in cmds)
+    assert not any("vit.yaml" in c or "/crossfit" in c or "crossfit-halves" in c for c in cmds)
+    assert (tmp_path / "runs" / ".crossfit").read_text() == "in-sample\n"
+
+
+def test_asycmst_report_needs_each_folds_validation_predictions(tmp_path):
+    """The report's operating thresholds come from val_predictions_asycmst.csv, written by the same fit as the
+    test predictions: a fold without them (a run made before they existed) is fitted again."""
+    paired, runs = tmp_path / "paired", tmp_path / "runs"
+    files = [
+        paired / "manifest.csv",
+        paired / "splits.json",
+        tmp_path / "conf" / "asycmst.yaml",
+        tmp_path / "stamp",
+    ]
+    files += [runs / "asycmst" / "fold0" / f for f in ("asycmst.ckpt", "predictions_asycmst.csv")]
+    t = time.time() - 1000
+    for i, f in enumerate(files):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("")
+        os.utime(f, (t + i, t + i))
+    v = {"PAIRED": paired, "CONF": tmp_path / "conf", "RUNS": runs, "STAMP": tmp_path / "stamp", "FOLDS": 1,
+         "REPORT": tmp_path / "report"}  # fmt: skip
+    cmds = [
+        c for c in _commands(_dry("asycmst-report", v)) if not c.startswith("echo")
+    ]  # the `cat` of the table
+    assert len(cmds) == 2 and "lightning fit" in cmds[0] and "asycmst.yaml" in cmds[0]
+    assert "usnodule report" in cmds[1]
+    val = runs / "asycmst" / "fold0" / "val_predictions_asycmst.csv"
+    val.write_text("")
+    os.utime(val, (t + 10, t + 10))
+    cmds = [c for c in _commands(_dry("asycmst-report", v)) if not c.startswith("echo")]
+    assert len(cmds) == 1 and "usnodule report" in cmds[0] and "--title AsyCMST" in cmds[0]

@@ -266,8 +266,10 @@ class AsyCMST(BaseStage):
         if scores is None:
             return
         prob, label, index = scores["prob"], scores["label"], scores["nodule"]
+        # trainer.log_dir is a broadcast under DDP: every rank asks, else rank 0 waits for the others for ever
+        folder = self.run_dir() if roc else None
         if roc and self.trainer.is_global_zero and label.min() != label.max():
-            save_roc_png(prob, label, self.run_dir() / f"roc_{stage}.png", f"ROC ({stage}, n={len(label)})")
+            save_roc_png(prob, label, folder / f"roc_{stage}.png", f"ROC ({stage}, n={len(label)})")
         if stage == "test" and self.trainer.is_global_zero:
             self.write_predictions(prob, label, index)
             if label.min() != label.max():  # the key metric for `python -m stages.step` (one line per step)

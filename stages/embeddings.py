@@ -413,6 +413,9 @@ def export_crossfit(
     everything = [n.annot_id for n in StanfordCine(cine, metadata, require_mask=False).nodules]
     ckpts = {h: {k: crossfit / f"{k}_{h}.ckpt" for k in ("vit", "maskcnn")} for h in HALVES}
     views: dict[str, Path] = {}
+    # Under DDP every rank runs both exports (each ends once its file is merged, behind a barrier); then rank 0
+    # alone merges the two files and removes them: another rank removing them could pull them from under it.
+    rank0 = int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
     try:
         for h in HALVES:  # encoders of half h embed every nodule outside half h
             views[h] = out.with_name(f".{out.name}.view_{h}.h5")
@@ -429,7 +432,7 @@ def export_crossfit(
                 encoder_train=set(halves[h]),
                 **kwargs,
             )
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        if rank0:
             encoders = {i: [OTHER[h]] for h in HALVES for i in halves[h]}
             extra = {
                 "crossfit": str(crossfit.resolve()),
@@ -441,7 +444,7 @@ def export_crossfit(
                     extra[f"{k}_sha256_{h}"] = file_digest(ckpts[h][k])
             merge_views(views, {i: encoders.get(i, list(HALVES)) for i in everything}, out, extra)
     finally:
-        for path in views.values():
+        for path in views.values() if rank0 else ():
             path.unlink(missing_ok=True)
     return out
 

@@ -337,3 +337,21 @@ def test_crossfit_chain_through_the_clis(tmp_path, monkeypatch, capsys):
                   "--maskcnn", str(cfdir / "maskcnn_A.ckpt"), "--head", str(head), "--out", str(root / "p.csv")])  # fmt: skip
     assert e.value.code == 2 and not (root / "p.csv").exists()
     assert "head_stact.ckpt: was trained on cross-fitted embeddings" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_crossfit_export_on_two_ddp_processes_equals_one_process(cf, tmp_path):
+    """`usnodule embeddings --crossfit` on 2 gloo processes: both exports run on every rank, rank 0 alone merges
+    (another rank removing the per-half files under it was a bug); the file equals the one-process one."""
+    from tests.test_distributed import run_cli
+
+    out = tmp_path / "ddp.h5"
+    run_cli("usnodule", "embeddings", "--cine", str(cf["h5"]), "--masks", str(cf["masks"]), "--crossfit",
+            str(cf["crossfit"]), "--splits", str(cf["splits"]), "--fold", "0", "--out", str(out), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp")  # fmt: skip
+    with h5py.File(cf["out"], "r") as a, h5py.File(out, "r") as b:
+        assert list(a) == list(b)
+        for name, g in a.items():
+            assert g.attrs["encoders"] == b[name].attrs["encoders"]
+            for key in g:
+                np.testing.assert_allclose(g[key][()], b[name][key][()], atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.h5"]  # no per-half file or shard left

@@ -278,7 +278,8 @@ def test_bf16_mixed_fit_on_cpu(files, name):
 
 @pytest.mark.timeout(300)
 def test_two_process_fit_of_demo_asycmst(tmp_path):
-    """`lightning fit -c conf/demo/asycmst.yaml` on 2 gloo processes (test-size ResNet, 1 epoch) completes."""
+    """`lightning fit -c conf/demo/asycmst.yaml` on 2 gloo processes (test-size ResNet, 1 epoch) completes, and with
+    test_after_fit writes every validation and test case's prediction once (gathered from both ranks)."""
     from tests.test_paired_video import write_paired_set
 
     manifest, splits = write_paired_set(tmp_path / "paired", n=8)
@@ -294,6 +295,7 @@ def test_two_process_fit_of_demo_asycmst(tmp_path):
         "--data.init_args.batch_size=2",
         "--model.init_args.backbone=test_resnet",
         "--trainer.max_epochs=1",
+        "--model.init_args.test_after_fit=true",
         f"--trainer.default_root_dir={tmp_path / 'run'}",
         *csv_logger(tmp_path / "logs"),
         f"--ckpt_out={out}",
@@ -301,6 +303,12 @@ def test_two_process_fit_of_demo_asycmst(tmp_path):
     assert out.is_file()
     metrics = logged(tmp_path / "logs")
     assert {"train/loss_epoch", "val/loss"} <= set(metrics) and np.isfinite(metrics["val/loss"])
+    from datamodules.folds import load_fold
+
+    fold = load_fold(splits, 0)
+    for prefix, part in (("val_", "val"), ("", "test")):
+        rows = pd.read_csv(tmp_path / "run" / f"{prefix}predictions_asycmst.csv", dtype={"annot_id": str})
+        assert sorted(rows["annot_id"]) == sorted(fold[part])
 
 
 def test_sampler_repeats_count_once_in_stack_loss_and_pixel_metrics():

@@ -312,13 +312,15 @@ class CSASNStage(BaseStage):
                     wandb_media.STEP_KEY: self.global_step,
                 }
             )
+        # trainer.log_dir is a broadcast under DDP: every rank asks, else rank 0 waits for the others for ever
+        folder = self.run_dir() if split == "test" else None
         if split == "test" and self.trainer.is_global_zero:
             from stages.report_multiclass import plot_confusion
 
             plot_confusion(
                 confusion.cpu().numpy(),
                 self.subtypes,
-                self.run_dir() / "confusion_test.png",
+                folder / "confusion_test.png",
                 f"CSASN test (n={len(sub['target'])})",
             )
             self.write_predictions(sub, scores)

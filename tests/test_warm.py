@@ -27,6 +27,12 @@ def _script(tmp: Path, body: str, name: str = "tool") -> Path:
     return path
 
 
+def _sigint_default() -> None:
+    """A shell without job control starts background jobs with SIGINT ignored, and children inherit that (a
+    CI run launched with `&`): Ctrl-C must reach these processes as it does from a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("warm")
@@ -38,6 +44,7 @@ def server(tmp_path_factory):
         stderr=subprocess.STDOUT,
         text=True,
         process_group=0,
+        preexec_fn=_sigint_default,
     )
     deadline = time.monotonic() + 60
     while not os.path.exists(sock) and proc.poll() is None and time.monotonic() < deadline:
@@ -127,6 +134,7 @@ def test_ctrl_c_reaches_a_warm_step(server, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, ENV: server},
+        preexec_fn=_sigint_default,
     )
     deadline = time.monotonic() + 120
     while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:

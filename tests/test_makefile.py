@@ -170,7 +170,9 @@ def test_asycmst_report_needs_each_folds_validation_predictions(tmp_path):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("")
         os.utime(f, (t + i, t + i))
-    os.utime(tmp_path / "stamp")  # the venv stamp is newer than pyproject.toml (a fresh clone's is minutes old)
+    os.utime(
+        tmp_path / "stamp"
+    )  # the venv stamp is newer than pyproject.toml (a fresh clone's is minutes old)
     v = {"PAIRED": paired, "CONF": tmp_path / "conf", "RUNS": runs, "STAMP": tmp_path / "stamp", "FOLDS": 1,
          "REPORT": tmp_path / "report"}  # fmt: skip
     cmds = [

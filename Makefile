@@ -39,7 +39,7 @@ PER_FOLD  = $(foreach k,$(FOLD_IDS),$(RUNS)/fold$(k)/$(1))
 # (The issue's benchmark set is 192 nodules x ~90 frames x 256 px, 9% malignant: `usnodule synth` defaults.)
 SYNTH_ARGS ?= --nodules 400 --frames 9 --size 128 --prevalence 0.25 \
   --cases 2000 --paired-frames 12 --paired-size 64 --paired-prevalence 0.45 \
-  --stills 600 --stills-size 96 --seed $(SEED)
+  --stills 600 --stills-size 96 --seed $(SEED) --workers 2
 
 # Attention-head variants trained per fold: STACT-Time Table 4 (add `joint`, the joint-fusion backbone of
 # Table 3, with HEAD_VARIANTS="stact vit_self seg_self joint").
@@ -181,12 +181,15 @@ $(RUNS)/fold%/head_cine_trans.ckpt: $(CONF)/cinetrans.yaml $(RUNS)/fold%/embeddi
 	  --seed_everything=$(shell echo $$(( $(SEED) + $* ))) --trainer.default_root_dir=$(@D)/head_cine_trans \
 	  --ckpt_out=$@
 
-# Predicts only: every network here was fitted by `lightning fit` above.
+# Predicts only: every network here was fitted by `lightning fit` above.  One step per fold (they run in parallel
+# under -j; the TI-RADS forest of fold k sees only fold k's training nodules either way).
 predictions: $(RUNS)/predictions.done ## per-fold test predictions of every head and baseline
-$(RUNS)/predictions.done: $(call PER_FOLD,embeddings.h5) $(foreach v,$(HEAD_VARIANTS),$(call PER_FOLD,head_$(v).ckpt)) \
-  $(CINETRANS)
-	$(Q)$(call STEP,predictions) $(USNODULE) baselines --cine $(H5) --splits $(SPLITS) --runs $(RUNS) \
-	  --methods $(BASELINES) --seed $(SEED) --cinetrans {runs}/fold{fold}/head_cine_trans.ckpt \
+$(RUNS)/predictions.done: $(call PER_FOLD,predictions.done)
+	$(Q)touch $@
+$(RUNS)/fold%/predictions.done: $(RUNS)/fold%/embeddings.h5 $(foreach v,$(HEAD_VARIANTS),$(RUNS)/fold%/head_$(v).ckpt) \
+  $(if $(CINETRANS),$(RUNS)/fold%/head_cine_trans.ckpt)
+	$(Q)$(call STEP,predictions,$*) $(USNODULE) baselines --cine $(H5) --splits $(SPLITS) --runs $(RUNS) \
+	  --folds $* --methods $(BASELINES) --seed $(SEED) --cinetrans {runs}/fold{fold}/head_cine_trans.ckpt \
 	  $(foreach v,$(HEAD_VARIANTS),--head $(v)={runs}/fold{fold}/head_$(v).ckpt)
 	$(Q)touch $@
 

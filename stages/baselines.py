@@ -15,8 +15,14 @@
   variants), PATTERN holding ``{fold}``; a nodule with two views (cross-fitted embeddings) gets the mean of the
   head's two probabilities.
 
-Each writes ``<runs>/fold<k>/predictions_<method>.csv`` (``annot_id,label,prob``) for the fold's test nodules;
-``usnodule report`` reads them.  Nothing here trains a network: a head checkpoint that is missing, or that was
+Each writes ``<runs>/fold<k>/predictions_<method>.csv`` (``annot_id,label,prob``) for the fold's test nodules
+and ``val_predictions_<method>.csv`` for its validation nodules; ``usnodule report`` reads them.
+
+Calibration (``--calibrate``, on by default): the three baselines' probabilities are Platt-scaled on the fold's
+validation nodules (:mod:`lightning_modules.calibration`, fitted on ``val_predictions``, applied to both files),
+as the attention heads scale theirs inside the checkpoint (``HeadStage(calibrate=True)``), so that every
+method's pooled AUROC, thresholds and Brier score compare calibrated scores; ``--head`` checkpoints are
+written as they predict. Per-fold AUROCs are unchanged (the scaling is increasing).  Nothing here trains a network: a head checkpoint that is missing, or that was
 fitted on another fold, splits file or embeddings file than the one predicted, is a one-line error.
 """
 
@@ -42,6 +48,7 @@ from datamodules.files import same_file
 from datamodules.folds import load_fold, load_splits
 from datamodules.provenance import check_file
 from datamodules.stanford import TIRADS_FEATURES, StanfordCine
+from lightning_modules.calibration import apply_platt, fit_platt, prob_to_margin
 from stages.options import check_pattern, count, fold_pattern, positive_int, seed
 
 METHOD_FILES = {"tirads": "tirads", "avepool": "cinecnn_avepool", "cinetrans": "cinecnn_trans"}
@@ -192,6 +199,7 @@ def run_baselines(
     seed: int = 0,
     n_estimators: int = 500,
     metadata: str | os.PathLike | None = None,
+    calibrate: bool = True,
     log=print,
 ) -> list[Path]:
     """Write every requested method's predictions for every fold; returns the files written.
@@ -236,10 +244,12 @@ def run_baselines(
         if "tirads" in methods:
             ids = split["test"] + split["val"]
             p = tirads_forest(data, split["train"], ids, seed=seed, n_estimators=n_estimators)
+            preds = {}
             for prefix, part in parts.items():
                 pp = p[: len(split["test"])] if prefix == "predictions_" else p[len(split["test"]) :]
                 labels = [data.by_id[i].label for i in part]
-                written.append(write_predictions(out / f"{prefix}tirads.csv", part, labels, pp))
+                preds[prefix] = pd.DataFrame({"annot_id": part, "label": labels, "prob": pp})
+            written += write_parts(out, "tirads", preds, calibrate)
         if "avepool" in methods:
             for key, name in (("image_prob", "vit"), ("seg_prob", "seg")):
                 stacks = stack_probabilities(emb, split["test"], key)
@@ -253,19 +263,13 @@ def run_baselines(
                     )
                 )
                 if name == "vit":
-                    for prefix, part in parts.items():
-                        part_stacks = (
+                    preds = {
+                        prefix: average_pool(
                             stacks if prefix == "predictions_" else stack_probabilities(emb, part, key)
                         )
-                        nod = average_pool(part_stacks)
-                        written.append(
-                            write_predictions(
-                                out / f"{prefix}cinecnn_avepool.csv",
-                                nod["annot_id"],
-                                nod["label"],
-                                nod["prob"],
-                            )
-                        )
+                        for prefix, part in parts.items()
+                    }
+                    written += write_parts(out, "cinecnn_avepool", preds, calibrate)
         todo = {name: (pattern, None) for name, pattern in (heads or {}).items()}
         if "cinetrans" in methods:
             todo = {"cinecnn_trans": (cinetrans, "cine_trans"), **todo}
@@ -274,15 +278,37 @@ def run_baselines(
             model = load_head(
                 pattern.format(runs=runs, fold=k), fold=k, embeddings=emb, splits=splits, variant=variant
             )
-            for prefix, part in parts.items():
-                pred = predict_head(model, EmbeddingDataset(emb, part, index=index))
-                written.append(
-                    write_predictions(
-                        out / f"{prefix}{name}.csv", pred["annot_id"], pred["label"], pred["prob"]
-                    )
-                )
+            preds = {
+                prefix: predict_head(model, EmbeddingDataset(emb, part, index=index))
+                for prefix, part in parts.items()
+            }
+            # a baseline is scaled here; a --head checkpoint scales itself (HeadStage calibrate)
+            written += write_parts(out, name, preds, calibrate and variant is not None)
         log(f"fold {k}: wrote {', '.join(p.name for p in written if p.parent == out)}")
     return written
+
+
+def write_parts(out: Path, name: str, preds: dict[str, pd.DataFrame], calibrate: bool) -> list[Path]:
+    """Write ``{prefix}{name}.csv`` for each part (test, validation); with ``calibrate``, the probabilities of
+    both are Platt-scaled on the validation part (``val_predictions_``) first."""
+    if calibrate:
+        val = preds["val_predictions_"]
+        params = torch.tensor(
+            fit_platt(
+                prob_to_margin(torch.as_tensor(val["prob"].to_numpy())),
+                torch.as_tensor(val["label"].to_numpy()),
+            )
+        )
+        preds = {
+            prefix: df.assign(
+                prob=apply_platt(prob_to_margin(torch.as_tensor(df["prob"].to_numpy())), params).numpy()
+            )
+            for prefix, df in preds.items()
+        }
+    return [
+        write_predictions(out / f"{prefix}{name}.csv", df["annot_id"], df["label"], df["prob"])
+        for prefix, df in preds.items()
+    ]
 
 
 def _head_arg(text: str) -> tuple[str, str]:
@@ -337,6 +363,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="HeadStage checkpoint pattern, e.g. stact={runs}/fold{fold}/head/last.ckpt "
         "(writes predictions_NAME.csv; repeatable)",
     )
+    p.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Platt-scale the baselines on each fold's validation nodules (default: on)",
+    )
     p.add_argument("--seed", type=seed, default=0, help="random forest seed")
     p.add_argument("--n-estimators", type=positive_int, default=500, help="random forest trees")
     p.set_defaults(func=run)
@@ -356,6 +388,7 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         n_estimators=args.n_estimators,
         metadata=args.metadata,
+        calibrate=args.calibrate,
     )
     names = {p.name for p in written if p.name.startswith("predictions_")}
     folds = {p.parent for p in written}

@@ -9,9 +9,11 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from datamodules.errors import DataError
 from datamodules.stanford import StanfordCine
+from lightning_modules.calibration import fit_platt, prob_to_margin
 from stages import baselines
 from stages.baselines import run_baselines, tirads_features
 from tests.commands import argv
@@ -305,3 +307,30 @@ def test_bad_inputs_and_cli(setup, tmp_path):
         SystemExit
     ):  # no training options left: the fit is `lightning fit -c conf/cinetrans.yaml`
         parser.parse_args(["baselines", "--splits", str(splits), "--runs", str(runs), "--trans-epochs", "20"])
+
+
+def test_baselines_are_platt_scaled_on_their_validation_part_only(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def part(n, prefix):  # an overconfident scorer: raw probabilities far above the 30% base rate
+        y = (rng.random(n) < 0.3).astype(int)
+        p = 1 / (1 + np.exp(-(2.0 + 1.5 * y + rng.normal(size=n))))
+        return pd.DataFrame({"annot_id": [f"{prefix}{i}_" for i in range(n)], "label": y, "prob": p})
+
+    preds = {"predictions_": part(60, "t"), "val_predictions_": part(80, "v")}
+    raw = {k: v.copy() for k, v in preds.items()}
+    baselines.write_parts(tmp_path, "m", preds, calibrate=True)
+    val = raw["val_predictions_"]
+    a, b = fit_platt(
+        prob_to_margin(torch.tensor(val["prob"].to_numpy())), torch.tensor(val["label"].to_numpy())
+    )
+    for prefix, df in raw.items():
+        got = pd.read_csv(tmp_path / f"{prefix}m.csv", dtype={"annot_id": str})
+        want = 1 / (1 + np.exp(-(a * np.log(df["prob"] / (1 - df["prob"])) + b)))
+        np.testing.assert_allclose(got["prob"], want, rtol=1e-5)
+        assert (np.argsort(got["prob"].to_numpy()) == np.argsort(df["prob"].to_numpy())).all()  # same ranking
+    assert abs(pd.read_csv(tmp_path / "val_predictions_m.csv")["prob"].mean() - val["label"].mean()) < 0.02
+    baselines.write_parts(tmp_path, "m", raw, calibrate=False)  # --no-calibrate: written as scored
+    np.testing.assert_allclose(
+        pd.read_csv(tmp_path / "predictions_m.csv")["prob"], raw["predictions_"]["prob"], 1e-6
+    )

@@ -29,7 +29,8 @@ def _tree(tmp: Path) -> dict:
     files = [tmp / "data" / "dataset.hdf5", tmp / "data" / "splits.json", tmp / "stamp"]
     files += [tmp / "conf" / f"{s}.yaml" for s in ("vit", "seg", "maskcnn", "head", "cinetrans")]
     files += [tmp / "runs" / ".roi"]  # the ROI the runs were made with (the Makefile's default)
-    files += [tmp / "runs" / "fold0" / s for s in STAGES] + [tmp / "runs" / "predictions.done"]
+    files += [tmp / "runs" / "fold0" / s for s in STAGES]
+    files += [tmp / "runs" / "fold0" / "predictions.done", tmp / "runs" / "predictions.done"]
     t = time.time() - 1000
     for i, f in enumerate(files):  # each file newer than everything before it: all up to date
         f.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +104,8 @@ def test_cinetrans_is_fitted_per_fold_by_lightning_fit_and_baselines_only_predic
     v = _tree(tmp_path)
     _bump(tmp_path / "conf" / "cinetrans.yaml")
     cmds = _commands(_dry("predictions", {**v, "SEED": 5}))
-    assert len(cmds) == 3  # the fold's CineCNN-Trans fit, then the predictions (and their stamp)
+    # the fold's CineCNN-Trans fit, then that fold's predictions (and its stamp), then the all-folds stamp
+    assert len(cmds) == 4
     fit, predict = cmds[0], cmds[1]
     assert "--name head_cine_trans --fold 0" in fit and "lightning fit -c" in fit and "cinetrans.yaml" in fit
     assert (
@@ -112,6 +114,7 @@ def test_cinetrans_is_fitted_per_fold_by_lightning_fit_and_baselines_only_predic
     assert "--seed_everything=5" in fit  # SEED + fold, the seed it had inside `usnodule baselines`
     assert fit.endswith("--ckpt_out=" + str(tmp_path / "runs" / "fold0" / "head_cine_trans.ckpt"))
     assert "usnodule baselines" in predict and "--cinetrans {runs}/fold{fold}/head_cine_trans.ckpt" in predict
+    assert "--folds 0 " in predict  # one step per fold: -j runs the folds' predictions side by side
     assert "--trans-" not in predict and "lightning fit" not in predict  # it only predicts
     # Without cinetrans among the baselines, nothing fits it.
     _bump(tmp_path / "runs" / "fold0" / "embeddings.h5")

@@ -39,7 +39,9 @@ PER_FOLD  = $(foreach k,$(FOLD_IDS),$(RUNS)/fold$(k)/$(1))
 # (The issue's benchmark set is 192 nodules x ~90 frames x 256 px, 9% malignant: `usnodule synth` defaults.)
 SYNTH_ARGS ?= --nodules 400 --frames 9 --size 128 --prevalence 0.25 \
   --cases 2000 --paired-frames 12 --paired-size 64 --paired-prevalence 0.45 \
-  --stills 600 --stills-size 96 --seed $(SEED) --workers 2
+  --stills 600 --stills-size 96 --seed $(SEED)
+# Render processes: the same bytes for any number, so not part of SYNTH_ARGS (a change there regenerates the sets).
+SYNTH_WORKERS ?= 2
 
 # Attention-head variants trained per fold: STACT-Time Table 4 (add `joint`, the joint-fusion backbone of
 # Table 3, with HEAD_VARIANTS="stact vit_self seg_self joint").
@@ -79,7 +81,7 @@ data: $(SYNTH)/stanford/dataset.hdf5 ## generate the synthetic Stanford-layout, 
 # SYNTH_ARGS change (recorded in $(SYNTH)/.args, rewritten only when different) or the generator's code does.
 $(SYNTH)/stanford/dataset.hdf5 $(SYNTH)/paired/manifest.csv $(SYNTH)/stills/manifest.csv &: $(SYNTH)/.args \
   $(wildcard datamodules/synth/*.py) | $(STAMP)
-	$(Q)$(call STEP,data) $(USNODULE) synth --out $(SYNTH) $(SYNTH_ARGS) --preview
+	$(Q)$(call STEP,data) $(USNODULE) synth --out $(SYNTH) $(SYNTH_ARGS) --workers $(SYNTH_WORKERS) --preview
 
 $(SYNTH)/.args: FORCE
 	@mkdir -p $(@D); echo '$(SYNTH_ARGS)' | cmp -s - $@ || echo '$(SYNTH_ARGS)' > $@

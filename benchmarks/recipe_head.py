@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,8 +58,10 @@ def main() -> None:
     p.add_argument("--variant", default="stact")
     p.add_argument("--conf", default="conf/demo/head.yaml")
     p.add_argument("--splits", default="data/synth/stanford/splits.json")
-    p.add_argument("overrides", nargs="*")
-    a = p.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a = p.parse_args(argv[:cut])
+    a.overrides = argv[cut + 1 :]
     torch.set_num_threads(1)
     k = load_splits(a.splits)["k"]
     parts: dict[str, list[pd.DataFrame]] = {"val": [], "test": []}

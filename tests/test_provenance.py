@@ -242,11 +242,20 @@ def test_baselines_refuse_embeddings_of_another_fold(parts, tmp_path, capsys):
 def test_head_data_accepts_its_own_fold_and_files_without_a_record(parts, tmp_path):
     from datamodules.embeddings import EmbeddingDataModule
 
-    EmbeddingDataModule(str(parts["emb0"]), str(parts["splits"]), fold=0).setup("fit")
+    from datamodules.folds import load_fold
+
+    own = EmbeddingDataModule(str(parts["emb0"]), str(parts["splits"]), fold=0)
+    own.setup("fit")
+    split = load_fold(parts["splits"], 0)
+    assert {p: len(own.datasets[p]) for p in ("train", "val", "test")} == {
+        p: len(split[p]) for p in ("train", "val", "test")
+    }
     lengths = {"12_": 1, "7_": 2, "129_": 1, "3_": 1, "45_": 2}
     labels = {"12_": 1, "7_": 0, "129_": 1, "3_": 0, "45_": 0}
     bare = write_embeddings(tmp_path / "bare.h5", lengths, labels)  # written elsewhere: nothing to check
-    EmbeddingDataModule(str(bare), str(parts["splits"]), fold=1).setup("fit")
+    other = EmbeddingDataModule(str(bare), str(parts["splits"]), fold=1)
+    other.setup("fit")
+    assert len(other.datasets["train"]) == len(load_fold(parts["splits"], 1)["train"])
 
 
 # ---------------------------------------------------------------------------------------------- predict, export

@@ -241,7 +241,6 @@ def test_baselines_refuse_embeddings_of_another_fold(parts, tmp_path, capsys):
 
 def test_head_data_accepts_its_own_fold_and_files_without_a_record(parts, tmp_path):
     from datamodules.embeddings import EmbeddingDataModule
-
     from datamodules.folds import load_fold
 
     own = EmbeddingDataModule(str(parts["emb0"]), str(parts["splits"]), fold=0)

@@ -24,6 +24,7 @@ from datamodules.stills import StillCase, read_manifest, read_still, read_still_
 
 __all__ = [
     "roi_box",
+    "jitter_box",
     "PredictedStillMasks",
     "StillDataset",
     "StillDataModule",
@@ -37,16 +38,49 @@ PARTS = ("train", "val", "test")
 # -------------------------------------------------------------------------------------------------- ROI
 
 
-def roi_box(mask: np.ndarray, margin: float) -> Box | None:
+def roi_box(mask: np.ndarray, margin: float, square: bool = False) -> Box | None:
     """Box ``(y0, x0, y1, x1)`` (end-exclusive) of the mask's non-zero pixels grown by ``margin`` times the
     box's longer side on every side, clipped at the image border; None for an empty mask (the caller keeps
     the whole image).  The margin is relative (not STACT-Time's fixed 5 px) because public still sets mix
-    image sizes from ~200 to ~1500 px: a choice, made here."""
+    image sizes from ~200 to ~1500 px: a choice, made here.
+
+    ``square=True``: a square of side ``longer side * (1 + 2 * margin)`` centred on the box, shifted to lie
+    inside the image rather than clipped (at most the image's shorter side), as the AsyCMST crop
+    (:func:`datamodules.paired_video.roi_box`).  Resized to a square input it keeps the nodule's aspect ratio
+    (taller-than-wide, roundness) and its size relative to the crop, which the plain box, stretched to a square,
+    throws away; no padding is invented, so a nodule near the border sits off-centre instead."""
     box = bbox_from_mask(mask)
     if box is None:
         return None
     side = max(box[2] - box[0], box[3] - box[1])
-    return grow_box(box, int(round(margin * side)), mask.shape)
+    if not square:
+        return grow_box(box, int(round(margin * side)), mask.shape)
+    h, w = mask.shape
+    s = int(min(side + 2 * round(margin * side), h, w))
+    cy, cx = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    y0 = int(np.clip(round(cy - s / 2), 0, h - s))
+    x0 = int(np.clip(round(cx - s / 2), 0, w - s))
+    return y0, x0, y0 + s, x0 + s
+
+
+def jitter_box(box: Box, jitter: float, shape: tuple[int, int]) -> Box:
+    """``box`` moved by up to ``jitter`` times its height / width along each axis and its sides scaled by one
+    factor in ``[1 - jitter, 1 + jitter]`` (a square stays a square), kept inside the image of ``shape``: the
+    training-time ROI augmentation of ``roi_jitter`` (random numbers from torch, so ``seed_everything`` and the
+    loader's worker seeding govern it).  Translation and a mild zoom keep the nodule's shape and its ring of
+    surrounding tissue, where the plain flips show the network the same crops every epoch."""
+    h, w = shape
+    y0, x0, y1, x1 = box
+    bh, bw = y1 - y0, x1 - x0
+    u = (2 * torch.rand(3) - 1).tolist()
+    f = 1 + jitter * u[0]
+    nh, nw = max(1, min(round(bh * f), h)), max(1, min(round(bw * f), w))
+    if bh == bw:
+        nh = nw = min(nh, nw)
+    cy, cx = (y0 + y1) / 2 + jitter * u[1] * bh, (x0 + x1) / 2 + jitter * u[2] * bw
+    ny0 = int(np.clip(round(cy - nh / 2), 0, h - nh))
+    nx0 = int(np.clip(round(cx - nw / 2), 0, w - nw))
+    return ny0, nx0, ny0 + nh, nx0 + nw
 
 
 class PredictedStillMasks:
@@ -174,8 +208,12 @@ class StillDataset(Dataset):
             (crop to the box of ``predicted``'s mask: the deployable protocol).  An empty or absent mask keeps
             the whole image.  The returned mask is always the drawn one (cropped like the image).
         roi_margin: margin on every side as a fraction of the box's longer side (:func:`roi_box`).
+        roi_square: crop a square around the box (:func:`roi_box` ``square=True``: the resize to ``S`` x ``S``
+            then keeps the nodule's aspect ratio) instead of the box itself, stretched (default False).
         predicted: the predicted masks (needed for ``roi="predicted"``).
         augment: training augmentation (:func:`build_transform`).
+        roi_jitter: with ``augment``, the ROI box is also moved and zoomed at random by up to this fraction of
+            its side (:func:`jitter_box`); 0 (default): the same box every epoch.
         channels: gray repeated to this many channels (3 for ImageNet backbones, 1 for segmentation nets).
         normalize: ``"imagenet"``, ``"half"`` or None ([0, 1]), as :class:`~datamodules.stacks.StackDataModule`.
         patients: the patient id list that ``patient`` indexes (default: the sorted patients of ``cases``).
@@ -192,8 +230,10 @@ class StillDataset(Dataset):
         img_size: int = 224,
         roi: str | None = None,
         roi_margin: float = 0.1,
+        roi_square: bool = False,
         predicted: PredictedStillMasks | None = None,
         augment: bool = False,
+        roi_jitter: float = 0.0,
         channels: int = 3,
         normalize: str | None = "imagenet",
         patients: Sequence[str] | None = None,
@@ -208,8 +248,11 @@ class StillDataset(Dataset):
             raise ValueError(f"normalize must be 'imagenet', 'half' or None, got {normalize!r}")
         if roi_margin < 0:
             raise ValueError(f"roi_margin must be >= 0, got {roi_margin}")
+        if not 0 <= roi_jitter < 1:
+            raise ValueError(f"roi_jitter must be in [0, 1), got {roi_jitter}")
         self.cases = list(cases)
         self.img_size, self.roi, self.roi_margin, self.predicted = img_size, roi, roi_margin, predicted
+        self.roi_square, self.roi_jitter = roi_square, roi_jitter
         self.channels = channels
         self.patients = (
             sorted({c.patient_id for c in self.cases}, key=natural_key)
@@ -248,14 +291,17 @@ class StillDataset(Dataset):
             mask = np.zeros_like(image)
         box = None
         if self.roi == "annotated":
-            box = roi_box(mask, self.roi_margin)
+            box = roi_box(mask, self.roi_margin, self.roi_square)
         elif self.roi == "predicted":
-            box = roi_box(self.predicted.mask(case.case_id, image.shape), self.roi_margin)  # type: ignore[union-attr]
+            pred = self.predicted.mask(case.case_id, image.shape)  # type: ignore[union-attr]
+            box = roi_box(pred, self.roi_margin, self.roi_square)
         return image, mask, case.mask is not None, box
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         image, mask, has_mask, box = self.read(i)
         if box is not None:
+            if self.augment and self.roi_jitter > 0:
+                box = jitter_box(box, self.roi_jitter, image.shape)
             y0, x0, y1, x1 = box
             image, mask = image[y0:y1, x0:x1], mask[y0:y1, x0:x1]
         transform = seeded(self.transform) if self.augment else self.transform
@@ -291,11 +337,15 @@ class StillDataModule(BaseDataModule):
         img_size: output side in pixels.
         roi: ``None`` | ``"annotated"`` | ``"predicted"`` (:class:`StillDataset`); the same in every part.
         roi_margin: ROI margin, a fraction of the box's longer side.
+        roi_square: a square crop around the box, so the resize keeps the nodule's aspect ratio
+            (:func:`roi_box`); False (default): the box itself, stretched to a square.
         predicted_masks: a folder of ``<case id>.png`` or an HDF5 file keyed by case id
             (:class:`PredictedStillMasks`), for ``roi="predicted"``.
         channels: image channels (gray repeated).
         normalize: ``"imagenet"`` | ``"half"`` | None.
         augment: training augmentation (flip, brightness/contrast); other parts are only resized.
+        roi_jitter: with ``augment``, the training ROI box moved and zoomed at random by up to this fraction of
+            its side (:func:`jitter_box`); 0 (default): none.
         predict_ids: ``"all"`` (default), ``"train"``, ``"val"``, ``"test"`` or a list of case ids.
         subtypes: the class list of a multi-class model, fixed here (not read from the data) so that indices
             are the same in every fold; items then carry ``subtype`` (:func:`subtype_indices`: every case of the
@@ -317,10 +367,12 @@ class StillDataModule(BaseDataModule):
         img_size: int = 224,
         roi: str | None = None,
         roi_margin: float = 0.1,
+        roi_square: bool = False,
         predicted_masks: str | os.PathLike | None = None,
         channels: int = 3,
         normalize: str | None = "imagenet",
         augment: bool = False,
+        roi_jitter: float = 0.0,
         predict_ids: str | list[str] = "all",
         subtypes: list[str] | None = None,
         benign_subtypes: list[str] = ["benign"],  # noqa: B006  (a YAML default, never mutated)
@@ -380,8 +432,10 @@ class StillDataModule(BaseDataModule):
                 img_size=hp.img_size,
                 roi=hp.roi,
                 roi_margin=hp.roi_margin,
+                roi_square=hp.roi_square,
                 predicted=predicted,
                 augment=hp.augment and part == "train",
+                roi_jitter=hp.roi_jitter,
                 channels=hp.channels,
                 normalize=hp.normalize,
                 patients=patients,

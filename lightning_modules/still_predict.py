@@ -95,9 +95,10 @@ class InMemoryStills(StillDataset):
         mask = x.mask if x.mask is not None else np.zeros_like(x.image)
         box = None
         if self.roi == "annotated":
-            box = roi_box(mask, self.roi_margin)
+            box = roi_box(mask, self.roi_margin, self.roi_square)
         elif self.roi == "predicted":
-            box = roi_box(self.predicted.mask(x.case.case_id, x.image.shape), self.roi_margin)  # type: ignore[union-attr]
+            pred = self.predicted.mask(x.case.case_id, x.image.shape)  # type: ignore[union-attr]
+            box = roi_box(pred, self.roi_margin, self.roi_square)
         return x.image, mask, x.mask is not None, box
 
 
@@ -125,6 +126,7 @@ def _dataset(inputs: Sequence[StillInput], data: Mapping, **override) -> InMemor
         img_size=int(data.get("img_size", 224)),
         roi=data.get("roi"),
         roi_margin=float(data.get("roi_margin", 0.1)),
+        roi_square=bool(data.get("roi_square", False)),
         channels=int(data.get("channels", 3)),
         normalize=data.get("normalize", "imagenet"),
     )

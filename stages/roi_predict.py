@@ -69,6 +69,7 @@ def roi_predict(
             img_size=int(data.get("img_size", 224)),
             roi=roi,
             roi_margin=float(data.get("roi_margin", 0.1)),
+            roi_square=bool(data.get("roi_square", False)),
             predicted=predicted,
             channels=int(data.get("channels", 3)),
             normalize=data.get("normalize", "imagenet"),

@@ -113,6 +113,7 @@ def fitted(stills, tmp_path_factory) -> dict[str, Path]:
         "--model.init_args.fusion_dim=8",
         "--model.init_args.hidden_dim=16",
         "--model.init_args.reduction=2",
+        "--data.init_args.roi_square=true",  # predict-still must crop the square as the data module does
     )
     return {"twostage": ts, "csasn": cs, "masks": masks}
 

@@ -16,7 +16,7 @@ from PIL import Image
 from datamodules.errors import DataError
 from datamodules.folds import load_fold
 from datamodules.stanford import StanfordCine
-from datamodules.still_data import PredictedStillMasks, StillDataModule, StillDataset, roi_box
+from datamodules.still_data import PredictedStillMasks, StillDataModule, StillDataset, jitter_box, roi_box
 from datamodules.stills import read_manifest, read_still, read_still_mask
 from stages.cli import main
 from tests.commands import argv
@@ -556,6 +556,68 @@ def test_dataset_shapes_ranges_roi_and_augmentation(tmp_path):
         torch.manual_seed(seed)
         flips.add(torch.equal(aug[0]["mask"], plain[0]["mask"]))
     assert flips == {True, False}
+
+
+def test_square_roi_keeps_the_nodules_aspect_ratio(tmp_path):
+    """roi_square: a nodule twice as wide as tall stays so in the 32 x 32 input (the plain box crop stretches it
+    towards the square), through the data module; the square is centred on the box and shifted inside the image
+    near a border, never larger than the image's shorter side."""
+    h, w = 64, 96
+    save(tmp_path / "img.png", texture(5, h, w))
+    save(tmp_path / "wide.png", box(26, 28, 38, 52, h, w))  # 12 x 24 px
+    m = write_manifest_csv(tmp_path / "m.csv", [{"image": "img.png", "mask": "wide.png", "label": 1}],
+                           columns=("image", "mask", "label"))  # fmt: skip
+
+    def extent(square: bool) -> tuple[int, int]:
+        dm = StillDataModule(manifest=m, splits=None, fold=None, img_size=32, roi="annotated", roi_margin=0.25,
+                             roi_square=square, normalize=None)  # fmt: skip
+        dm.setup("fit")
+        ys, xs = torch.nonzero(dm.datasets["train"][0]["mask"][0], as_tuple=True)
+        return int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+
+    tall, wide = extent(square=True)  # 36 px square -> 12 * 32 / 36 = 10.7 by 24 * 32 / 36 = 21.3
+    assert (tall, wide) in {(10, 21), (11, 21), (11, 22), (10, 22)}
+    tall, wide = extent(square=False)  # the 24 x 36 box stretched: 16 by 21.3
+    assert wide / tall < 1.4
+    # the square: side 24 + 2 * 6 = 36, centred on the box's centre (32, 40)
+    assert roi_box(box(26, 28, 38, 52, h, w) // 255, 0.25, square=True) == (14, 22, 50, 58)
+    assert roi_box(box(0, 0, 12, 24, h, w) // 255, 0.25, square=True) == (0, 0, 36, 36)  # shifted inside
+    assert roi_box(box(0, 60, 40, 96, h, w) // 255, 0.5, square=True) == (0, 32, 64, 96)  # 80 capped at 64
+    assert roi_box(np.zeros((h, w), np.uint8), 0.25, square=True) is None
+
+
+def test_roi_jitter_moves_the_training_crop_only(tmp_path):
+    """roi_jitter: the box moves and zooms within the limit, stays inside the image and square; seeded by torch;
+    only augmented (training) items are jittered."""
+    shape = (64, 96)
+    boxes = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        b = jitter_box((14, 22, 50, 58), 0.2, shape)  # a 36 px square
+        y0, x0, y1, x1 = b
+        assert 0 <= y0 < y1 <= 64 and 0 <= x0 < x1 <= 96
+        assert y1 - y0 == x1 - x0 and 29 <= y1 - y0 <= 43  # 36 * (1 +- 0.2)
+        assert abs((y0 + y1) / 2 - 32) <= 0.2 * 36 + 1 and abs((x0 + x1) / 2 - 40) <= 0.2 * 36 + 1
+        boxes.add(b)
+    assert len(boxes) > 20
+    torch.manual_seed(1)
+    a = jitter_box((14, 22, 50, 58), 0.2, shape)
+    torch.manual_seed(1)
+    assert jitter_box((14, 22, 50, 58), 0.2, shape) == a
+    torch.manual_seed(1)
+    assert jitter_box((0, 0, 64, 64), 0.2, shape)[2] <= 64  # a square as tall as the image stays inside it
+    # through the data set: jittered training crops differ between draws, evaluation crops do not
+    m = small_set(tmp_path / "set", patients=1, per_patient=1)
+    cases = read_manifest(m)
+    kw = dict(img_size=16, roi="annotated", roi_margin=0.25, roi_square=True, roi_jitter=0.2, normalize=None)
+    train = StillDataset(cases, augment=True, **kw)
+    train.transform = StillDataset(cases, **kw).transform  # no flips: only the jitter can change the crop
+    masks = {tuple(train[0]["mask"].flatten().tolist()) for _ in range(6)}
+    assert len(masks) > 1
+    evaluation = StillDataset(cases, **kw)
+    assert torch.equal(evaluation[0]["mask"], evaluation[0]["mask"])
+    with pytest.raises(ValueError, match="roi_jitter"):
+        StillDataset(cases, roi_jitter=1.0)
 
 
 def test_split_and_datamodule_keep_patients_together(tmp_path, capsys):

@@ -75,13 +75,22 @@ VERBOSE ?=
 Q     := $(if $(filter-out 0 no false,$(VERBOSE)),,@)
 STEP   = $(if $(Q),$(PY) -m stages.step --log $(RUNS)/logs/$(1)$(if $(2),_fold$(2)).log --name $(1)$(if $(2), --fold $(2)) --)
 
-data: $(SYNTH)/stanford/dataset.hdf5 ## generate the synthetic Stanford-layout, paired BUS/CEUS and still-image sets (+ preview.png)
+data: $(SYNTH)/preview.png ## generate the synthetic Stanford-layout, paired BUS/CEUS and still-image sets (+ preview.png)
 
 # A real DATA directory is used as it is; the synthetic one is generated on demand, and again when
 # SYNTH_ARGS change (recorded in $(SYNTH)/.args, rewritten only when different) or the generator's code does.
-$(SYNTH)/stanford/dataset.hdf5 $(SYNTH)/paired/manifest.csv $(SYNTH)/stills/manifest.csv &: $(SYNTH)/.args \
-  $(wildcard datamodules/synth/*.py) | $(STAMP)
-	$(Q)$(call STEP,data) $(USNODULE) synth --out $(SYNTH) $(SYNTH_ARGS) --workers $(SYNTH_WORKERS) --preview
+# One step per set (`synth --only`, the same bytes as one run): the cine chain starts while the paired clips
+# are drawn, and the still images are drawn only for the targets that read them.
+SYNTH_INPUTS := $(SYNTH)/.args $(wildcard datamodules/synth/*.py)
+$(SYNTH)/stanford/dataset.hdf5: $(SYNTH_INPUTS) | $(STAMP)
+	$(Q)$(call STEP,data_stanford) $(USNODULE) synth --out $(SYNTH) $(SYNTH_ARGS) --only stanford \
+	  --workers $(SYNTH_WORKERS)
+$(SYNTH)/paired/manifest.csv: $(SYNTH_INPUTS) | $(STAMP)
+	$(Q)$(call STEP,data_paired) $(USNODULE) synth --out $(SYNTH) $(SYNTH_ARGS) --only paired
+$(SYNTH)/stills/manifest.csv: $(SYNTH_INPUTS) | $(STAMP)
+	$(Q)$(call STEP,data_stills) $(USNODULE) synth --out $(SYNTH) $(SYNTH_ARGS) --only stills
+$(SYNTH)/preview.png: $(SYNTH)/stanford/dataset.hdf5 $(SYNTH)/paired/manifest.csv $(SYNTH)/stills/manifest.csv
+	$(Q)$(call STEP,preview) $(USNODULE) synth --out $(SYNTH) --only preview
 
 $(SYNTH)/.args: FORCE
 	@mkdir -p $(@D); echo '$(SYNTH_ARGS)' | cmp -s - $@ || echo '$(SYNTH_ARGS)' > $@

@@ -1,6 +1,11 @@
 """``usnodule synth``: write the synthetic Stanford-layout and paired BUS/CEUS sets (the embedded default), and
 with ``--stills N`` a still-image set with carcinoma subtypes (``<out>/stills``).
 
+``--only stanford,paired`` writes just the named folders (the same bytes as a full run: each layout draws from
+its own seeded streams); the Makefile renders the sets as separate steps, so the demo starts on the cine set
+while the paired clips are being drawn, and generates the still images only for the targets that read them.
+``--only preview`` writes just ``<out>/preview.png`` from the sets already there.
+
 A non-empty ``<out>/stanford``, ``<out>/paired`` or ``<out>/stills`` that synth did not write (no ``.usnodule-synth`` marker) is
 refused with one line and exit status 2 before anything is written; ``--overwrite`` replaces it anyway.
 """
@@ -28,6 +33,19 @@ def _fraction(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
     return value
+
+
+ONLY_CHOICES = ("stanford", "paired", "stills", "preview")
+
+
+def _only(text: str) -> tuple[str, ...]:
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [n for n in names if n not in ONLY_CHOICES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"choose from {','.join(ONLY_CHOICES)} (comma-separated), got {text!r}"
+        )
+    return names
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -93,6 +111,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="render processes (default: 2 for big sets, else 0)",
     )
+    p.add_argument(
+        "--only",
+        type=_only,
+        default=None,
+        help="write only these of stanford,paired,stills,preview (comma-separated; default: stanford and paired, "
+        "stills with --stills N); the same bytes as a full run",
+    )
     p.add_argument("--preview", action="store_true", help="also write <out>/preview.png (a contact sheet)")
     p.add_argument(
         "--stills",
@@ -127,28 +152,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from rich.progress import Progress
 
+    from datamodules.errors import OptionError
     from datamodules.synth import preview, synthesize
 
-    with Progress(transient=True) as bar:
-        tasks: dict[str, int] = {}
+    only = args.only
+    layouts = None if only is None else tuple(n for n in only if n != "preview")
+    if layouts and "stills" in layouts and not args.stills:
+        raise OptionError("--only", "stills needs --stills N (how many still images)")
+    out = args.out
+    if layouts is None or layouts:
+        with Progress(transient=True) as bar:
+            tasks: dict[str, int] = {}
 
-        def progress(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(f"synth {name}", total=total)
-            bar.update(tasks[name], completed=done)
+            def progress(name: str, done: int, total: int) -> None:
+                if name not in tasks:
+                    tasks[name] = bar.add_task(f"synth {name}", total=total)
+                bar.update(tasks[name], completed=done)
 
-        out = synthesize(args.out, n_nodules=args.nodules, frames=args.frames, size=args.size,
-                         n_cases=args.cases, paired_frames=args.paired_frames, paired_size=args.paired_size,
-                         prevalence=args.prevalence, label_noise=args.label_noise,
-                         paired_prevalence=args.paired_prevalence,
-                         seed=args.seed, workers=args.workers, progress=progress,
-                         overwrite=args.overwrite, n_stills=args.stills, stills_size=args.stills_size,
-                         stills_malignant=args.stills_malignant)  # fmt: skip
-    print(f"wrote {out / 'stanford' / 'dataset.hdf5'}, {out / 'stanford' / 'metadata.csv'}, "
-          f"{out / 'paired' / 'manifest.csv'}; generator truth (read by no stage, only `report --truth`): "
-          f"{out / 'stanford' / 'truth.csv'}, {out / 'paired' / 'truth.csv'}")  # fmt: skip
-    if args.stills:
-        print(f"wrote {out / 'stills' / 'manifest.csv'} ({args.stills} still images with subtypes); generator "
-              f"truth: {out / 'stills' / 'truth.csv'}")  # fmt: skip
-    if args.preview:
+            out = synthesize(args.out, n_nodules=args.nodules, frames=args.frames, size=args.size,
+                             n_cases=args.cases, paired_frames=args.paired_frames, paired_size=args.paired_size,
+                             prevalence=args.prevalence, label_noise=args.label_noise,
+                             paired_prevalence=args.paired_prevalence,
+                             seed=args.seed, workers=args.workers, progress=progress,
+                             overwrite=args.overwrite, n_stills=args.stills, stills_size=args.stills_size,
+                             stills_malignant=args.stills_malignant, only=layouts)  # fmt: skip
+    written = ("stanford", "paired", *(("stills",) if args.stills else ())) if layouts is None else layouts
+    files = {
+        "stanford": ("dataset.hdf5", "metadata.csv"),
+        "paired": ("manifest.csv",),
+        "stills": ("manifest.csv",),
+    }
+    for name in written:
+        print(f"wrote {', '.join(str(out / name / f) for f in files[name])}; generator truth (read by no stage, "
+              f"only `report --truth`): {out / name / 'truth.csv'}")  # fmt: skip
+    if args.preview or (only is not None and "preview" in only):
         print(f"wrote {preview(out, out / 'preview.png')}")

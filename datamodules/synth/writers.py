@@ -15,7 +15,7 @@ import csv
 import multiprocessing as mp
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import h5py
@@ -35,6 +35,9 @@ from datamodules.synth.labels import (
 from datamodules.synth.ownership import _write_marker, check_target
 from datamodules.synth.stills import synthesize_stills
 from datamodules.synth.subtypes import DEFAULT_MALIGNANT
+
+# The folders `synthesize` can write, in the order it writes them.
+LAYOUTS = ("stanford", "paired", "stills")
 
 METADATA_COLUMNS = (
     "annot_id", "age", "sex", "location", "size_x", "size_y", "size_z",
@@ -270,6 +273,7 @@ def synthesize(
     n_stills: int = 0,
     stills_size: int | None = None,
     stills_malignant: float | None = None,
+    only: Sequence[str] | None = None,
 ) -> Path:
     """Both layouts: ``out_dir/stanford`` (Stanford cine clips) and ``out_dir/paired`` (BUS/CEUS).
 
@@ -281,19 +285,29 @@ def synthesize(
     folders synth did not write.  ``n_stills`` > 0 also writes ``out_dir/stills`` (``stills.py``: still images
     with carcinoma subtypes, ``stills_size`` pixels, default min(size, 128); ``stills_malignant`` the malignant
     share, default ``subtypes.DEFAULT_MALIGNANT``), after the other two, which it does not change.
+    ``only`` (a subset of ``LAYOUTS``) writes just those folders, the same bytes as a full call (each layout
+    draws from its own seeded streams), so a Makefile can start on one set while the next is rendered.
     """
     out_dir = Path(out_dir)
-    for layout in ("stanford", "paired", *(("stills",) if n_stills else ())):
+    wanted = ("stanford", "paired", *(("stills",) if n_stills else ())) if only is None else tuple(only)
+    unknown = sorted(set(wanted) - set(LAYOUTS))
+    if unknown:
+        raise ValueError(f"unknown layout(s) {unknown}; choose from {list(LAYOUTS)}")
+    if "stills" in wanted and not n_stills:
+        raise ValueError("the stills layout needs n_stills >= 1")
+    for layout in wanted:
         check_target(out_dir / layout, layout, overwrite)
     cb = (lambda name: lambda d, n: progress(name, d, n)) if progress else (lambda name: None)
-    synthesize_stanford(out_dir / "stanford", n_nodules=n_nodules, frames=frames, size=size,
-                        prevalence=0.09 if prevalence is None else prevalence, seed=seed, workers=workers,
-                        progress=cb("stanford"), label_noise=label_noise, overwrite=overwrite)  # fmt: skip
-    synthesize_paired(out_dir / "paired", n_cases=n_cases, frames=paired_frames or min(frames, 32),
-                      size=paired_size or min(size, 128),
-                      prevalence=next(q for q in (paired_prevalence, prevalence, 0.45) if q is not None),
-                      seed=seed, progress=cb("paired"), label_noise=label_noise, overwrite=overwrite)  # fmt: skip
-    if n_stills:
+    if "stanford" in wanted:
+        synthesize_stanford(out_dir / "stanford", n_nodules=n_nodules, frames=frames, size=size,
+                            prevalence=0.09 if prevalence is None else prevalence, seed=seed, workers=workers,
+                            progress=cb("stanford"), label_noise=label_noise, overwrite=overwrite)  # fmt: skip
+    if "paired" in wanted:
+        synthesize_paired(out_dir / "paired", n_cases=n_cases, frames=paired_frames or min(frames, 32),
+                          size=paired_size or min(size, 128),
+                          prevalence=next(q for q in (paired_prevalence, prevalence, 0.45) if q is not None),
+                          seed=seed, progress=cb("paired"), label_noise=label_noise, overwrite=overwrite)  # fmt: skip
+    if "stills" in wanted:
         synthesize_stills(out_dir / "stills", n_stills=n_stills, size=stills_size or min(size, 128),
                           malignant=DEFAULT_MALIGNANT if stills_malignant is None else stills_malignant,
                           seed=seed, progress=cb("stills"), overwrite=overwrite)  # fmt: skip

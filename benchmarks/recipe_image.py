@@ -59,16 +59,14 @@ def draw(out: Path, settings: list[str]) -> dict:
     return {**plan, **changed}
 
 
-def fit_fold(x, y, stack_nodule, n_nodules, train):
-    torch.manual_seed(0)
-    xt, yt = x[train], y[train]
-    net = StackClassifier(backbone="test_byobnet", img_size=IMG_SIZE, freeze_backbone=False, dropout=0.5)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.5)
-    steps = EPOCHS * ((len(xt) + BATCH - 1) // BATCH)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+def train_weighted(net, xt, yt, epochs: int, lr: float, weight_decay: float) -> None:
+    """The demo encoders' recipe in memory: AdamW, cosine per step, class-weighted CE, horizontal flips, batch 32
+    (also used by recipe_seg_branch.py)."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * ((len(xt) + BATCH - 1) // BATCH))
     pos = yt.float().mean()
     weight = torch.tensor([1 / (1 - pos), 1 / pos]) / 2
-    for _ in range(EPOCHS):
+    for _ in range(epochs):
         net.train()
         perm = torch.randperm(len(xt))
         for i in range(0, len(perm), BATCH):
@@ -84,6 +82,12 @@ def fit_fold(x, y, stack_nodule, n_nodules, train):
             opt.step()
             sched.step()
     net.eval()
+
+
+def fit_fold(x, y, stack_nodule, n_nodules, train):
+    torch.manual_seed(0)
+    net = StackClassifier(backbone="test_byobnet", img_size=IMG_SIZE, freeze_backbone=False, dropout=0.5)
+    train_weighted(net, x[train], y[train], EPOCHS, lr=1e-3, weight_decay=0.5)
     with torch.no_grad():
         prob = torch.cat([net(x[i : i + 512]).softmax(-1)[:, 1] for i in range(0, len(x), 512)]).numpy()
     return np.array([prob[stack_nodule == j].mean() for j in range(n_nodules)])

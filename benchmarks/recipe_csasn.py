@@ -24,6 +24,10 @@ fitted (same recipe only).  The BENCHMARKS runs, e.g. the chosen recipe against 
         --splits runs/recipe/splits.json --ref runs/recipe/forest -- --trainer.max_epochs=24 \
         --lr_scheduler.init_args.T_max=24 --data.init_args.roi_jitter=0.15 \
         --optimizer.init_args.weight_decay=0.05 --model.init_args.dropout=0.3
+
+Round 2 (BENCHMARKS.md "CSASN demo recipe, round 2"): the same with ``conf/demo/csasn.yaml``'s later
+defaults and overrides such as ``--model.init_args.mask_channel=true --data.init_args.roi_square=true``,
+screened with ``--folds 0 1 2`` and completed with ``--folds 0 1 2 3 4 --reuse`` into the same ``--runs``.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def predict_val(ckpt: Path, out: Path) -> Path:
     ds = dm.datasets["val"]
     subs, mals = [], []
     for b in DataLoader(ds, batch_size=64):
-        sub, mal = model.probabilities(model(b["image"]))
+        sub, mal = model.probabilities(model(model.inputs(b)))
         subs.append(sub)
         mals.append(mal)
     sub, mal = torch.cat(subs).numpy(), torch.cat(mals).numpy()

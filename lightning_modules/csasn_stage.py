@@ -12,6 +12,20 @@ ablation), the malignancy cross-entropy unweighted (benign vs malignant is far l
 subtypes).  The malignant probability of the prediction files and of the binary metrics is the malignancy
 head's (``malignant_source: head``) or ``1 - P(benign subtypes)`` of the subtype head (``subtype``).
 
+Subtype decision rule (the summary is silent; ours, switch ``decision``): ``argmax`` takes the class of largest
+softmax probability; ``balanced`` divides each class's probability by its share of the fold's training part
+(``class_prior``, counted at fit start and saved in the checkpoint) and renormalises, ``q_k = (p_k / pi_k) /
+sum_j (p_j / pi_j)``, i.e. the posterior as if every class were equally frequent (post-hoc logit adjustment,
+``logit_k - log pi_k``), so a rare class is predicted when it is more likely than its base rate says.  The
+``p_<subtype>`` columns, the predicted class and every multi-class metric use ``q``; the malignant probability
+of ``malignant_source: subtype`` uses the plain softmax.  A checkpoint saved before the rule existed loads with
+a uniform prior (``balanced`` = ``argmax`` there).
+
+Input (ours, switch ``mask_channel``, default off): the still images are gray, repeated on the net's 3 input
+channels; with ``mask_channel: true`` the last channel carries the drawn mask instead (cropped and resized with
+the image, 0 / 1), so the nets see the outline the feature-forest baseline measures.  Prediction then needs the
+drawn mask, as the ROI crop already does.
+
 Logged (``{split}`` = val, test): the binary case-level keys of
 :class:`~lightning_modules.base.BaseStage` (``{split}/{acc,precision,recall,specificity,f1,auroc}`` on the
 malignant probability, one row per image); the multi-class keys of :func:`multiclass_metrics`
@@ -52,6 +66,7 @@ from lightning_modules.nets.csasn import CSASNNet
 from lightning_modules.nets.csasn_losses import DynamicClassWeights
 
 SOURCES = ("train", "val")
+DECISIONS = ("argmax", "balanced")
 
 
 def multiclass_metrics(prob: Tensor, target: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
@@ -132,6 +147,9 @@ class CSASNStage(BaseStage):
         weight_momentum, weight_eps: smoothing and ``eps`` of the rule.
         subtype_weight, malignant_weight: the two loss weights (1.0, 1.0).
         malignant_source: ``head`` (the malignancy head) or ``subtype`` (``1 - P(benign subtypes)``).
+        decision: the subtype decision rule, ``argmax`` or ``balanced`` (probabilities divided by the training
+            part's class shares, renormalised; module docstring).
+        mask_channel: the drawn mask replaces the image's last input channel (module docstring).
         method: name in ``predictions_<method>.csv`` and the reports (``csasn``; the ablations
             ``csasn_no_effnet``, ``csasn_no_vit``, ``csasn_no_refine``, ``csasn_no_dynamic`` in the Makefile).
         predictions_dir: folder of the predictions CSV (default: the trainer's ``default_root_dir``).
@@ -172,6 +190,8 @@ class CSASNStage(BaseStage):
         subtype_weight: float = 1.0,
         malignant_weight: float = 1.0,
         malignant_source: str = "head",
+        decision: str = "argmax",
+        mask_channel: bool = False,
         method: str = "csasn",
         predictions_dir: str | None = None,
         test_after_fit: bool = False,
@@ -181,6 +201,8 @@ class CSASNStage(BaseStage):
             raise ValueError(f"weight_source must be one of {SOURCES}, got {weight_source!r}")
         if malignant_source not in ("head", "subtype"):
             raise ValueError(f"malignant_source must be 'head' or 'subtype', got {malignant_source!r}")
+        if decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
         if not set(benign_subtypes) <= set(subtypes):
             raise ValueError(f"benign_subtypes {benign_subtypes} not all in subtypes {subtypes}")
         self.save_hyperparameters()
@@ -189,6 +211,8 @@ class CSASNStage(BaseStage):
         self.benign_index = [self.subtypes.index(s) for s in benign_subtypes]
         self.net = self.build_net(CSASNNet, num_subtypes=k)
         self.class_weights = DynamicClassWeights(k, class_weighting, weight_momentum, weight_eps)
+        # the training part's class shares, for decision="balanced" (set at fit start, saved in checkpoints)
+        self.register_buffer("class_prior", torch.full((k,), 1.0 / k))
         self.weight_counts = MulticlassConfusionMatrix(num_classes=k)  # summed over ranks by torchmetrics
         self.val_cases, self.test_cases = CaseMetrics(), CaseMetrics()
         self.val_subtypes, self.test_subtypes = SubtypeMetrics(self.subtypes), SubtypeMetrics(self.subtypes)
@@ -197,17 +221,37 @@ class CSASNStage(BaseStage):
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         return self.net(image)
 
+    def inputs(self, batch: dict[str, Tensor]) -> Tensor:
+        """The net's input of a batch: ``image``, or with ``mask_channel`` the image with its last channel
+        replaced by ``mask``."""
+        image = batch["image"]
+        if not self.hparams.mask_channel:
+            return image
+        if "mask" not in batch:
+            raise KeyError("mask_channel needs the batch's 'mask' (StillDataModule items carry it)")
+        if image.shape[1] < 2:  # the mask would replace the image itself
+            raise ValueError("mask_channel needs an image of at least 2 channels (the gray image repeated)")
+        return torch.cat([image[:, :-1], batch["mask"].to(image)], dim=1)
+
     def probabilities(self, out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(subtype probabilities (B, K), malignant probability (B,))`` from the net's logits."""
         sub = out["subtype"].float().softmax(dim=-1)
         if self.hparams.malignant_source == "subtype":
-            return sub, 1.0 - sub[:, self.benign_index].sum(dim=1)
-        return sub, self.malignant_prob(out["malignant"])
+            return self.decide(sub), 1.0 - sub[:, self.benign_index].sum(dim=1)
+        return self.decide(sub), self.malignant_prob(out["malignant"])
+
+    def decide(self, prob: Tensor) -> Tensor:
+        """The subtype probabilities the decision rule argmaxes (module docstring): ``prob`` itself for
+        ``argmax``, ``prob / class_prior`` renormalised for ``balanced``."""
+        if self.hparams.decision == "argmax":
+            return prob
+        q = prob / self.class_prior.to(prob).clamp_min(1e-12)
+        return q / q.sum(dim=1, keepdim=True)
 
     def losses(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """``({"loss", "loss_subtype", "loss_malignant"}, logits)`` of one batch."""
         self.check_batch(batch)
-        out = self.net(batch["image"])
+        out = self.net(self.inputs(batch))
         parts = {
             "loss_subtype": self.class_weights(out["subtype"], batch["subtype"]),
             "loss_malignant": F.cross_entropy(out["malignant"].float(), batch["label"].long()),
@@ -231,10 +275,19 @@ class CSASNStage(BaseStage):
             )
 
     def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if dm is None:  # plain dataloaders: no class counts, the prior stays as it is
+            return
+        train = dm.datasets["train"]
+        counts = torch.bincount(torch.tensor(train.subtype_index), minlength=len(self.subtypes))
+        self.class_prior.copy_(counts.to(self.class_prior) / counts.sum().clamp_min(1))
         if self.class_weights.mode == "frequency":
-            train = self.trainer.datamodule.datasets["train"]
-            counts = torch.bincount(torch.tensor(train.subtype_index), minlength=len(self.subtypes))
             self.class_weights.set_frequency(counts)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint from before ``class_prior`` existed loads with a uniform prior."""
+        state = checkpoint.get("state_dict", {})
+        state.setdefault("class_prior", torch.full((len(self.subtypes),), 1.0 / len(self.subtypes)))
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def _log_losses(self, parts: dict[str, Tensor], split: str, batch_size: int) -> None:
@@ -370,7 +423,7 @@ class CSASNStage(BaseStage):
         trainer.test(self, datamodule=trainer.datamodule, ckpt_path=ckpt or None)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        sub, mal = self.probabilities(self.net(batch["image"]))
+        sub, mal = self.probabilities(self.net(self.inputs(batch)))
         return {
             "index": batch["index"].cpu(),
             "label": batch["label"].cpu(),

@@ -290,7 +290,7 @@ def predict_csasn(model: CSASN, inputs: Sequence[StillInput], batch_size: int = 
     ds = _dataset(inputs, model.data)
     subs, mals = [], []
     for batch in _batches(ds, batch_size):
-        sub, mal = model.stage.probabilities(model.stage(batch["image"].to(model.device)))
+        sub, mal = model.stage.probabilities(model.stage(model.stage.inputs(batch).to(model.device)))
         subs.append(sub.float().cpu())
         mals.append(mal.float().cpu())
     sub = torch.cat(subs).numpy() if subs else np.zeros((0, len(model.stage.subtypes)))

@@ -280,6 +280,57 @@ def test_stage_loss_is_the_weighted_sum_and_no_dynamic_is_plain_ce():
         stage.losses({k: v for k, v in batch.items() if k != "subtype"})
 
 
+def test_balanced_decision_divides_by_the_training_prior_and_predicts_rare_classes():
+    batch = {"image": torch.randn(5, 3, 32, 32)}
+    plain = CSASNStage(**TINY).eval()
+    balanced = CSASNStage(**TINY, decision="balanced").eval()
+    balanced.load_state_dict(plain.state_dict())
+    prior = torch.tensor([0.6, 0.3, 0.05, 0.05])
+    balanced.class_prior.copy_(prior)
+    with torch.no_grad():
+        out = plain(batch["image"])
+        p, mal = plain.probabilities(out)
+        q, mal_b = balanced.probabilities(out)
+    torch.testing.assert_close(p, out["subtype"].softmax(dim=1))  # argmax: the plain softmax
+    expected = (p / prior) / (p / prior).sum(dim=1, keepdim=True)  # the docstring's formula
+    torch.testing.assert_close(q, expected)
+    torch.testing.assert_close(mal_b, mal)  # the malignancy head is not touched
+    # benign at 0.5 against its share 0.6, MTC at 0.12 against 0.05: argmax says benign, balanced says MTC
+    logits = {"subtype": torch.tensor([[0.5, 0.3, 0.08, 0.12]]).log(), "malignant": torch.zeros(1, 2)}
+    assert int(plain.probabilities(logits)[0].argmax()) == 0
+    assert int(balanced.probabilities(logits)[0].argmax()) == 3
+    # a uniform prior (the state of a checkpoint saved before the rule existed) changes nothing
+    state = {k: v for k, v in balanced.state_dict().items() if k != "class_prior"}
+    ckpt = {"state_dict": state}
+    balanced.on_load_checkpoint(ckpt)
+    balanced.load_state_dict(ckpt["state_dict"])
+    torch.testing.assert_close(balanced.class_prior, torch.full((4,), 0.25))
+    torch.testing.assert_close(balanced.probabilities(out)[0], p)
+    with pytest.raises(ValueError, match="decision"):
+        CSASNStage(**TINY, decision="bayes")
+
+
+def test_mask_channel_replaces_the_last_input_channel_with_the_mask():
+    image = torch.randn(2, 3, 32, 32)
+    mask = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    batch = {"image": image, "mask": mask, "label": torch.tensor([0, 1]), "subtype": torch.tensor([0, 3])}
+    batch["index"] = torch.arange(2)
+    off = CSASNStage(**TINY).eval()
+    on = CSASNStage(**TINY, mask_channel=True).eval()
+    on.load_state_dict(off.state_dict())
+    assert off.inputs(batch) is image
+    x = on.inputs(batch)
+    torch.testing.assert_close(x[:, :2], image[:, :2])
+    torch.testing.assert_close(x[:, 2:], mask)
+    with torch.no_grad():
+        out_on, out_off = on.losses(batch)[1], off.losses(batch)[1]
+        flipped = on.losses({**batch, "mask": 1 - mask})[1]
+    assert not torch.allclose(out_on["subtype"], out_off["subtype"])  # the net sees the mask ...
+    assert not torch.allclose(out_on["subtype"], flipped["subtype"])  # ... and its content
+    with pytest.raises(KeyError, match="mask"):
+        on.inputs({"image": image})
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 
@@ -360,6 +411,11 @@ def test_tiny_fit_writes_predictions_both_reports_read(stills, tmp_path, capsys)
     model, data = CSASNStage.from_checkpoint(fold / "csasn.ckpt")
     assert not torch.allclose(model.class_weights.weight, torch.ones(4))
     assert float(model.class_weights.weight.mean()) == pytest.approx(1.0, abs=1e-5)
+    # the training part's class shares were counted at fit start and saved (decision: balanced reads them)
+    sub_of = {r.case_id: r.subtype for r in read_manifest(stills[0])}
+    train = [sub_of[c] for c in json.loads(stills[1].read_text())["folds"][0]["train"]]
+    shares = torch.tensor([train.count(s) / len(train) for s in SUBTYPES])
+    torch.testing.assert_close(model.class_prior, shares)
     assert data["subtypes"] == SUBTYPES
     # the multi-class report and the shared binary report read the same file
     usnodule(

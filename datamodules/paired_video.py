@@ -50,7 +50,7 @@ from datamodules.folds import load_fold
 from datamodules.paired import PairedCase, check_case, read_manifest
 from datamodules.parts import IMAGENET_MEAN, IMAGENET_STD, BaseDataModule
 from datamodules.perturb import MASK_NOISE, flip_indices, perturb_masks
-from datamodules.stacks import seeded
+from datamodules.stacks import centred_box, seeded
 
 PARTS = ("train", "val", "test")
 
@@ -91,9 +91,8 @@ def roi_box(mask: np.ndarray, valid: np.ndarray, context: float) -> tuple[int, i
     h, w = mask.shape[1:]
     side = int(min(round(max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1) * context), h, w))
     cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
-    y0 = int(np.clip(round(cy - side / 2), 0, h - side))
-    x0 = int(np.clip(round(cx - side / 2), 0, w - side))
-    return y0, y0 + side, x0, x0 + side
+    y0, x0, y1, x1 = centred_box(cy, cx, side, side, (h, w))
+    return y0, y1, x0, x1
 
 
 def _resize_frames(frames: np.ndarray, size: int, interpolation: int) -> np.ndarray:

@@ -79,6 +79,17 @@ def grow_box(box: Box, buffer: int, shape: tuple[int, int]) -> Box:
     return max(0, y0 - buffer), max(0, x0 - buffer), min(h, y1 + buffer), min(w, x1 + buffer)
 
 
+def centred_box(cy: float, cx: float, height: int, width: int, shape: tuple[int, int]) -> Box:
+    """Box ``(y0, x0, y1, x1)`` of ``height`` x ``width`` (each at most the image's side) centred on
+    ``(cy, cx)`` and *shifted*, not clipped, to lie inside an image of ``shape``: the square ROI crops keep
+    their size and aspect near the border."""
+    h, w = shape
+    bh, bw = min(height, h), min(width, w)
+    y0 = int(np.clip(round(cy - bh / 2), 0, h - bh))
+    x0 = int(np.clip(round(cx - bw / 2), 0, w - bw))
+    return y0, x0, y0 + bh, x0 + bw
+
+
 def resize(x: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     """(C, h, w) uint8 array -> (C, *size) float tensor with the same value scale (0..255 stays 0..255).
 

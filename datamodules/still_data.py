@@ -18,7 +18,7 @@ from datamodules.errors import DataError
 from datamodules.folds import load_fold
 from datamodules.frames import natural_key
 from datamodules.parts import BaseDataModule
-from datamodules.stacks import NORMALIZE, grow_box, seeded
+from datamodules.stacks import NORMALIZE, centred_box, grow_box, seeded
 from datamodules.stanford import Box, bbox_from_mask
 from datamodules.stills import StillCase, read_manifest, read_still, read_still_mask
 
@@ -55,12 +55,8 @@ def roi_box(mask: np.ndarray, margin: float, square: bool = False) -> Box | None
     side = max(box[2] - box[0], box[3] - box[1])
     if not square:
         return grow_box(box, int(round(margin * side)), mask.shape)
-    h, w = mask.shape
-    s = int(min(side + 2 * round(margin * side), h, w))
-    cy, cx = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    y0 = int(np.clip(round(cy - s / 2), 0, h - s))
-    x0 = int(np.clip(round(cx - s / 2), 0, w - s))
-    return y0, x0, y0 + s, x0 + s
+    s = int(min(side + 2 * round(margin * side), *mask.shape))
+    return centred_box((box[0] + box[2]) / 2, (box[1] + box[3]) / 2, s, s, mask.shape)
 
 
 def jitter_box(box: Box, jitter: float, shape: tuple[int, int]) -> Box:
@@ -78,9 +74,7 @@ def jitter_box(box: Box, jitter: float, shape: tuple[int, int]) -> Box:
     if bh == bw:
         nh = nw = min(nh, nw)
     cy, cx = (y0 + y1) / 2 + jitter * u[1] * bh, (x0 + x1) / 2 + jitter * u[2] * bw
-    ny0 = int(np.clip(round(cy - nh / 2), 0, h - nh))
-    nx0 = int(np.clip(round(cx - nw / 2), 0, w - nw))
-    return ny0, nx0, ny0 + nh, nx0 + nw
+    return centred_box(cy, cx, nh, nw, shape)
 
 
 class PredictedStillMasks:

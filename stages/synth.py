@@ -155,12 +155,12 @@ def run(args: argparse.Namespace) -> None:
     from datamodules.errors import OptionError
     from datamodules.synth import preview, synthesize
 
-    only = args.only
-    layouts = None if only is None else tuple(n for n in only if n != "preview")
-    if layouts and "stills" in layouts and not args.stills:
+    only = args.only or ("stanford", "paired", *(("stills",) if args.stills else ()))
+    layouts = tuple(n for n in only if n != "preview")
+    if "stills" in layouts and not args.stills:
         raise OptionError("--only", "stills needs --stills N (how many still images)")
     out = args.out
-    if layouts is None or layouts:
+    if layouts:
         with Progress(transient=True) as bar:
             tasks: dict[str, int] = {}
 
@@ -169,21 +169,20 @@ def run(args: argparse.Namespace) -> None:
                     tasks[name] = bar.add_task(f"synth {name}", total=total)
                 bar.update(tasks[name], completed=done)
 
-            out = synthesize(args.out, n_nodules=args.nodules, frames=args.frames, size=args.size,
-                             n_cases=args.cases, paired_frames=args.paired_frames, paired_size=args.paired_size,
-                             prevalence=args.prevalence, label_noise=args.label_noise,
-                             paired_prevalence=args.paired_prevalence,
-                             seed=args.seed, workers=args.workers, progress=progress,
-                             overwrite=args.overwrite, n_stills=args.stills, stills_size=args.stills_size,
-                             stills_malignant=args.stills_malignant, only=layouts)  # fmt: skip
-    written = ("stanford", "paired", *(("stills",) if args.stills else ())) if layouts is None else layouts
+            synthesize(args.out, n_nodules=args.nodules, frames=args.frames, size=args.size,
+                       n_cases=args.cases, paired_frames=args.paired_frames, paired_size=args.paired_size,
+                       prevalence=args.prevalence, label_noise=args.label_noise,
+                       paired_prevalence=args.paired_prevalence,
+                       seed=args.seed, workers=args.workers, progress=progress,
+                       overwrite=args.overwrite, n_stills=args.stills, stills_size=args.stills_size,
+                       stills_malignant=args.stills_malignant, only=layouts)  # fmt: skip
     files = {
         "stanford": ("dataset.hdf5", "metadata.csv"),
         "paired": ("manifest.csv",),
         "stills": ("manifest.csv",),
     }
-    for name in written:
+    for name in layouts:
         print(f"wrote {', '.join(str(out / name / f) for f in files[name])}; generator truth (read by no stage, "
               f"only `report --truth`): {out / name / 'truth.csv'}")  # fmt: skip
-    if args.preview or (only is not None and "preview" in only):
+    if args.preview or "preview" in only:
         print(f"wrote {preview(out, out / 'preview.png')}")

@@ -6,6 +6,14 @@ channels.  Windows never cross nodules (positions are within one nodule's ordere
 remainder of 1-2 frames is dropped; a nodule with fewer than 3 frames in all gets one stack with its last frame
 repeated, so that every nodule has at least one stack (S >= 1) and is never lost from evaluation.
 
+``stack_frames="spread"`` (a choice of this project; the paper stacks adjacent frames): with ``S = n // 3``
+stacks, stack ``s`` holds positions ``s, s+S, s+2S`` instead, three frames a third of the sweep apart.  The same
+frames are used and the same number of stacks made, so a spread mask branch pairs with an adjacent image branch
+stack for stack in the embedding export (token ``s`` of both is then no longer the same three frames; the
+head's attention sees every token of both).  Why: a nodule's shape *change along the sweep* is invisible in
+three adjacent frames but spans a spread stack (BENCHMARKS.md, "Demo recipe, round 4": the demo's mask CNN
+0.615 -> 0.680 validation AUROC).
+
 **ROI crop** (image stacks).  The box is the union of the three frames' mask boxes (annotated masks by
 default; predicted masks from a ``masks.h5`` with ``use_predicted_boxes=True``), grown by ``buffer`` pixels
 (paper: 5) on every side and clipped at the image border.  When all three masks are empty (nodule out of view)
@@ -44,19 +52,26 @@ from datamodules.provenance import check_file
 from datamodules.stanford import Box, StanfordCine, bbox_from_mask
 
 STACK = 3  # frames per instance (RGB channels)
+STACK_FRAMES = ("adjacent", "spread")  # which frames a stack holds (module docstring)
 
 
 # ---------------------------------------------------------------------------------------------- geometry
-def stack_positions(n_frames: int) -> list[np.ndarray]:
-    """Positions of each non-overlapping 3-window in a nodule of ``n_frames`` ordered frames.
+def stack_positions(n_frames: int, frames: str = "adjacent") -> list[np.ndarray]:
+    """Positions of each stack in a nodule of ``n_frames`` ordered frames: non-overlapping 3-windows
+    (``frames="adjacent"``) or, with ``S = n_frames // 3``, positions ``s, s+S, s+2S`` (``"spread"``).
 
-    The trailing 1-2 frames are dropped; a nodule with 1-2 frames gets one window padded with its last frame.
+    Both drop the trailing 1-2 frames; a nodule with 1-2 frames gets one stack padded with its last frame.
     """
+    if frames not in STACK_FRAMES:
+        raise ValueError(f"stack frames must be one of {STACK_FRAMES}, got {frames!r}")
     if n_frames <= 0:
         return []
     if n_frames < STACK:
         return [np.minimum(np.arange(STACK), n_frames - 1)]
-    return [np.arange(s * STACK, s * STACK + STACK) for s in range(n_frames // STACK)]
+    n = n_frames // STACK
+    if frames == "spread":
+        return [np.arange(STACK) * n + s for s in range(n)]
+    return [np.arange(s * STACK, s * STACK + STACK) for s in range(n)]
 
 
 def union_box(boxes: Sequence[Box | None]) -> Box | None:
@@ -229,9 +244,13 @@ class StackDataset(Dataset):
         transform=None,
         cache: bool = False,
         box_cache: bool = True,
+        stack_frames: str = "adjacent",
     ) -> None:
         if kind not in ("image", "mask"):
             raise ValueError(f"kind must be 'image' or 'mask', got {kind!r}")
+        if stack_frames not in STACK_FRAMES:
+            raise ValueError(f"stack_frames must be one of {STACK_FRAMES}, got {stack_frames!r}")
+        self.stack_frames = stack_frames
         self.cine = _as_cine(cine)
         ids = [n.annot_id for n in self.cine.nodules] if nodule_ids is None else nodule_ids
         self.nodule_ids = sorted(_check_ids(self.cine, ids))
@@ -260,7 +279,7 @@ class StackDataset(Dataset):
         self.index: list[tuple[int, int, np.ndarray]] = []
         self.n_stacks: list[int] = []
         for j, nid in enumerate(self.nodule_ids):
-            windows = stack_positions(self.cine.by_id[nid].n_frames)
+            windows = stack_positions(self.cine.by_id[nid].n_frames, stack_frames)
             self.n_stacks.append(len(windows))
             self.index += [(j, s, pos) for s, pos in enumerate(windows)]
         self.labels = [self.cine.by_id[n].label for n in self.nodule_ids]
@@ -355,6 +374,7 @@ class StackDataset(Dataset):
             "mean": None if self.mean is None else self.mean.flatten().tolist(),
             "std": None if self.std is None else self.std.flatten().tolist(),
             "augment": self.transform is not None,
+            "stack_frames": self.stack_frames,
         }
 
 
@@ -419,6 +439,7 @@ def build_dataset(
         use_predicted_boxes=predicted_boxes,
         mean=mean,
         std=std,
+        stack_frames=vit_data.get("stack_frames", "adjacent"),
     )
     mask = StackDataset(
         cine,
@@ -428,6 +449,7 @@ def build_dataset(
         img_size=mask_size,
         buffer=mask_data.get("buffer", 5),
         mask_roi=mask_data.get("mask_roi", False),
+        stack_frames=mask_data.get("stack_frames", "adjacent"),
     )
     return PairedStackDataset(image, mask)
 
@@ -533,6 +555,7 @@ class StackDataModule(BaseDataModule):
     ``"imagenet"`` (timm's default mean/std), ``"half"`` (mean = std = 0.5, e.g. augreg ViTs) or ``None``
     ([0, 1]); image kind only. ``augment``: horizontal flip (+ brightness/contrast for images), train only.
     ``cache``: keep decoded stacks in memory after their first read (data sets that fit in memory).
+    ``stack_frames``: ``"adjacent"`` (the paper's) or ``"spread"`` frames per stack (module docstring).
     """
 
     drop_single_last = True  # CNN encoders with BatchNorm
@@ -555,10 +578,14 @@ class StackDataModule(BaseDataModule):
         mask_roi: bool = False,
         augment: bool = False,
         cache: bool = False,
+        stack_frames: str = "adjacent",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.check_options()
+        if stack_frames not in STACK_FRAMES:
+            choices = ", ".join(STACK_FRAMES)
+            raise OptionError("stack_frames", f"must be one of {choices}, got {stack_frames!r}")
         if normalize not in NORMALIZE:
             choices = ", ".join(repr(k) for k in NORMALIZE if k is not None)
             raise OptionError("normalize", f"must be one of {choices} or null, got {normalize!r}")
@@ -587,6 +614,7 @@ class StackDataModule(BaseDataModule):
             mask_roi=hp.mask_roi,
             transform=_augment(hp.kind) if (train and hp.augment) else None,
             cache=hp.cache,
+            stack_frames=hp.stack_frames,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -632,10 +660,14 @@ class FrameDataModule(BaseDataModule):
         metadata: str | None = None,
         augment: bool = False,
         cache: bool = False,
+        stack_frames: str = "adjacent",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.check_options()
+        if stack_frames not in STACK_FRAMES:
+            choices = ", ".join(STACK_FRAMES)
+            raise OptionError("stack_frames", f"must be one of {choices}, got {stack_frames!r}")
         self.cine: StanfordCine | None = None
         self.datasets: dict[str, FrameDataset] = {}
 

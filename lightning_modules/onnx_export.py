@@ -164,6 +164,15 @@ def _io(shape: tuple, names: dict[int, str]) -> list:
     return [names.get(i, int(n)) for i, n in enumerate(shape)]
 
 
+def _stack_text(data: dict) -> str:
+    """Which 3 frames of a clip one stack holds (``datamodules.stacks.stack_positions``), in words."""
+    if data.get("stack_frames", "adjacent") == "spread":
+        where = "3 frames a third of the sweep apart (of S = n // 3 stacks, stack s holds frames s, s+S, s+2S"
+    else:
+        where = "3 consecutive frames (non-overlapping stacks in frame order"
+    return where + "; a trailing 1-2 frames dropped, a clip of < 3 frames repeats its last)"
+
+
 def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[str, Any]:
     """Export the four STACT-Time stages of a fold (``paths``: seg, vit, maskcnn, head checkpoints) into
     ``out``; returns their ``chain.json`` entries."""
@@ -239,12 +248,12 @@ def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[
             "checkpoint_sha256": file_digest(paths["vit"]),
             "inputs": {"image": _io(x_img.shape, n)},
             "outputs": {"embedding": ["n", dim], "prob": ["n"]},
-            "preprocess": "3 consecutive frames (non-overlapping stacks in frame order; a trailing 1-2 frames "
-            "dropped, a clip of < 3 frames repeats its last) as channels, cropped to the union of the three masks' "
+            "preprocess": _stack_text(vit_data) + " as channels, cropped to the union of the three masks' "
             f"boxes grown by {vit_data.get('buffer', 5)} px (fallback: the clip's union box, then the full "
             f"frame), resized to {img_size}x{img_size} (bilinear, antialiased), / 255, then (x - mean) / std",
             "size": img_size,
             "buffer": int(vit_data.get("buffer", 5)),
+            "stack_frames": vit_data.get("stack_frames", "adjacent"),
             "mean": None if mean is None else list(mean),
             "std": None if std is None else list(std),
         },
@@ -254,11 +263,14 @@ def export_stact(paths: dict[str, Path], out: Path, opset: int = OPSET) -> dict[
             "checkpoint_sha256": file_digest(paths["maskcnn"]),
             "inputs": {"mask": _io(x_mask.shape, n)},
             "outputs": {"embedding": ["n", dim], "prob": ["n"]},
-            "preprocess": "the same 3 frames' masks {0, 1} as channels, "
+            "preprocess": "the masks {0, 1} of "
+            + _stack_text(mask_data)
+            + " as channels, "
             + ("cropped as the image, " if mask_data.get("mask_roi") else "full frame (not cropped), ")
             + f"resized to {mask_size}x{mask_size} (bilinear, antialiased)",
             "size": mask_size,
             "mask_roi": bool(mask_data.get("mask_roi", False)),
+            "stack_frames": mask_data.get("stack_frames", "adjacent"),
         },
         "head": {
             "file": FILES["head"],

@@ -346,7 +346,9 @@ def export(
         "mask_size": int(mask_size),
         "boxes": "predicted masks" if predicted_boxes else "annotated masks",
         "stacking": "in-sample",
-        "stack_order": "groups by annot_id; rows = non-overlapping 3-frame windows in frame_num order",
+        "stack_order": "groups by annot_id; rows = stacks in order (datamodules/stacks.py stack_positions)",
+        "image_stack_frames": dataset.image.stack_frames,
+        "mask_stack_frames": dataset.mask.stack_frames,
     }
     writer = EmbeddingWriter(out, dataset.nodule_ids, dataset.n_stacks, group_attrs, file_attrs)
     bar = []

@@ -294,7 +294,17 @@ def predict_region(
     emb = embed(p, *clip_data(name, crop, masks), batch_size)
     prob = head_prob(p, emb)
     if overlay is not None:
-        write_overlay(overlay, name, frames, masks, region, prob, emb["roi"].tolist(), head_attention(p, emb))
+        write_overlay(
+            overlay,
+            name,
+            frames,
+            masks,
+            region,
+            prob,
+            emb["roi"].tolist(),
+            head_attention(p, emb),
+            p.vit_data.get("stack_frames", "adjacent"),
+        )
     return {
         "clip": name,
         "region": region.label,
@@ -357,6 +367,7 @@ def write_overlay(
     prob: float,
     rois: Sequence[Sequence[int]],
     attention: dict[str, np.ndarray],
+    stack_frames: str = "adjacent",
 ) -> None:
     """``target.mp4`` and ``target.png`` of one predicted region: ``masks`` and ``rois`` are in the region's
     pixels and are drawn on the whole frame."""
@@ -371,7 +382,7 @@ def write_overlay(
         frames=frames,
         masks=full,
         prob=prob,
-        stacks=stack_positions(len(frames)),
+        stacks=stack_positions(len(frames), stack_frames),
         rois=[(a + y0, b + x0, c + y0, d + x0) for a, b, c, d in rois],
         region=None if whole else region.box,
         attention=attention,

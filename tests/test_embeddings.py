@@ -62,7 +62,10 @@ def chain(tmp_path_factory):
         root / "vit.ckpt",
         {"img_size": 32, "buffer": 5, "normalize": "half"},
     )
-    maskcnn = save_ckpt(MaskCNNStage(channels=(4, 8)), root / "maskcnn.ckpt", {"img_size": 16})
+    # A spread mask branch beside an adjacent image branch: the export must follow each checkpoint's setting.
+    maskcnn = save_ckpt(
+        MaskCNNStage(channels=(4, 8)), root / "maskcnn.ckpt", {"img_size": 16, "stack_frames": "spread"}
+    )
     masks = predict_masks(cine=h5, seg=seg, out=root / "masks.h5", batch_size=4, progress=False)
     return {
         "root": root,
@@ -109,6 +112,7 @@ def test_export_one_group_per_nodule_matching_direct_forward(chain):
         assert f["129_"].attrs["part"] == "test" and f["12_"].attrs["part"] == "train"
         assert f.attrs["vit_checkpoint"].endswith("vit.ckpt") and len(f.attrs["maskcnn_sha256"]) == 64
         assert f.attrs["img_size"] == 32 and f.attrs["mask_size"] == 16
+        assert (f.attrs["image_stack_frames"], f.attrs["mask_stack_frames"]) == ("adjacent", "spread")
         got = {nid: (f[nid]["image"][()], f[nid]["seg"][()]) for nid in IDS}
     # Same numbers as the bare encoders on the same stacks, in stack order.
     from lightning_modules.maskcnn_stage import MaskCNNStage
@@ -117,7 +121,8 @@ def test_export_one_group_per_nodule_matching_direct_forward(chain):
     model = EmbeddingExport(
         ViTStage.from_checkpoint(chain["vit"])[0], MaskCNNStage.from_checkpoint(chain["maskcnn"])[0]
     )
-    ds = build_dataset(cine, PredictedMasks(chain["masks"], cine), {"normalize": "half"}, {}, 32, 16)
+    mask_data = {"stack_frames": "spread"}
+    ds = build_dataset(cine, PredictedMasks(chain["masks"], cine), {"normalize": "half"}, mask_data, 32, 16)
     batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
     with torch.inference_mode():
         pred = model.predict_step(batch, 0)

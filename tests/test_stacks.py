@@ -66,6 +66,56 @@ def test_stack_positions_drop_remainder_and_pad_short():
     assert stack_positions(0) == []
 
 
+def test_spread_stacks_span_the_sweep_with_the_same_frames_and_count():
+    assert [p.tolist() for p in stack_positions(7, "spread")] == [[0, 2, 4], [1, 3, 5]]  # frame 6 dropped
+    assert [p.tolist() for p in stack_positions(9, "spread")] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+    assert [p.tolist() for p in stack_positions(2, "spread")] == [[0, 1, 1]]
+    for n in range(0, 40):
+        adjacent, spread = stack_positions(n), stack_positions(n, "spread")
+        assert len(spread) == len(adjacent)
+        used = sorted(np.concatenate(spread).tolist()) if spread else []
+        assert used == (sorted(np.concatenate(adjacent).tolist()) if adjacent else [])
+    with pytest.raises(ValueError, match="stack frames"):
+        stack_positions(9, "strided")
+
+
+def test_spread_mask_stacks_hold_frames_a_third_of_the_sweep_apart(h5, tmp_path):
+    cine = StanfordCine(h5)
+    pred = write_predicted(h5, tmp_path / "masks.h5")
+    spread = StackDataset(cine, ["7_"], kind="mask", masks_h5=pred, img_size=8, stack_frames="spread")
+    adjacent = StackDataset(cine, ["7_"], kind="mask", masks_h5=pred, img_size=8)
+    assert len(spread) == len(adjacent) == 2 and spread.settings()["stack_frames"] == "spread"
+    masks = PredictedMasks(pred, cine).masks("7_", np.arange(6))
+    for i, frames in enumerate(([0, 2, 4], [1, 3, 5])):
+        assert np.array_equal(spread.read(i), masks[frames])
+        assert int(spread[i]["stack"]) == i
+    assert spread.settings() != adjacent.settings()  # a feature cache keyed on the settings tells them apart
+    with pytest.raises(ValueError, match="stack_frames"):
+        StackDataset(cine, ["7_"], kind="mask", masks_h5=pred, stack_frames="strided")
+
+
+def test_export_pairs_an_adjacent_image_branch_with_a_spread_mask_branch(h5, tmp_path):
+    from datamodules.stacks import build_dataset
+
+    cine = StanfordCine(h5)
+    pred = PredictedMasks(write_predicted(h5, tmp_path / "masks.h5"), cine)
+    ds = build_dataset(cine, pred, {}, {"stack_frames": "spread"}, 8, 8)
+    assert ds.image.stack_frames == "adjacent" and ds.mask.stack_frames == "spread"
+    assert len(ds.image) == len(ds.mask) and ds.n_stacks == ds.mask.n_stacks
+    j = ds.nodule_ids.index("7_")
+    i = [k for k, (n, _, _) in enumerate(ds.image.index) if n == j]
+    assert [ds.image.index[k][2].tolist() for k in i] == [[0, 1, 2], [3, 4, 5]]
+    assert [ds.mask.index[k][2].tolist() for k in i] == [[0, 2, 4], [1, 3, 5]]
+    assert int(ds[i[1]]["stack"]) == 1 and ds[i[1]]["mask"].shape == (3, 8, 8)
+
+
+def test_stack_frames_option_is_checked_by_the_datamodule(h5, tmp_path):
+    from datamodules.errors import OptionError
+
+    with pytest.raises(OptionError, match="stack_frames"):
+        StackDataModule(str(h5), str(tmp_path / "splits.json"), stack_frames="strided")
+
+
 def test_stacks_never_mix_nodules_and_follow_frame_order(h5):
     cine = StanfordCine(h5)
     ds = StackDataset(cine, None, kind="image", img_size=8)

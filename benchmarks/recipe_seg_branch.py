@@ -88,43 +88,19 @@ def _fit_maskcnn(x, y, train, epochs: int) -> np.ndarray:
         return net(x).softmax(-1)[:, 1].numpy()
 
 
-def spread_stacks(data: Path, masks: Path, size: int):
-    """Whole-frame mask stacks that span the sweep: frames (i, i + s, i + 2s) for i < s = n // 3, where the
-    pipeline stacks adjacent frames (3i, 3i + 1, 3i + 2); the same number of stacks per nodule."""
-    ids, order, _ = _frames(data)
-    meta = pd.read_csv(data / "metadata.csv", dtype={"annot_id": str}).set_index("annot_id")
-    with h5py.File(masks, "r") as f:
-        m = torch.from_numpy((f["mask"][:] > 0).astype(np.float32))[:, None]
-    frames = F.interpolate(m, size=(size, size), mode="area")[:, 0]
-    nodules = sorted(set(ids))
-    xs, ys, stack_nodule = [], [], []
-    for j, nid in enumerate(nodules):
-        rows = np.flatnonzero(ids == nid)
-        rows = rows[np.argsort(order[rows])]
-        s = max(1, len(rows) // 3)
-        for i in range(s):
-            xs.append(frames[rows[[min(i + d * s, len(rows) - 1) for d in range(3)]]])
-            ys.append(int(meta.loc[nid, "histopath_diagnosis"]))
-            stack_nodule.append(j)
-    labels = np.array([int(meta.loc[n, "histopath_diagnosis"]) for n in nodules])
-    return torch.stack(xs), torch.tensor(ys), np.array(stack_nodule), np.array(nodules), labels
-
-
 def cmd_maskcnn(args) -> None:
     cine = StanfordCine(args.data / "dataset.hdf5")
     t0, pooled_p, pooled_y, folds = time.time(), [], [], []
     for k in range(5):
         src = args.data / "dataset.hdf5" if args.drawn else args.runs / f"fold{k}" / "masks.h5"
-        if args.spread:
-            x, y, stack_nodule, ids, labels = spread_stacks(args.data, src, args.size)
-        else:
-            ds = StackDataset(cine, None, "mask", masks_h5=src, img_size=args.size, mask_roi=args.roi,
-                              use_predicted_boxes=args.predicted_boxes)  # fmt: skip
-            items = [ds[i] for i in range(len(ds))]
-            x = torch.stack([b["image"] for b in items])
-            y = torch.stack([b["label"] for b in items])
-            stack_nodule = torch.stack([b["nodule"] for b in items]).numpy()
-            ids, labels = np.array(ds.nodule_ids), np.array(ds.labels)
+        ds = StackDataset(cine, None, "mask", masks_h5=src, img_size=args.size, mask_roi=args.roi,
+                          use_predicted_boxes=args.predicted_boxes,
+                          stack_frames="spread" if args.spread else "adjacent")  # fmt: skip
+        items = [ds[i] for i in range(len(ds))]
+        x = torch.stack([b["image"] for b in items])
+        y = torch.stack([b["label"] for b in items])
+        stack_nodule = torch.stack([b["nodule"] for b in items]).numpy()
+        ids, labels = np.array(ds.nodule_ids), np.array(ds.labels)
         fold = load_fold(args.data / "splits.json", k)
         train, part = np.isin(ids, fold["train"]), np.isin(ids, fold[args.part])
         p = _fit_maskcnn(x, y, torch.from_numpy(train[stack_nodule]), args.epochs)
@@ -207,9 +183,7 @@ def main() -> None:
     m.add_argument("--drawn", action="store_true", help="the drawn masks instead of the run's predicted ones")
     m.add_argument("--size", type=int, default=32)
     m.add_argument("--epochs", type=int, default=12)
-    m.add_argument(
-        "--spread", action="store_true", help="whole-frame stacks spanning the sweep (i, i+s, i+2s)"
-    )
+    m.add_argument("--spread", action="store_true", help="stacks spanning the sweep (stack_frames: spread)")
     m.set_defaults(func=cmd_maskcnn)
     u = sub.add_parser("msunet")
     u.add_argument("data", type=Path)

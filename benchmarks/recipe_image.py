@@ -35,6 +35,7 @@ from lightning_modules.nets.vit_stack import StackClassifier
 
 EPOCHS, BATCH = 12, 32
 IMG_SIZE = int(os.environ.get("IMG_SIZE", 32))  # the demo config's 32 px; IMG_SIZE=48 to compare
+PART = os.environ.get("PART", "test")  # the part scored: test, or val to choose a recipe
 
 
 def draw(out: Path, settings: list[str]) -> dict:
@@ -109,14 +110,14 @@ def main() -> None:
     t0, per_fold, pooled_p, pooled_y = time.time(), [], [], []
     for k in range(5):
         fold = load_fold(data / "splits.json", k)
-        train, test = np.isin(ids, fold["train"]), np.isin(ids, fold["test"])
+        train, test = np.isin(ids, fold["train"]), np.isin(ids, fold[PART])
         p = fit_fold(x, y, stack_nodule, len(ids), torch.from_numpy(train[stack_nodule]))
         per_fold.append(roc_auc_score(labels[test], p[test]))
         pooled_p += list(p[test])
         pooled_y += list(labels[test])
         print(f"fold {k}: {per_fold[-1]:.3f} ({time.time() - t0:.0f} s)", flush=True)
     result = {
-        "settings": settings,
+        "settings": {**settings, "part": PART},
         "pooled": round(roc_auc_score(pooled_y, pooled_p), 3),
         "mean_of_folds": round(float(np.mean(per_fold)), 3),
         "folds": [round(v, 3) for v in per_fold],

@@ -88,6 +88,12 @@ def test_output_of_older_synth_without_marker_is_recognised(tmp_path):
         (out / layout / synth.MARKER).unlink()  # what synth wrote before the marker existed
     synth.check_target(out / "stanford", "stanford")
     synth.check_target(out / "paired", "paired")
+    # the paired truth.csv header of those versions (before the focus / defect / concordance columns)
+    truth = out / "paired" / "truth.csv"
+    lines = truth.read_text().splitlines(keepends=True)
+    truth.write_text("case_id,risk,tirads_risk,hidden_risk,heterogeneity,shape_change,pattern,ttp,washout,label\n"
+                     + "".join(lines[1:]))  # fmt: skip
+    synth.check_target(out / "paired", "paired")
     (out / "stanford" / "truth.csv").write_text("annot_id,something_else\n")  # same names, not synth's file
     with pytest.raises(DataError, match="not written by `usnodule synth`"):
         synth.check_target(out / "stanford", "stanford")

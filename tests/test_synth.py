@@ -318,7 +318,7 @@ def test_truth_csv_beside_each_layout(small):
     paired = _rows(small / "paired" / "truth.csv")
     assert tuple(paired[0]) == synth.PAIRED_TRUTH_COLUMNS == (
         "case_id", "risk", "tirads_risk", "hidden_risk", "heterogeneity", "shape_change", "pattern", "ttp",
-        "washout", "label",
+        "washout", "focus_angle", "defect_angle", "concordance", "label",
     )  # fmt: skip
     manifest = {r["case_id"]: r for r in _rows(small / "paired" / "manifest.csv")}
     assert sorted(r["case_id"] for r in paired) == sorted(manifest)
@@ -326,15 +326,86 @@ def test_truth_csv_beside_each_layout(small):
         assert r["label"] == manifest[r["case_id"]]["label"] and r["pattern"] in synth.CEUS_PATTERNS
         assert float(r["risk"]) == pytest.approx(float(r["tirads_risk"]) + float(r["hidden_risk"]), abs=2e-6)
         assert float(r["shape_change"]) == 0.0  # paired clips are drawn without shape change
-        ceus = float(r["hidden_risk"]) - synth.HIDDEN_WEIGHT * float(
-            r["heterogeneity"]
-        )  # the CEUS terms are hidden too
-        assert ceus == pytest.approx(
+        conc = float(r["concordance"])
+        assert conc == pytest.approx(
+            (1 + np.cos(float(r["defect_angle"]) - float(r["focus_angle"]))) / 2, abs=2e-6
+        )
+        # the hidden part: heterogeneity at the paired weight, the CEUS terms, the concordance term
+        ceus = (
             {"homogeneous": 0.0, "ring": -1.5, "heterogeneous": 1.5, "hypo": 1.5}[r["pattern"]]
             - 14.0 * (float(r["ttp"]) - 0.32)
-            + 1.4 * (float(r["washout"]) - 2.2),
+            + 1.4 * (float(r["washout"]) - 2.2)
+        )
+        assert float(r["hidden_risk"]) == pytest.approx(
+            synth.PAIRED_HIDDEN_WEIGHT * float(r["heterogeneity"]) + ceus + synth.CONCORDANCE_WEIGHT * conc,
             abs=2e-5,
         )
+
+
+def test_paired_risk_is_the_sum_of_its_terms_and_the_label_follows_the_concordance_term():
+    """The paired clean risk is exactly TI-RADS (paired scale) + heterogeneity + CEUS + concordance, and the
+    label is drawn from all of it: without noise the risk ranks the labels perfectly, the risk less the
+    concordance term does not."""
+    from sklearn.metrics import roc_auc_score
+
+    cases = synth.plan_paired(400, 4, 0.45, seed=5, label_noise=0.0)
+    w = synth.POINT_WEIGHTS
+    for c in cases:
+        n, p = c.nodule, c.nodule.points
+        tirads = sum(w[k] * p[k] for k in p) - 0.03 * (n.age - 56)
+        assert c.tirads_risk == pytest.approx(synth.PAIRED_TIRADS_SCALE * tirads, abs=1e-9)
+        assert c.concordance == pytest.approx((1 + np.cos(c.defect_angle - c.focus_angle)) / 2, abs=1e-12)
+        assert n.risk == pytest.approx(c.tirads_risk + c.hidden_risk, abs=1e-9)
+    y = [c.label for c in cases]
+    risk = np.array([c.nodule.risk for c in cases])
+    conc = np.array([c.concordance for c in cases])
+    assert roc_auc_score(y, risk) == 1.0
+    assert roc_auc_score(y, risk - synth.CONCORDANCE_WEIGHT * conc) < 0.99
+    # about half the defects lie under the focus, the rest on the far side; either angle alone is uniform
+    assert 0.4 < (conc > 0.5).mean() < 0.6 and ((conc > 0.8) | (conc < 0.2)).mean() > 0.8
+    focus = np.array([c.focus_angle for c in cases])
+    assert np.histogram(focus, bins=4, range=(0, 2 * np.pi))[0].min() > 70
+
+
+def _half_means(img: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Mean gray level of the mask's left and right halves (split at the mask's centre column)."""
+    ys, xs = np.nonzero(mask)
+    cx = xs.mean()
+    return float(img[ys[xs < cx], xs[xs < cx]].mean()), float(img[ys[xs > cx], xs[xs > cx]].mean())
+
+
+def test_focus_and_defect_are_in_the_pixels_at_their_angles():
+    """A paired case with the B-mode focus on the right (angle 0) and the CEUS defect on the left (angle pi):
+    the BUS clip is darker on the nodule's right half, the CEUS clip (around its peak) on the left; swapped
+    angles swap the sides."""
+    case = next(c for c in synth.plan_paired(40, 12, 0.5, seed=4) if c.nodule.composition == "solid")
+    case = replace(case, pattern="homogeneous", nodule=replace(case.nodule, heterogeneity=0.0))
+    sides = {}
+    for name, (f, d) in {"focus right": (0.0, np.pi), "focus left": (np.pi, 0.0)}.items():
+        bus, ceus, mask = synth.render_paired(replace(case, focus_angle=f, defect_angle=d), 64)
+        peak = int(np.argmax([ceus[t][mask[t] > 0].mean() for t in range(len(ceus))]))
+        sides[name] = (_half_means(bus.mean(0), mask[0]), _half_means(ceus[peak].astype(float), mask[peak]))
+    (b_left, b_right), (c_left, c_right) = sides["focus right"]
+    assert b_right < b_left - 20 and c_left < c_right - 30, sides
+    (b_left, b_right), (c_left, c_right) = sides["focus left"]
+    assert b_left < b_right - 20 and c_right < c_left - 30, sides
+
+
+def test_stanford_set_does_not_depend_on_the_paired_constants(monkeypatch):
+    """The paired set's weights and its focus / defect geometry never reach a Stanford nodule: same plan, same
+    pixels with any values (the Stanford bytes did not change when they were added)."""
+    specs = synth.plan_stanford(30, 4, 0.3, seed=8)
+    clips = [synth.render_cine(s, 48) for s in specs[:3]]
+    for name, value in (("PAIRED_TIRADS_SCALE", 3.0), ("PAIRED_HIDDEN_WEIGHT", 1.0), ("CONCORDANCE_WEIGHT", 9.0),
+                        ("CEUS_PATTERN_WEIGHT", dict.fromkeys(synth.CEUS_PATTERNS, 5.0))):  # fmt: skip
+        monkeypatch.setattr(synth.labels, name, value)
+    for name in ("FOCUS_GRAY", "FOCUS_RADIUS", "FOCUS_OFFSET", "DEFECT_DEPTH"):
+        monkeypatch.setattr(synth.nodule, name, 0.9)
+    again = synth.plan_stanford(30, 4, 0.3, seed=8)
+    assert [(s.risk, s.label) for s in again] == [(s.risk, s.label) for s in specs]
+    for s, (img, mask) in zip(specs[:3], clips, strict=False):
+        img2, mask2 = synth.render_cine(s, 48)
+        assert np.array_equal(img, img2) and np.array_equal(mask, mask2)
 
 
 def test_truth_risk_parts_match_the_plan_and_clean_risk_ranks_labels(tmp_path):

@@ -4,8 +4,9 @@ on request still images with carcinoma subtypes).
 Nothing here is from a paper; it is a simulator written by hand because no library makes B-mode cine sweeps
 with TI-RADS ground truth.  Nodules have descriptors that map onto ACR TI-RADS points, labels come from a risk
 model of those plus signals metadata.csv does not carry (texture heterogeneity and a shape change along the
-sweep; for paired cases also the CEUS pattern and timing), and each layout folder gets the generator's
-``truth.csv``, which only ``usnodule report --truth`` reads.  Same seed, same bytes.
+sweep; for paired cases also the CEUS pattern and timing, and whether the CEUS perfusion defect lies under the
+B-mode hypoechoic focus), and each layout folder gets the generator's ``truth.csv``, which only ``usnodule
+report --truth`` reads.  Same seed, same bytes.
 
 One file per concern, each importing only files above it in this list:
 
@@ -40,8 +41,11 @@ from datamodules.synth.labels import (
     AGE_WEIGHT,
     CEUS_PATTERN_WEIGHT,
     CEUS_PATTERNS,
+    CONCORDANCE_WEIGHT,
     HIDDEN_WEIGHT,
     LOCATIONS,
+    PAIRED_HIDDEN_WEIGHT,
+    PAIRED_TIRADS_SCALE,
     PAIRED_TRUTH_COLUMNS,
     POINT_WEIGHTS,
     TRUTH_COLUMNS,
@@ -55,7 +59,15 @@ from datamodules.synth.labels import (
     plan_stanford,
     truth_rows,
 )
-from datamodules.synth.nodule import HETEROGENEITY_GRAY, SHAPE_ASPECT, SHAPE_LOBES
+from datamodules.synth.nodule import (
+    DEFECT_DEPTH,
+    FOCUS_GRAY,
+    FOCUS_OFFSET,
+    FOCUS_RADIUS,
+    HETEROGENEITY_GRAY,
+    SHAPE_ASPECT,
+    SHAPE_LOBES,
+)
 from datamodules.synth.ownership import MARKER, check_target
 from datamodules.synth.stills import STILL_MANIFEST_COLUMNS, synthesize_stills
 from datamodules.synth.subtypes import (
@@ -93,6 +105,8 @@ __all__ = [
     # constants other code reads (metadata/manifest/truth formats, TI-RADS tables, risk weights, visibility)
     "AGE_CENTER", "AGE_WEIGHT", "BLANKABLE", "CEUS_PATTERNS", "CEUS_PATTERN_WEIGHT", "COMPOSITION", "ECHOGENICITY",
     "FOCI", "HETEROGENEITY_GRAY", "HIDDEN_WEIGHT", "LOCATIONS", "MANIFEST_COLUMNS", "MARGIN", "METADATA_COLUMNS",
+    "CONCORDANCE_WEIGHT", "DEFECT_DEPTH", "FOCUS_GRAY", "FOCUS_OFFSET", "FOCUS_RADIUS", "PAIRED_HIDDEN_WEIGHT",
+    "PAIRED_TIRADS_SCALE",
     "POINT_WEIGHTS", "SHAPE_ASPECT", "SHAPE_LOBES", "SHAPE_TALLER", "SPECKLE_POOL", "TTP_CENTER", "TTP_WEIGHT",
     "WASHOUT_CENTER", "WASHOUT_WEIGHT",
     "DEFAULT_MALIGNANT", "RARE_SHARE", "STILL_MANIFEST_COLUMNS", "STILL_TRUTH_COLUMNS", "SUBTYPES",

@@ -50,13 +50,14 @@ def _render(
     stationary: bool,
     pattern: str | None,
     ceus_curve: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None,
+    angles: tuple[float, float] | None = None,
 ):
     rng = np.random.default_rng(spec.seed)
     scene = _scene(spec, size, rng)
     mot = _motion(spec, scene, rng, stationary)
     if spec.still:
         mot.z[:] = 0.0  # the plane through the centre: the largest cross-section
-    nod = _nodule(spec, scene, rng, pattern)
+    nod = _nodule(spec, scene, rng, pattern, angles)
     gain = _gain(size, rng, scene.px_per_cm)
     c = scene.bg.shape[0]
     pool = _speckle_pool(spec.pool_seed, c)
@@ -109,8 +110,9 @@ def _render(
     if ceus is None:
         return image, mask, None
     # CEUS display: tissue mostly cancelled (low mechanical index), compressed (square root) bubble signal
-    # whose speckle changes every frame (bubbles flow), plus a faint B-mode leak-through.
-    e = 180.0 * np.sqrt(ceus)
+    # whose speckle changes every frame (bubbles flow), plus a faint B-mode leak-through.  The perfusion map's
+    # texture can dip a hair below 0 (1 + 0.15 x smooth noise); no bubbles there, not a NaN (was cast to 0 or junk).
+    e = 180.0 * np.sqrt(np.maximum(ceus, 0.0))
     for t in range(t_n):
         sl = (slice(int(mot.dy[t]), int(mot.dy[t]) + size), slice(int(mot.dx[t]), int(mot.dx[t]) + size))
         e[t] += np.minimum(e[t], 50.0) / 50.0 * ceus_fields[t][sl]

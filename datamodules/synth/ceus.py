@@ -1,7 +1,8 @@
 """Paired BUS/CEUS clips: gamma-variate time-intensity curves (wash-in, peak, wash-out) for parenchyma and
 nodule, enhancement patterns (homogeneous, ring, heterogeneous, hypo; their maps are drawn with the nodule in
 ``nodule.py``), bubble speckle that changes every frame, aligned frame by frame with a stationary-probe BUS clip
-of the same nodule and its mask (both composed in ``bmode.py``).
+of the same nodule and its mask (both composed in ``bmode.py``), with the case's B-mode hypoechoic focus and CEUS
+perfusion defect at their drawn angles (``nodule.py``; whether they coincide is part of the label, ``labels.py``).
 """
 
 from __future__ import annotations
@@ -33,5 +34,12 @@ def render_paired(case: CaseSpec, size: int = 128) -> tuple[np.ndarray, np.ndarr
         art = 1.5 * gamma_variate(t, t0 - 0.03, art_tp, 1.3)
         return par, nod, art
 
-    bus, mask, ceus = _render(case.nodule, size, stationary=True, pattern=case.pattern, ceus_curve=curves)
+    bus, mask, ceus = _render(
+        case.nodule,
+        size,
+        stationary=True,
+        pattern=case.pattern,
+        ceus_curve=curves,
+        angles=(case.focus_angle, case.defect_angle),
+    )
     return bus, ceus, (mask > 0).astype(np.uint8)

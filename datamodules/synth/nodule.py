@@ -33,6 +33,18 @@ HETEROGENEITY_GRAY = 160.0
 # "Demo recipe, round 5").  Visibility only: the label's risk and the ceiling do not change.
 SHAPE_ASPECT = 0.7
 SHAPE_LOBES = 0.8
+# Paired cases only (``labels.plan_paired``): the B-mode hypoechoic focus and the CEUS perfusion defect, soft
+# discs of radius FOCUS_RADIUS whose centres lie FOCUS_OFFSET out from the nodule's centre at their drawn angles
+# (normalised units: 1 = the nodule's semi-axis), so each covers about a third of the nodule's cross-section,
+# reaching its rim: at the demo's 32 px crop mostly one or two of AsyCMST's 2 x 2 tokens.  The focus replaces the
+# echo level (and the heterogeneity blotches) with FOCUS_GRAY, darker than any solid echogenicity; the defect
+# leaves that part of the nodule unenhanced (DEFECT_DEPTH 1).  Fluid spaces keep their own look on top.  Sizes
+# from a planted check (BENCHMARKS.md "Paired set, round 5"): at radius 0.42, offset 0.45, gray 30 and depth
+# 0.85 AsyCMST learned a label of concordance alone to 0.54 in the demo's 2 epochs (fold 0), at these to 0.61.
+FOCUS_OFFSET = 0.5
+FOCUS_RADIUS = 0.55
+FOCUS_GRAY = 20.0
+DEFECT_DEPTH = 1.0
 
 
 def _polar(a0: float, b0: float, ext: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
@@ -71,7 +83,23 @@ class _Nodule:
     ext: float
 
 
-def _nodule(spec: NoduleSpec, scene: _Scene, rng: np.random.Generator, pattern: str | None) -> _Nodule:
+def _disc(rho: np.ndarray, theta: np.ndarray, angle: float) -> np.ndarray:
+    """Soft disc (1 inside, 0 outside, 0.1 normalised units of edge) of radius FOCUS_RADIUS at FOCUS_OFFSET
+    from the centre in direction ``angle``."""
+    du = rho * np.cos(theta) - FOCUS_OFFSET * math.cos(angle)
+    dv = rho * np.sin(theta) - FOCUS_OFFSET * math.sin(angle)
+    return np.clip((FOCUS_RADIUS - np.sqrt(du * du + dv * dv)) / 0.1 + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def _nodule(
+    spec: NoduleSpec,
+    scene: _Scene,
+    rng: np.random.Generator,
+    pattern: str | None,
+    angles: tuple[float, float] | None = None,
+) -> _Nodule:
+    """``angles``: (B-mode focus, CEUS defect) of a paired case, or None (no focus, no defect).  They draw no
+    random numbers, so every other field is the same with or without them."""
     a0, b0 = scene.a0, scene.b0
     mr = {"lobulated": 0.16, "irregular": 0.14, "extrathyroidal": 0.16}.get(spec.margin, 0.0)
     g = spec.shape_change
@@ -158,6 +186,11 @@ def _nodule(spec: NoduleSpec, scene: _Scene, rng: np.random.Generator, pattern: 
         ceus = np.full(shape, 0.45, np.float32) + 0.08 * _smooth_noise(rng, shape, scale)
     elif pattern == "homogeneous":
         ceus = np.full(shape, 1.15, np.float32) + 0.05 * _smooth_noise(rng, shape, scale)
+    if angles is not None:
+        focus = _disc(rho, theta, angles[0])
+        solid = solid + focus * (FOCUS_GRAY - solid)
+        het1, het2 = het1 * (1.0 - focus), het2 * (1.0 - focus)
+        ceus = ceus * (1.0 - DEFECT_DEPTH * _disc(rho, theta, angles[1]))
     if fluid1 is not None:
         ceus = np.where(fluid1 > thr + 0.1, 0.0, ceus).astype(np.float32)  # fluid never enhances
     return _Nodule(

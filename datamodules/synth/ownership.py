@@ -14,12 +14,16 @@ from datamodules.synth.labels import PAIRED_TRUTH_COLUMNS, TRUTH_COLUMNS
 # caller says ``overwrite``.  JSON with the layout, version and generator arguments, so a person who finds it
 # knows what made the folder.
 MARKER = ".usnodule-synth"
-# What synth wrote before it wrote the marker, with the truth.csv header only the generator writes: recognised
-# as its own too, so `make data` still regenerates a data/synth made by an older version.
+# What synth wrote before it wrote the marker, with a truth.csv header only the generator writes: recognised
+# as its own too, so `make data` still regenerates a data/synth made by an older version.  The paired header of
+# those versions had no focus / defect / concordance columns; today's is accepted too.
+_PAIRED_COLUMNS_BEFORE_CONCORDANCE = ("case_id", "risk", "tirads_risk", "hidden_risk", "heterogeneity",
+                                      "shape_change", "pattern", "ttp", "washout", "label")  # fmt: skip
 _LEGACY = {
-    "stanford": ({"dataset.hdf5", "metadata.csv", "truth.csv"}, TRUTH_COLUMNS),
-    "paired": ({"manifest.csv", "truth.csv", "bus", "ceus", "bus_mask"}, PAIRED_TRUTH_COLUMNS),
-}
+    "stanford": ({"dataset.hdf5", "metadata.csv", "truth.csv"}, (TRUTH_COLUMNS,)),
+    "paired": ({"manifest.csv", "truth.csv", "bus", "ceus", "bus_mask"},
+               (PAIRED_TRUTH_COLUMNS, _PAIRED_COLUMNS_BEFORE_CONCORDANCE)),
+}  # fmt: skip
 
 
 def _version() -> str:
@@ -43,13 +47,13 @@ def _synth_wrote(folder: Path, layout: str) -> bool:
         return True
     if layout not in _LEGACY:  # layouts newer than the marker (stills) always had one
         return False
-    names, columns = _LEGACY[layout]
+    names, headers = _LEGACY[layout]
     try:
         with open(folder / "truth.csv", newline="") as fh:
             header = fh.readline().strip()
     except OSError:
         return False
-    return {p.name for p in folder.iterdir()} == names and header == ",".join(columns)
+    return {p.name for p in folder.iterdir()} == names and header in {",".join(c) for c in headers}
 
 
 def check_target(out_dir: str | os.PathLike, layout: str, overwrite: bool = False) -> None:

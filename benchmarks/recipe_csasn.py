@@ -28,6 +28,9 @@ fitted (same recipe only).  The BENCHMARKS runs, e.g. the chosen recipe against 
 Round 2 (BENCHMARKS.md "CSASN demo recipe, round 2"): the same with ``conf/demo/csasn.yaml``'s later
 defaults and overrides such as ``--model.init_args.mask_channel=true --data.init_args.roi_square=true``,
 screened with ``--folds 0 1 2`` and completed with ``--folds 0 1 2 3 4 --reuse`` into the same ``--runs``.
+Round 3 (BENCHMARKS.md "round 3"): overrides such as ``--model.init_args.shape_weight=1.0
+--data.init_args.class_sampling=0.5 --data.init_args.roi_min_side=0.6``, screened on folds 0-2; what the network
+sees for a recipe: ``benchmarks/csasn_inputs.py``.
 """
 
 from __future__ import annotations

@@ -26,6 +26,18 @@ channels; with ``mask_channel: true`` the last channel carries the drawn mask in
 the image, 0 / 1), so the nets see the outline the feature-forest baseline measures.  Prediction then needs the
 drawn mask, as the ROI crop already does.
 
+Auxiliary shape head (ours, not in the paper; switch ``shape_weight``, default 0 = off): a third linear head on
+the same pre-logit features regresses four descriptors of the batch's drawn mask, cropped and resized with the
+image (:func:`~lightning_modules.nets.csasn_losses.mask_shape_targets`: vertical-to-horizontal spread,
+elongation, area share, isoperimetric ratio; standardised by a running BatchNorm without affine parameters),
+and ``shape_weight * MSE`` joins the loss (images without a mask are left out of it).  With ``mask_channel``
+the net sees that very mask; without it, it has to read the outline from the image.  The targets come from the input itself (self-supervision: no label, no
+extra input at prediction, where the head is ignored).  Why: on the demo subtype set the rarest class (MTC) is
+told apart mostly by its round outline (the feature forest's eccentricity alone scores MTC one-vs-rest AUROC
+0.87), and a randomly initialised net shown the mask does not learn to measure roundness from ~24 MTC
+training images (BENCHMARKS.md, CSASN round 3); the auxiliary task makes every image teach it.  Needs the
+batch's ``mask`` (StillDataModule items carry it).
+
 Logged (``{split}`` = val, test): the binary case-level keys of
 :class:`~lightning_modules.base.BaseStage` (``{split}/{acc,precision,recall,specificity,f1,auroc}`` on the
 malignant probability, one row per image); the multi-class keys of :func:`multiclass_metrics`
@@ -46,7 +58,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.functional.classification import (
@@ -59,11 +71,11 @@ from torchmetrics.functional.classification import (
 from torchmetrics.utilities import dim_zero_cat
 
 from datamodules.atomic import write_predictions
-from datamodules.errors import DataError
+from datamodules.errors import DataError, OptionError
 from lightning_modules import wandb_media
 from lightning_modules.base import BaseStage, CaseMetrics
 from lightning_modules.nets.csasn import CSASNNet
-from lightning_modules.nets.csasn_losses import DynamicClassWeights
+from lightning_modules.nets.csasn_losses import SHAPE_TARGETS, DynamicClassWeights, mask_shape_targets
 
 SOURCES = ("train", "val")
 DECISIONS = ("argmax", "balanced")
@@ -150,6 +162,7 @@ class CSASNStage(BaseStage):
         decision: the subtype decision rule, ``argmax`` or ``balanced`` (probabilities divided by the training
             part's class shares, renormalised; module docstring).
         mask_channel: the drawn mask replaces the image's last input channel (module docstring).
+        shape_weight: weight of the auxiliary shape regression on the drawn mask (module docstring); 0 = off.
         method: name in ``predictions_<method>.csv`` and the reports (``csasn``; the ablations
             ``csasn_no_effnet``, ``csasn_no_vit``, ``csasn_no_refine``, ``csasn_no_dynamic`` in the Makefile).
         predictions_dir: folder of the predictions CSV (default: the trainer's ``default_root_dir``).
@@ -192,6 +205,7 @@ class CSASNStage(BaseStage):
         malignant_source: str = "head",
         decision: str = "argmax",
         mask_channel: bool = False,
+        shape_weight: float = 0.0,
         method: str = "csasn",
         predictions_dir: str | None = None,
         test_after_fit: bool = False,
@@ -203,13 +217,18 @@ class CSASNStage(BaseStage):
             raise ValueError(f"malignant_source must be 'head' or 'subtype', got {malignant_source!r}")
         if decision not in DECISIONS:
             raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
+        if not shape_weight >= 0:  # NaN too
+            raise OptionError("shape_weight", f"must be >= 0 (0 = no shape head), got {shape_weight}")
         if not set(benign_subtypes) <= set(subtypes):
             raise ValueError(f"benign_subtypes {benign_subtypes} not all in subtypes {subtypes}")
         self.save_hyperparameters()
         self.subtypes = list(subtypes)
         k = len(self.subtypes)
         self.benign_index = [self.subtypes.index(s) for s in benign_subtypes]
-        self.net = self.build_net(CSASNNet, num_subtypes=k)
+        n_shape = len(SHAPE_TARGETS) if shape_weight > 0 else 0
+        self.net = self.build_net(CSASNNet, num_subtypes=k, shape_outputs=n_shape)
+        # running standardisation of the shape targets (their scales differ by ~10x)
+        self.shape_norm = nn.BatchNorm1d(n_shape, affine=False) if n_shape else None
         self.class_weights = DynamicClassWeights(k, class_weighting, weight_momentum, weight_eps)
         # the training part's class shares, for decision="balanced" (set at fit start, saved in checkpoints)
         self.register_buffer("class_prior", torch.full((k,), 1.0 / k))
@@ -260,7 +279,22 @@ class CSASNStage(BaseStage):
         parts["loss"] = (
             hp.subtype_weight * parts["loss_subtype"] + hp.malignant_weight * parts["loss_malignant"]
         )
+        if self.shape_norm is not None:
+            parts["loss_shape"] = self.shape_loss(out["shape"], batch)
+            parts["loss"] = parts["loss"] + hp.shape_weight * parts["loss_shape"]
         return parts, out
+
+    def shape_loss(self, pred: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """MSE of the shape head against the standardised descriptors of the batch's drawn masks (rows without
+        a mask left out; 0 when none has one)."""
+        if "mask" not in batch:
+            raise KeyError("shape_weight needs the batch's 'mask' (StillDataModule items carry it)")
+        target, valid = mask_shape_targets(batch["mask"])
+        if int(valid.sum()) < 2:  # BatchNorm needs two rows; no shape to learn from
+            return pred.sum() * 0.0
+        # standardised in float32 whatever the precision (the running variance of a log ratio is small)
+        target = self.shape_norm(target[valid].to(pred.device, torch.float32))  # type: ignore[misc]
+        return F.mse_loss(pred[valid].float(), target)
 
     # -- fit set-up ----------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

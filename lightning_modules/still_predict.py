@@ -95,10 +95,10 @@ class InMemoryStills(StillDataset):
         mask = x.mask if x.mask is not None else np.zeros_like(x.image)
         box = None
         if self.roi == "annotated":
-            box = roi_box(mask, self.roi_margin, self.roi_square)
+            box = roi_box(mask, self.roi_margin, self.roi_square, self.roi_min_side)
         elif self.roi == "predicted":
             pred = self.predicted.mask(x.case.case_id, x.image.shape)  # type: ignore[union-attr]
-            box = roi_box(pred, self.roi_margin, self.roi_square)
+            box = roi_box(pred, self.roi_margin, self.roi_square, self.roi_min_side)
         return x.image, mask, x.mask is not None, box
 
 
@@ -127,6 +127,7 @@ def _dataset(inputs: Sequence[StillInput], data: Mapping, **override) -> InMemor
         roi=data.get("roi"),
         roi_margin=float(data.get("roi_margin", 0.1)),
         roi_square=bool(data.get("roi_square", False)),
+        roi_min_side=float(data.get("roi_min_side", 0.0)),
         channels=int(data.get("channels", 3)),
         normalize=data.get("normalize", "imagenet"),
     )

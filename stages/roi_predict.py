@@ -70,6 +70,7 @@ def roi_predict(
             roi=roi,
             roi_margin=float(data.get("roi_margin", 0.1)),
             roi_square=bool(data.get("roi_square", False)),
+            roi_min_side=float(data.get("roi_min_side", 0.0)),
             predicted=predicted,
             channels=int(data.get("channels", 3)),
             normalize=data.get("normalize", "imagenet"),

@@ -28,7 +28,13 @@ from lightning_modules.nets.csasn import (
     ResidualMultiscaleClassifier,
     SpatialAttention,
 )
-from lightning_modules.nets.csasn_losses import DynamicClassWeights, frequency_weights, recall_target
+from lightning_modules.nets.csasn_losses import (
+    SHAPE_TARGETS,
+    DynamicClassWeights,
+    frequency_weights,
+    mask_shape_targets,
+    recall_target,
+)
 from tests.test_stills import box, save, texture, write_manifest_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,6 +335,136 @@ def test_mask_channel_replaces_the_last_input_channel_with_the_mask():
     assert not torch.allclose(out_on["subtype"], flipped["subtype"])  # ... and its content
     with pytest.raises(KeyError, match="mask"):
         on.inputs({"image": image})
+
+
+def _ellipse(ry: float, rx: float, size: int = 64) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size) - size / 2, torch.arange(size) - size / 2, indexing="ij")
+    return (((yy / ry) ** 2 + (xx / rx) ** 2) < 1).float()
+
+
+def test_mask_shape_targets_measure_aspect_elongation_area_and_outline():
+    disc, wide, tall = _ellipse(20, 20), _ellipse(12, 20), _ellipse(20, 12)
+    targets, valid = mask_shape_targets(torch.stack([disc, wide, tall, torch.zeros(64, 64)])[:, None])
+    assert valid.tolist() == [True, True, True, False]
+    t = targets.numpy()
+    assert abs(t[0, 0]) < 0.01 and abs(t[0, 1]) < 0.01  # a disc: as tall as wide, not elongated
+    assert t[1, 0] == pytest.approx(np.log(12 / 20), abs=0.03)  # 0.5 log(var_y / var_x) = log(12 / 20)
+    assert t[2, 0] == pytest.approx(-t[1, 0], abs=1e-5) and t[2, 1] == pytest.approx(t[1, 1], abs=1e-5)
+    assert t[1, 1] == pytest.approx(np.log(20 / 12), abs=0.03)  # elongation ignores the orientation
+    assert t[0, 2] == pytest.approx(np.log(float(disc.sum()) / 64**2), abs=1e-5)
+    assert abs(t[3]).sum() == 0  # an empty mask: zeros, flagged invalid
+    # a lobulated outline is long for its area: larger isoperimetric ratio than the disc of the same size
+    yy, xx = torch.meshgrid(torch.arange(64) - 32.0, torch.arange(64) - 32.0, indexing="ij")
+    lobed = (torch.hypot(yy, xx) < 20 * (1 + 0.25 * torch.cos(6 * torch.atan2(yy, xx)))).float()
+    assert float(mask_shape_targets(lobed[None])[0][0, 3]) > t[0, 3] + 0.2
+
+
+def test_mask_shape_targets_equal_their_formulas_on_rectangles():
+    """Pixels as unit squares: an h x w rectangle's descriptors are exact (docstring of mask_shape_targets)."""
+    masks = torch.zeros(3, 1, 40, 40)
+    masks[0, 0, 5:17, 8:28] = 1  # 12 x 20: wider than tall
+    masks[1, 0, 3:33, 10:20] = 1  # 30 x 10: taller than wide
+    masks[2, 0, 10:20, 10:20] = 1  # a 10 px square
+    t, valid = mask_shape_targets(masks)
+    assert valid.all()
+    for row, (h, w) in enumerate(((12, 20), (30, 10), (10, 10))):
+        want = [
+            np.log(h / w),
+            abs(np.log(h / w)),
+            np.log(h * w / 40**2),
+            np.log((2 * h + 2 * w) ** 2 / (4 * np.pi * h * w)),
+        ]
+        np.testing.assert_allclose(t[row].numpy(), want, atol=1e-5)
+    # a rotated ellipse: elongation (rotation-free) kept, aspect (vertical vs horizontal) gone at 45 degrees
+    yy, xx = torch.meshgrid(torch.arange(64) - 31.5, torch.arange(64) - 31.5, indexing="ij")
+    u, v = (yy + xx) / 2**0.5, (yy - xx) / 2**0.5
+    diagonal = (((u / 24) ** 2 + (v / 12) ** 2) < 1).float()
+    td = mask_shape_targets(diagonal[None])[0][0]
+    assert abs(float(td[0])) < 0.01 and float(td[1]) == pytest.approx(np.log(2), abs=0.03)
+    assert mask_shape_targets(torch.ones(1, 1, 1, 3))[1].tolist() == [False]  # under 4 pixels: no shape
+
+
+def test_shape_weight_adds_the_shape_head_and_its_weighted_loss():
+    batch = {
+        "image": torch.randn(4, 3, 32, 32),
+        "mask": torch.stack([_ellipse(r, 10, 32) for r in (4, 6, 8, 10)])[:, None],
+        "label": torch.tensor([0, 1, 1, 1]),
+        "subtype": torch.tensor([0, 1, 2, 3]),
+        "index": torch.arange(4),
+    }
+    off = CSASNStage(**TINY, mask_channel=True)
+    assert off.net.shape_head is None and off.shape_norm is None
+    assert not any("shape" in k for k in off.state_dict())  # checkpoints from before the switch still load
+    parts_off = off.losses(batch)[0]
+    assert "loss_shape" not in parts_off and "shape" not in off(batch["image"])
+    torch.testing.assert_close(parts_off["loss"], parts_off["loss_subtype"] + parts_off["loss_malignant"])
+    on = CSASNStage(**TINY, mask_channel=True, shape_weight=0.5)
+    on.train()
+    parts, out = on.losses(batch)
+    assert out["shape"].shape == (4, len(SHAPE_TARGETS))
+    target = mask_shape_targets(batch["mask"])[0]
+    z = (target - target.mean(0)) / torch.sqrt(target.var(0, unbiased=False) + 1e-5)  # BatchNorm, training
+    torch.testing.assert_close(parts["loss_shape"], F.mse_loss(out["shape"], z))
+    torch.testing.assert_close(
+        parts["loss"], parts["loss_subtype"] + parts["loss_malignant"] + 0.5 * parts["loss_shape"]
+    )
+    parts["loss"].backward()
+    assert on.net.shape_head.weight.grad.abs().sum() > 0  # the head learns ...
+    assert on.net.classifier.proj.weight.grad.abs().sum() > 0  # ... through the shared features
+    # prediction ignores the head: the same probabilities as a stage without it, given the same weights
+    off.load_state_dict({k: v for k, v in on.state_dict().items() if "shape" not in k})
+    on.eval(), off.eval()
+    with torch.no_grad():
+        x = off.inputs(batch)
+        torch.testing.assert_close(on.probabilities(on(x))[0], off.probabilities(off(x))[0])
+    with pytest.raises(KeyError, match="mask"):
+        on.shape_loss(out["shape"], {"image": batch["image"]})
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="shape_weight: must be >= 0"):
+            CSASNStage(**TINY, shape_weight=bad)
+    # no mask in the batch (e.g. every image without one): the shape term is 0, the rest of the loss unchanged
+    empty = {**batch, "mask": torch.zeros_like(batch["mask"])}
+    parts = on.losses(empty)[0]
+    assert float(parts["loss_shape"].detach()) == 0.0
+    torch.testing.assert_close(parts["loss"], parts["loss_subtype"] + parts["loss_malignant"])
+
+
+def test_class_sampling_draws_each_subtype_in_proportion_to_its_count_to_the_power(tmp_path):
+    """class_sampling alpha: a subtype of N_c training images is drawn with probability ~ N_c ** (1 - alpha)."""
+    m = subtype_set(tmp_path, counts=(16, 4, 1, 4))
+    for alpha in (0.5, 1.0):
+        dm = StillDataModule(
+            manifest=m, splits=None, fold=None, img_size=16, subtypes=SUBTYPES, class_sampling=alpha
+        )
+        dm.setup("fit")
+        sub = torch.tensor(dm.datasets["train"].subtype_index)
+        sampler = dm.train_dataloader().sampler
+        torch.manual_seed(0)
+        picks = torch.tensor([i for _ in range(400) for i in sampler])  # 400 epochs of 25 draws
+        counts = torch.tensor([16.0, 4.0, 1.0, 4.0])
+        want = (
+            counts ** (1 - alpha) / (counts ** (1 - alpha)).sum()
+        )  # 0.5: 4 / 2 / 1 / 2 of 9; 1: a quarter each
+        share = torch.bincount(sub[picks], minlength=4).double() / len(picks)
+        torch.testing.assert_close(share, want.double(), atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--data.init_args.class_sampling=2", "error: data.init_args.class_sampling: must be in [0, 1]"),
+        ("--data.init_args.roi_min_side=-0.5", "error: data.init_args.roi_min_side: must be in [0, 1]"),
+        ("--model.init_args.shape_weight=-1", "error: model.init_args.shape_weight: must be >= 0"),
+    ],
+)
+def test_round3_options_out_of_range_are_one_line_errors(stills, tmp_path, capsys, option, message):
+    from stages.fit import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["fit", *_fit_args(stills, tmp_path / "run", option)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*.ckpt"))
 
 
 # ---------------------------------------------------------------------------------------------- metrics

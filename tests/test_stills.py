@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.errors import DataError
+from datamodules.errors import DataError, OptionError
 from datamodules.folds import load_fold
 from datamodules.stanford import StanfordCine
 from datamodules.still_data import PredictedStillMasks, StillDataModule, StillDataset, jitter_box, roi_box
@@ -584,6 +584,79 @@ def test_square_roi_keeps_the_nodules_aspect_ratio(tmp_path):
     assert roi_box(box(0, 0, 12, 24, h, w) // 255, 0.25, square=True) == (0, 0, 36, 36)  # shifted inside
     assert roi_box(box(0, 60, 40, 96, h, w) // 255, 0.5, square=True) == (0, 32, 64, 96)  # 80 capped at 64
     assert roi_box(np.zeros((h, w), np.uint8), 0.25, square=True) is None
+
+
+def test_roi_min_side_gives_every_crop_one_scale(tmp_path):
+    """roi_min_side: the square is at least that share of the image's shorter side, so a small and a large
+    nodule are cropped alike and the small one stays small in the input (without it both fill the crop)."""
+    h, w = 64, 96
+    small, large = box(28, 40, 36, 52, h, w), box(16, 28, 48, 68, h, w)  # 8 x 12 and 32 x 40 px
+    # 0.75 * 64 = 48 px, centred on each box's centre; the large one needs 40 * 1.2 = 48 px too
+    assert roi_box(small // 255, 0.1, square=True, min_side=0.75) == (8, 22, 56, 70)
+    assert roi_box(large // 255, 0.1, square=True, min_side=0.75) == (8, 24, 56, 72)
+    assert roi_box(small // 255, 0.1, square=True) == (25, 39, 39, 53)  # a 14 px square: follows the nodule
+    assert roi_box(large // 255, 0.5, square=True, min_side=0.5) == (0, 16, 64, 80)  # 80 > 32: capped at 64
+    assert roi_box(small // 255, 0.1, min_side=0.75) == roi_box(small // 255, 0.1)  # the box ignores it
+    entries = []
+    for name, m in (("small", small), ("large", large)):
+        save(tmp_path / f"{name}_img.png", texture(5, h, w))
+        save(tmp_path / f"{name}.png", m)
+        entries.append({"image": f"{name}_img.png", "mask": f"{name}.png", "label": 1})
+    manifest = write_manifest_csv(tmp_path / "m.csv", entries, columns=("image", "mask", "label"))
+
+    def widths(min_side: float) -> list[int]:
+        dm = StillDataModule(manifest=manifest, splits=None, fold=None, img_size=32, roi="annotated",
+                             roi_margin=0.1, roi_square=True, roi_min_side=min_side, normalize=None)  # fmt: skip
+        dm.setup("fit")
+        return [int(dm.datasets["train"][i]["mask"][0].amax(dim=0).sum()) for i in range(2)]
+
+    assert widths(0.75) == [8, 27]  # 12 and 40 px of a 48 px crop at 32 px: the ratio of the nodules kept
+    assert widths(0.0)[0] >= 26  # the small nodule blown up to the crop
+    with pytest.raises(ValueError, match="roi_min_side"):
+        StillDataset(read_manifest(manifest), roi_min_side=1.5)
+    # the data module refuses at once (a one-line error before any fit), and a setting that would do nothing
+    with pytest.raises(OptionError, match=r"roi_min_side: must be in \[0, 1\]"):
+        StillDataModule(manifest=manifest, roi="annotated", roi_square=True, roi_min_side=1.5)
+    for roi, square in (("annotated", False), (None, True)):
+        with pytest.raises(OptionError, match="roi_min_side: .* needs roi_square: true and a roi"):
+            StillDataModule(manifest=manifest, roi=roi, roi_square=square, roi_min_side=0.5)
+
+
+def test_class_sampling_draws_rare_classes_more_often(tmp_path):
+    """class_sampling: training draws weighted N_c ** -alpha (the subtype with ``subtypes``, else the label),
+    len(train) draws with replacement; 0 keeps the plain shuffle (each image once per epoch)."""
+    m = small_set(tmp_path / "set", patients=10, per_patient=2)  # 8 malignant (p % 3 == 0), 12 benign images
+
+    def module(alpha: float) -> StillDataModule:
+        dm = StillDataModule(manifest=m, splits=None, fold=None, img_size=16, batch_size=5, normalize=None,
+                             class_sampling=alpha)  # fmt: skip
+        dm.setup("fit")
+        return dm
+
+    labels = torch.tensor([c.label for c in module(0.0).datasets["train"].cases])
+    n_mal, n_ben = int(labels.sum()), int((1 - labels).sum())
+    assert (n_mal, n_ben) == (8, 12)
+    torch.testing.assert_close(module(1.0).sample_weights(), torch.where(labels == 1, 1 / 8, 1 / 12).double())
+    root = module(0.5).sample_weights()
+    torch.testing.assert_close(root, torch.where(labels == 1, 8**-0.5, 12**-0.5).double())
+    plain = module(0.0)
+    seen = torch.cat([b["index"] for b in plain.train_dataloader()])
+    assert sorted(seen.tolist()) == list(range(20))  # a shuffle: every image once
+    balanced = module(1.0)
+    torch.manual_seed(0)
+    drawn = torch.cat([b["label"] for _ in range(50) for b in balanced.train_dataloader()])
+    assert len(drawn) == 50 * 20
+    assert 0.45 < float(drawn.float().mean()) < 0.55  # half malignant, against 8 of 20 in the set
+    # square-root sampling: a class is drawn in proportion to sqrt(N_c), 8**0.5 / (8**0.5 + 12**0.5) = 0.449
+    sampler = module(0.5).train_dataloader().sampler
+    torch.manual_seed(0)
+    picks = torch.tensor([i for _ in range(400) for i in sampler])
+    assert len(picks) == 400 * 20
+    share = float(labels[picks].float().mean())
+    assert share == pytest.approx(8**0.5 / (8**0.5 + 12**0.5), abs=0.015)  # 8000 draws: sd 0.006
+    for bad in (2.0, -0.1):
+        with pytest.raises(OptionError, match=r"class_sampling: must be in \[0, 1\]"):
+            StillDataModule(manifest=m, class_sampling=bad)
 
 
 def test_roi_jitter_moves_the_training_crop_only(tmp_path):

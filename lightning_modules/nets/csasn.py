@@ -162,6 +162,8 @@ class CSASNNet(nn.Module):
         scales / depth / hidden_dim / dropout: the classifier's pooling scales, residual blocks, width, dropout.
         use_cnn / use_vit / use_refinement: ablation switches (module docstring).
         cnn_kwargs / vit_kwargs: extra timm ``create_model`` arguments per branch.
+        shape_outputs: > 0 adds a third linear head, ``"shape"`` (that many outputs), on the same features: the
+            stage's auxiliary shape regression (``shape_weight``; not in the paper).  0 (default): two heads.
     """
 
     def __init__(
@@ -187,6 +189,7 @@ class CSASNNet(nn.Module):
         use_refinement: bool = True,
         cnn_kwargs: dict[str, Any] | None = None,
         vit_kwargs: dict[str, Any] | None = None,
+        shape_outputs: int = 0,
     ) -> None:
         super().__init__()
         if not (use_cnn or use_vit):
@@ -223,6 +226,7 @@ class CSASNNet(nn.Module):
         self.head_drop = nn.Dropout(dropout)
         self.subtype_head = nn.Linear(hidden_dim, num_subtypes)
         self.malignant_head = nn.Linear(hidden_dim, 2)
+        self.shape_head = nn.Linear(hidden_dim, shape_outputs) if shape_outputs > 0 else None
 
     # -- branches ------------------------------------------------------------------------------------------------
     def _to_grid(self, x: Tensor) -> Tensor:
@@ -266,7 +270,10 @@ class CSASNNet(nn.Module):
         z = self.head_drop(z)
         if pre_logits:
             return z
-        return {"subtype": self.subtype_head(z), "malignant": self.malignant_head(z)}
+        out = {"subtype": self.subtype_head(z), "malignant": self.malignant_head(z)}
+        if self.shape_head is not None:
+            out["shape"] = self.shape_head(z)
+        return out
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.forward_head(self.forward_features(x))  # type: ignore[return-value]

@@ -93,3 +93,52 @@ class DynamicClassWeights(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, momentum={self.momentum}, eps={self.eps}"
+
+
+SHAPE_TARGETS = ("log_aspect", "elongation", "log_area", "log_isoperimetric")
+
+
+def mask_shape_targets(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Shape descriptors of each ``(B, 1, S, S)`` (or ``(B, S, S)``) 0 / 1 mask, the targets of the auxiliary
+    shape head (``shape_weight`` in the stage; ours, not the paper's), and which rows have a mask (under 4
+    pixels: no shape):
+
+    * ``log_aspect = 0.5 log(var_y / var_x)``: the pixels' vertical against horizontal spread (0 round, < 0
+      wider than tall, > 0 taller than wide: TI-RADS' shape point);
+    * ``elongation = 0.5 log(l1 / l2)`` of the second-moment matrix's eigenvalues (0 for a disc, any rotation:
+      the forest's eccentricity);
+    * ``log_area``: log of the mask's share of the input (the nodule's size at a fixed crop scale);
+    * ``log_isoperimetric = log(P^2 / (4 pi A))`` with ``P`` the count of 4-neighbour edges between mask and
+      background (a lobulated or irregular margin is long for its area; the forest's circularity / compactness;
+      edges on the input's border are not counted, so a nodule cut by the crop has a shorter outline).
+
+    Each pixel counts as a unit square (``+ 1/12`` to each variance), so an ``h`` x ``w`` rectangle gives exactly
+    ``log(h / w)``, ``|log(h / w)|``, ``log(h w / S^2)`` and ``log((2h + 2w)^2 / (4 pi h w))``.
+
+    ``(B, 4)`` float and ``(B,)`` bool."""
+    m = mask.float().flatten(0, -3) if mask.dim() == 4 else mask.float()
+    b, h, w = m.shape
+    area = m.sum(dim=(1, 2))
+    valid = area >= 4
+    a = area.clamp_min(1.0)
+    ys = torch.arange(h, dtype=m.dtype, device=m.device).view(1, h, 1)
+    xs = torch.arange(w, dtype=m.dtype, device=m.device).view(1, 1, w)
+    cy = (m * ys).sum(dim=(1, 2)) / a
+    cx = (m * xs).sum(dim=(1, 2)) / a
+    dy, dx = ys - cy.view(b, 1, 1), xs - cx.view(b, 1, 1)
+    vy = (m * dy * dy).sum(dim=(1, 2)) / a + 1.0 / 12  # + a pixel's own spread: a 1-px line is not degenerate
+    vx = (m * dx * dx).sum(dim=(1, 2)) / a + 1.0 / 12
+    cov = (m * dy * dx).sum(dim=(1, 2)) / a
+    half, root = (vy + vx) / 2, torch.sqrt(((vy - vx) / 2) ** 2 + cov**2)
+    l1, l2 = half + root, (half - root).clamp_min(1e-6)
+    edges = (m[:, 1:] - m[:, :-1]).abs().sum(dim=(1, 2)) + (m[:, :, 1:] - m[:, :, :-1]).abs().sum(dim=(1, 2))
+    out = torch.stack(
+        [
+            0.5 * torch.log(vy / vx),
+            0.5 * torch.log(l1 / l2),
+            torch.log(a / (h * w)),
+            torch.log(edges.clamp_min(1.0) ** 2 / (4 * torch.pi * a)),
+        ],
+        dim=1,
+    )
+    return torch.where(valid[:, None], out, torch.zeros_like(out)), valid

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import lightning.pytorch as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.errors import OptionError
 
@@ -65,13 +65,14 @@ class BaseDataModule(L.LightningDataModule):
         """Whether the loader of ``part`` drops its last, incomplete batch (see ``drop_single_last``)."""
         return self.drop_single_last and part == "train" and len(data) % self.device_batch_size == 1
 
-    def _loader(self, part: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, part: str, shuffle: bool = False, sampler: Sampler | None = None) -> DataLoader:
         hp = self.hparams
         data = self.datasets[part]
         return DataLoader(
             data,
             batch_size=self.device_batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=hp.num_workers,
             collate_fn=self.collate_fn,
             persistent_workers=hp.num_workers > 0,

@@ -487,16 +487,8 @@ class StillDataModule(BaseDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.hparams.class_sampling:
             return super().train_dataloader()
-        train = self.datasets["train"]
         # torch's global generator draws the indices: seed_everything makes them repeatable
-        sampler = WeightedRandomSampler(self.sample_weights(), num_samples=len(train), replacement=True)
-        return DataLoader(
-            train,
-            batch_size=self.device_batch_size,
-            sampler=sampler,
-            num_workers=self.hparams.num_workers,
-            collate_fn=self.collate_fn,
-            persistent_workers=self.hparams.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=self.drop_last("train", train),
+        n = len(self.datasets["train"])
+        return self._loader(
+            "train", sampler=WeightedRandomSampler(self.sample_weights(), n, replacement=True)
         )
